@@ -1,0 +1,329 @@
+//! The running llumlet: binds the gRPC service, registers in the CMS, runs the metadata heartbeat
+//! and the status loop, watches the parent, and shuts down in phases (stop accepting, drain with a
+//! deadline, remove the instance from the CMS).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llumlet_proto::cms::InstanceMetadata;
+use llumlet_proto::llumlet::llumlet_server::LlumletServer;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use crate::cms::Cms;
+use crate::config::{Config, PortChoice};
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::migrate::{EngineMigrationLoad, Migrator, SlotLedger};
+use crate::service::{LlumletService, Shared};
+use crate::sys::{parent_pid_now, pid_alive};
+use crate::status::{wall_ms, PushedStatus, StatusReporter, StatusSource, Tick};
+
+/// Registration attempts at start (upstream: 3, 5 s apart).
+const REGISTER_ATTEMPTS: u32 = 3;
+const REGISTER_RETRY: Duration = Duration::from_secs(5);
+
+/// Why the llumlet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The gRPC or metrics port could not be bound.
+    #[error("cannot listen on {what} port {port}: {source}")]
+    Bind {
+        /// Which endpoint.
+        what: &'static str,
+        /// The port.
+        port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CMS client could not be built.
+    #[error("invalid CMS Redis settings: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Registration failed on every attempt.
+    #[error("could not register in the CMS after {REGISTER_ATTEMPTS} attempts: {0}")]
+    Register(crate::cms::CmsError),
+}
+
+/// A started llumlet.
+pub struct Agent {
+    shared: Arc<Shared>,
+    cms: Arc<Cms>,
+    rpc_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    server_stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    loops: Vec<JoinHandle<()>>,
+    stop_requested: Arc<Notify>,
+}
+
+async fn bind_rpc(choice: PortChoice) -> Result<TcpListener, StartError> {
+    let port = match choice {
+        PortChoice::Any => 0,
+        PortChoice::Fixed(p) => p,
+    };
+    // Dual-stack `[::]` as upstream; fall back to IPv4 where IPv6 is off.
+    match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::Bind { what: "gRPC", port, source: e }),
+        Err(_) => TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .map_err(|source| StartError::Bind { what: "gRPC", port, source }),
+    }
+}
+
+/// The metadata this instance publishes.
+pub fn metadata(config: &Config, llumlet_port: u16, created: f64) -> InstanceMetadata {
+    let ip = config.host_ip.to_string();
+    InstanceMetadata {
+        instance_id: config.instance_id.clone(),
+        instance_type: config.instance_type.as_str().into(),
+        backend_type: config.backend_type.clone(),
+        ip: ip.clone(),
+        ip_kvs: ip,
+        api_server_port: i32::from(config.api_server_port),
+        llumlet_port: i32::from(llumlet_port),
+        kvt_port: 0,
+        node_id: String::new(),
+        data_parallel_size: config.data_parallel_size,
+        tensor_parallel_size: config.tensor_parallel_size,
+        unit_id: config.unit_id.clone(),
+        dp_rank: config.dp_rank,
+        ep_rank: 0,
+        dp_local_rank: config.dp_local_rank,
+        utc_create: created,
+        utc_update: created,
+        ip_kvt: String::new(),
+        block_size: config.block_size,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+    }
+}
+
+impl Agent {
+    /// Starts a llumlet: binds, serves gRPC, registers, and starts its loops. `source` is where
+    /// engine statuses come from besides `PushInstanceStatus` (`None`: only pushes).
+    pub async fn start(
+        config: Config,
+        engine: Arc<dyn Engine>,
+        migrator: Arc<dyn Migrator>,
+        source: Option<Arc<dyn StatusSource>>,
+    ) -> Result<Agent, StartError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let backoff_max = (config.metadata_push_interval / 2).min(Duration::from_secs(1));
+        let cms = Arc::new(Cms::new(&config.redis, config.cms_expired_time, backoff_max, metrics.clone())?);
+
+        let listener = bind_rpc(config.rpc_port).await?;
+        let rpc_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { what: "gRPC", port: 0, source })?;
+        let metrics_listener = match config.metrics_port {
+            Some(port) => Some(
+                TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                    .await
+                    .map_err(|source| StartError::Bind { what: "metrics", port, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let pushed = Arc::new(PushedStatus::default());
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            pushed: pushed.clone(),
+            ledger: SlotLedger::new(config.migration.clone()),
+            migrator,
+            engine,
+            metrics: metrics.clone(),
+            engine_failed: Arc::new(Notify::new()),
+        });
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let svc = LlumletServer::new(LlumletService::new(shared.clone()));
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                }),
+        );
+        tracing::info!(grpc = %rpc_addr, metrics = ?metrics_addr, "llumlet listening");
+
+        let mut loops = Vec::new();
+        if let Some(l) = metrics_listener {
+            loops.push(tokio::spawn(crate::metrics::serve(l, metrics.clone())));
+        }
+
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let meta = metadata(&config, rpc_addr.port(), created).encode_to_vec();
+        let meta_key = llumlet_proto::metadata_key(&config.instance_id);
+        let mut attempt = 1;
+        loop {
+            match cms.set(&meta_key, &meta).await {
+                Ok(()) => break,
+                Err(e) if attempt >= REGISTER_ATTEMPTS => {
+                    let _ = stop_tx.send(());
+                    return Err(StartError::Register(e));
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "registration in the CMS failed; retrying in {REGISTER_RETRY:?}");
+                    attempt += 1;
+                    tokio::time::sleep(REGISTER_RETRY).await;
+                }
+            }
+        }
+        metrics.metadata_pushes.inc();
+        tracing::info!(instance_id = %config.instance_id, key = %meta_key, "registered in the CMS");
+
+        loops.push(tokio::spawn(metadata_loop(cms.clone(), config.clone(), meta_key, meta, metrics.clone())));
+        let sources: Vec<Arc<dyn StatusSource>> = std::iter::once(pushed as Arc<dyn StatusSource>).chain(source).collect();
+        loops.push(tokio::spawn(status_loop(cms.clone(), shared.clone(), sources)));
+
+        let stop_requested = Arc::new(Notify::new());
+        if let Some(pid) = config.parent_pid {
+            loops.push(tokio::spawn(parent_watch(pid, parent_pid_now(), stop_requested.clone())));
+        }
+
+        Ok(Agent {
+            shared,
+            cms,
+            rpc_addr,
+            metrics_addr,
+            server_stop: Some(stop_tx),
+            server,
+            loops,
+            stop_requested,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc_addr
+    }
+
+    /// The bound metrics address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The state the handlers share.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Completes when the llumlet wants to stop by itself (its parent is gone).
+    pub async fn stop_requested(&self) {
+        self.stop_requested.notified().await
+    }
+
+    /// Shuts down: stops the loops, stops accepting RPCs and lets in-flight ones finish within
+    /// the grace period, then deletes both CMS keys.
+    pub async fn shutdown(mut self) {
+        for l in &self.loops {
+            l.abort();
+        }
+        if let Some(tx) = self.server_stop.take() {
+            let _ = tx.send(());
+        }
+        let grace = self.shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, &mut self.server).await.is_err() {
+            tracing::warn!(?grace, "in-flight RPCs did not finish within the grace period; stopping anyway");
+            self.server.abort();
+        }
+        let id = &self.shared.config.instance_id;
+        for key in [llumlet_proto::metadata_key(id), llumlet_proto::status_key(id)] {
+            if let Err(e) = self.cms.del(&key).await {
+                tracing::warn!(error = %e, "could not remove the instance from the CMS; it expires with its TTL");
+            }
+        }
+        tracing::info!(instance_id = %id, "llumlet stopped; instance removed from the CMS");
+    }
+}
+
+async fn metadata_loop(cms: Arc<Cms>, config: Arc<Config>, key: String, meta: Vec<u8>, metrics: Arc<Metrics>) {
+    let interval = config.metadata_push_interval;
+    let retry = (interval / 2).min(Duration::from_secs(1));
+    let mut ok = true;
+    loop {
+        let wait = if ok { interval } else { retry };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cms.recovered().notified() => {}
+        }
+        ok = cms.set(&key, &meta).await.is_ok();
+        if ok {
+            metrics.metadata_pushes.inc();
+        }
+    }
+}
+
+async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn StatusSource>>) {
+    let config = &shared.config;
+    let key = llumlet_proto::status_key(&config.instance_id);
+    let mut reporter = StatusReporter::new(
+        config.instance_id.clone(),
+        config.migration.clone(),
+        config.metric_mask,
+        config.engine_get_status_timeout,
+    );
+    let mut ticker = tokio::time::interval(config.status_push_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Tick::NoStatus;
+    let mut last_debug = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shared.engine_failed.notified() => reporter.mark_engine_failed(),
+        }
+        let now = Instant::now();
+        let mut fresh = false;
+        for s in &sources {
+            if let Some(status) = s.take_newest() {
+                shared.metrics.engine_status_at(now);
+                shared.ledger.observe(EngineMigrationLoad::of(&status));
+                reporter.accept(status, now);
+                fresh = true;
+            }
+        }
+        let tick = reporter.tick(fresh, now, wall_ms(), &shared.ledger.local());
+        match (last_tick, tick) {
+            (_, Tick::NoStatus) => continue,
+            (Tick::EngineSilent, Tick::EngineSilent) => {}
+            (_, Tick::EngineSilent) => tracing::warn!(
+                timeout = ?config.engine_get_status_timeout,
+                "no status from the engine within the timeout; reporting schedulable=false"
+            ),
+            (Tick::EngineSilent, _) => tracing::info!("engine status resumed; reporting schedulable=true"),
+            _ => {}
+        }
+        last_tick = tick;
+        if now.duration_since(last_debug) >= config.report_status_log_interval {
+            last_debug = now;
+            tracing::debug!(status = ?reporter.last(), "instance status");
+        }
+        if cms.set(&key, reporter.encoded()).await.is_ok() {
+            shared.metrics.status_pushes.inc();
+        }
+    }
+}
+
+/// Watches `pid`: gone (or, when it was our parent at start, we were re-parented) → stop.
+async fn parent_watch(pid: u32, parent_at_start: u32, stop: Arc<Notify>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        ticker.tick().await;
+        // A dead parent lingers as a zombie until reaped, so also notice the re-parenting.
+        let reparented = parent_at_start == pid && parent_pid_now() != pid;
+        if reparented || !pid_alive(pid) {
+            tracing::info!(parent_pid = pid, "parent process is gone; shutting down");
+            stop.notify_one();
+            return;
+        }
+    }
+}

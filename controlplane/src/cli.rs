@@ -1,0 +1,94 @@
+//! The `llumlet` command line.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::agent::Agent;
+use crate::config::{Config, ProcessEnv};
+use crate::engine::NoEngine;
+use crate::migrate::NoMigrator;
+
+/// Exit code of a configuration error.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code of a start-up failure (bind, registration).
+pub const EXIT_START: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "llumlet", version, about = "The engine-side agent of Llumnix: CMS status, gRPC Migrate, live migration.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent, configured from the environment (what `llumlet` with no arguments does).
+    Run,
+    /// List every environment variable with its default and meaning.
+    Env,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(),
+        Command::Env => {
+            for v in crate::env::ALL {
+                println!("{}={}\t{}", v.name, v.default.unwrap_or(""), v.doc);
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("llumlet: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    crate::logging::init(&config.log, &config.instance_id);
+    for var in Config::unsupported_set(&ProcessEnv) {
+        tracing::warn!(variable = var, "is set but not supported by llumlet-rs; ignored (see docs/configuration.md)");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("llumlet: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    runtime.block_on(async move {
+        let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), None).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                eprintln!("llumlet: cannot start: {e}");
+                return ExitCode::from(EXIT_START);
+            }
+        };
+        let reason = wait_for_stop(&agent).await;
+        tracing::info!(reason, "shutting down");
+        agent.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_stop(agent: &Agent) -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; only the parent watch can stop this llumlet");
+        agent.stop_requested().await;
+        return "parent gone";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = agent.stop_requested() => "parent gone",
+    }
+}

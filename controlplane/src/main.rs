@@ -1,0 +1,6 @@
+//! `llumlet`: see `llumlet --help`.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    llumlet::cli::main()
+}
