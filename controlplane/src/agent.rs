@@ -17,10 +17,10 @@ use crate::cms::Cms;
 use crate::config::{Config, PortChoice};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::migrate::{EngineMigrationLoad, Migrator, SlotLedger};
+use crate::migrate::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
 use crate::sys::{parent_pid_now, pid_alive};
-use crate::status::{wall_ms, PushedStatus, StatusReporter, StatusSource, Tick};
+use crate::status::{wall_ms, MigrationLoad, PushedStatus, StatusReporter, StatusSource, Tick};
 
 /// Registration attempts at start (upstream: 3, 5 s apart).
 const REGISTER_ATTEMPTS: u32 = 3;
@@ -286,7 +286,7 @@ async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn St
         for s in &sources {
             if let Some(status) = s.take_newest() {
                 shared.metrics.engine_status_at(now);
-                shared.ledger.observe(EngineMigrationLoad::of(&status));
+                shared.ledger.observe(MigrationLoad::of(&status));
                 reporter.accept(status, now);
                 fresh = true;
             }

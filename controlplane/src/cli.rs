@@ -64,6 +64,9 @@ fn run() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Installed before registering, so a signal that arrives during start-up still takes
+        // the graceful path.
+        let signals = Signals::install();
         let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), None).await {
             Ok(a) => a,
             Err(e) => {
@@ -72,23 +75,43 @@ fn run() -> ExitCode {
                 return ExitCode::from(EXIT_START);
             }
         };
-        let reason = wait_for_stop(&agent).await;
+        let reason = signals.wait(&agent).await;
         tracing::info!(reason, "shutting down");
         agent.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_stop(agent: &Agent) -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; only the parent watch can stop this llumlet");
-        agent.stop_requested().await;
-        return "parent gone";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = agent.stop_requested() => "parent gone",
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        if term.is_none() || int.is_none() {
+            tracing::error!("cannot install the SIGTERM/SIGINT handlers");
+        }
+        Signals { term, int }
+    }
+
+    /// Waits for SIGTERM, SIGINT, or the agent asking to stop; says which.
+    async fn wait(mut self, agent: &Agent) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.term) => "SIGTERM",
+            _ = recv(&mut self.int) => "SIGINT",
+            _ = agent.stop_requested() => "parent gone",
+        }
     }
 }

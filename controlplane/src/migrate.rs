@@ -3,12 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use llumlet_proto::cms::InstanceStatus;
 use llumlet_proto::llumlet::migrate_request::MigrationValue;
 use llumlet_proto::llumlet::MigrateRequest;
 
 use crate::config::MigrationLimits;
-use crate::status::LocalMigrationLoad;
+use crate::status::MigrationLoad;
 
 /// The budget kind of a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,25 +96,6 @@ impl MigrationParams {
     }
 }
 
-/// The migration load the engine reported in its newest status.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EngineMigrationLoad {
-    out_reqs: i32,
-    out_tokens: i32,
-    out_ratio: f64,
-}
-
-impl EngineMigrationLoad {
-    /// Reads it from a status.
-    pub fn of(s: &InstanceStatus) -> Self {
-        EngineMigrationLoad {
-            out_reqs: s.num_migrate_out_reqs,
-            out_tokens: s.num_migrate_out_tokens,
-            out_ratio: s.kv_cache_usage_ratio_migrate_out,
-        }
-    }
-}
-
 /// The pre-check failed: upstream's `NotEnoughSlotsError`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("No enough migrate out slots for requests")]
@@ -123,8 +103,8 @@ pub struct NotEnoughSlots;
 
 #[derive(Debug, Default)]
 struct LedgerState {
-    engine: Option<EngineMigrationLoad>,
-    local: LocalMigrationLoad,
+    engine: Option<MigrationLoad>,
+    local: MigrationLoad,
 }
 
 /// Migration slots: the capacity the newest status leaves, minus migrations this llumlet has
@@ -148,12 +128,12 @@ impl SlotLedger {
     }
 
     /// Records the engine's load from its newest status.
-    pub fn observe(&self, engine: EngineMigrationLoad) {
+    pub fn observe(&self, engine: MigrationLoad) {
         self.lock().engine = Some(engine);
     }
 
     /// The llumlet's own in-flight load, for status completion.
-    pub fn local(&self) -> LocalMigrationLoad {
+    pub fn local(&self) -> MigrationLoad {
         self.lock().local
     }
 
@@ -290,7 +270,7 @@ mod tests {
         let ledger = SlotLedger::new(limits());
         let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1)))).unwrap();
         assert_eq!(ledger.reserve_out(&one).unwrap_err(), NotEnoughSlots, "no status yet");
-        ledger.observe(EngineMigrationLoad::default());
+        ledger.observe(MigrationLoad::default());
         let a = ledger.reserve_out(&one).unwrap();
         let b = ledger.reserve_out(&one).unwrap();
         assert!(ledger.reserve_out(&one).is_err(), "both slots taken");
@@ -306,7 +286,7 @@ mod tests {
     #[test]
     fn concurrent_reservations_never_exceed_the_limit() {
         let ledger = SlotLedger::new(limits());
-        ledger.observe(EngineMigrationLoad::default());
+        ledger.observe(MigrationLoad::default());
         let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1)))).unwrap();
         let held = Mutex::new(Vec::new());
         std::thread::scope(|s| {
@@ -326,7 +306,7 @@ mod tests {
         let mut l = limits();
         l.detailed = true;
         let ledger = SlotLedger::new(l.clone());
-        ledger.observe(EngineMigrationLoad { out_reqs: 0, out_tokens: 60, out_ratio: 0.0 });
+        ledger.observe(MigrationLoad { out_tokens: 60, ..Default::default() });
         let tok = MigrationParams::from_request(&req("TOKEN", Some(MigrationValue::NumTokens(50)))).unwrap();
         assert!(ledger.reserve_out(&tok).is_err(), "50 > 100 - 60");
         let ratio = MigrationParams::from_request(&req("RATIO", Some(MigrationValue::KvCacheUsageRatio(0.2)))).unwrap();
@@ -335,7 +315,7 @@ mod tests {
         drop(r);
         l.enabled = false;
         let off = SlotLedger::new(l);
-        off.observe(EngineMigrationLoad::default());
+        off.observe(MigrationLoad::default());
         let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1)))).unwrap();
         assert!(off.reserve_out(&one).is_err());
         let prestop = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(-1)))).unwrap();

@@ -10,7 +10,6 @@ use llumlet_proto::cms::InstanceStatus;
 use prost::Message;
 
 use crate::config::MigrationLimits;
-use crate::migrate::EngineMigrationLoad;
 
 /// Where the llumlet gets the engine's status from. The gRPC `PushInstanceStatus` source is
 /// [`PushedStatus`]; the shared-memory status ring plugs in here too.
@@ -136,9 +135,10 @@ impl MetricMask {
     }
 }
 
-/// The migration load the llumlet itself accounts (migrations it started and has not finished).
+/// A migration load: what is migrating in and out. The engine reports one in its status; the
+/// llumlet accounts another for the migrations it started and has not finished.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct LocalMigrationLoad {
+pub struct MigrationLoad {
     /// Requests migrating out.
     pub out_reqs: i32,
     /// Tokens migrating out.
@@ -153,28 +153,56 @@ pub struct LocalMigrationLoad {
     pub in_ratio: f64,
 }
 
-/// Completes statuses as reference §4.2 says, with the llumlet's own accounting folded in: the
-/// migration counts are the larger of the engine's and the llumlet's, so a migration is visible
-/// the moment it starts.
+impl MigrationLoad {
+    /// The load an engine reports in `s`.
+    pub fn of(s: &InstanceStatus) -> Self {
+        MigrationLoad {
+            out_reqs: s.num_migrate_out_reqs,
+            out_tokens: s.num_migrate_out_tokens,
+            out_ratio: s.kv_cache_usage_ratio_migrate_out,
+            in_reqs: s.num_migrate_in_reqs,
+            in_tokens: s.num_migrate_in_tokens,
+            in_ratio: s.kv_cache_usage_ratio_migrate_in,
+        }
+    }
+
+    /// The larger of both, field by field.
+    pub fn max(&self, o: &MigrationLoad) -> MigrationLoad {
+        MigrationLoad {
+            out_reqs: self.out_reqs.max(o.out_reqs),
+            out_tokens: self.out_tokens.max(o.out_tokens),
+            out_ratio: self.out_ratio.max(o.out_ratio),
+            in_reqs: self.in_reqs.max(o.in_reqs),
+            in_tokens: self.in_tokens.max(o.in_tokens),
+            in_ratio: self.in_ratio.max(o.in_ratio),
+        }
+    }
+}
+
+/// Completes a status as reference §4.2 says, with the llumlet's own accounting folded in: the
+/// migration load is the larger of the engine's and the llumlet's, so a migration is visible the
+/// moment it starts.
 pub fn complete(
     s: &mut InstanceStatus,
     limits: &MigrationLimits,
-    local: &LocalMigrationLoad,
+    engine: &MigrationLoad,
+    local: &MigrationLoad,
     timestamp_ms: i64,
 ) {
     s.timestamp_ms = timestamp_ms;
     if !limits.enabled {
         return;
     }
-    s.num_migrate_out_reqs = s.num_migrate_out_reqs.max(local.out_reqs);
-    s.num_migrate_in_reqs = s.num_migrate_in_reqs.max(local.in_reqs);
+    let load = engine.max(local);
+    s.num_migrate_out_reqs = load.out_reqs;
+    s.num_migrate_in_reqs = load.in_reqs;
     s.num_available_migrate_in_slots = limits.max_req_in.saturating_sub(s.num_migrate_in_reqs);
     s.num_available_migrate_out_slots = limits.max_req_out.saturating_sub(s.num_migrate_out_reqs);
     if limits.detailed {
-        s.num_migrate_out_tokens = s.num_migrate_out_tokens.max(local.out_tokens);
-        s.num_migrate_in_tokens = s.num_migrate_in_tokens.max(local.in_tokens);
-        s.kv_cache_usage_ratio_migrate_out = s.kv_cache_usage_ratio_migrate_out.max(local.out_ratio);
-        s.kv_cache_usage_ratio_migrate_in = s.kv_cache_usage_ratio_migrate_in.max(local.in_ratio);
+        s.num_migrate_out_tokens = load.out_tokens;
+        s.num_migrate_in_tokens = load.in_tokens;
+        s.kv_cache_usage_ratio_migrate_out = load.out_ratio;
+        s.kv_cache_usage_ratio_migrate_in = load.in_ratio;
         s.num_available_migrate_in_tokens = limits.max_token_in.saturating_sub(s.num_migrate_in_tokens);
         s.num_available_migrate_out_tokens =
             limits.max_token_out.saturating_sub(s.num_migrate_out_tokens);
@@ -194,6 +222,8 @@ pub struct StatusReporter {
     engine_timeout: Duration,
     /// The newest engine status, masked, with instance id set (`None` until the first one).
     last: Option<InstanceStatus>,
+    /// The migration load the engine reported in `last`, before completion.
+    engine_load: MigrationLoad,
     last_received: Option<Instant>,
     last_timestamp_ms: i64,
     buf: Vec<u8>,
@@ -221,6 +251,7 @@ impl StatusReporter {
             mask,
             engine_timeout,
             last: None,
+            engine_load: MigrationLoad::default(),
             last_received: None,
             last_timestamp_ms: i64::MIN,
             buf: Vec::with_capacity(512),
@@ -231,18 +262,14 @@ impl StatusReporter {
     pub fn accept(&mut self, mut status: InstanceStatus, now: Instant) {
         self.mask.apply(&mut status);
         status.instance_id.clone_from(&self.instance_id);
+        self.engine_load = MigrationLoad::of(&status);
         self.last = Some(status);
         self.last_received = Some(now);
     }
 
-    /// The engine's own migration load in the newest status (for the `Migrate` pre-check).
-    pub fn engine_load(&self) -> Option<EngineMigrationLoad> {
-        self.last.as_ref().map(EngineMigrationLoad::of)
-    }
-
     /// Completes the newest status for the wall-clock time `wall_ms` and encodes it; the bytes
     /// are in [`StatusReporter::encoded`] unless the result is [`Tick::NoStatus`].
-    pub fn tick(&mut self, fresh: bool, now: Instant, wall_ms: i64, local: &LocalMigrationLoad) -> Tick {
+    pub fn tick(&mut self, fresh: bool, now: Instant, wall_ms: i64, local: &MigrationLoad) -> Tick {
         let Some(s) = self.last.as_mut() else {
             return Tick::NoStatus;
         };
@@ -252,7 +279,7 @@ impl StatusReporter {
         // Strictly increasing, even if the wall clock steps back.
         let ts = wall_ms.max(self.last_timestamp_ms.saturating_add(1));
         self.last_timestamp_ms = ts;
-        complete(s, &self.limits, local, ts);
+        complete(s, &self.limits, &self.engine_load, local, ts);
         s.schedulable = !silent;
         self.buf.clear();
         s.encode(&mut self.buf)
@@ -342,7 +369,7 @@ mod tests {
         let mut r = StatusReporter::new("i".into(), limits(false), MetricMask::parse("num_requests"), Duration::from_secs(30));
         let t0 = Instant::now();
         r.accept(engine_status(), t0);
-        assert_eq!(r.tick(true, t0, 1000, &LocalMigrationLoad::default()), Tick::Fresh);
+        assert_eq!(r.tick(true, t0, 1000, &MigrationLoad::default()), Tick::Fresh);
         let s = InstanceStatus::decode(r.encoded()).unwrap();
         assert_eq!(s.scheduler_running_to_decode_tokens_num, 0);
         assert_eq!((s.num_running_requests, s.num_waiting_requests), (3, 2));
@@ -356,7 +383,7 @@ mod tests {
         let mut r = StatusReporter::new("me".into(), limits(true), MetricMask::ALL, Duration::from_secs(30));
         let t0 = Instant::now();
         r.accept(engine_status(), t0);
-        let local = LocalMigrationLoad { out_reqs: 2, out_tokens: 100, ..Default::default() };
+        let local = MigrationLoad { out_reqs: 2, out_tokens: 100, ..Default::default() };
         r.tick(true, t0, 5000, &local);
         let s = InstanceStatus::decode(r.encoded()).unwrap();
         assert_eq!(s.instance_id, "me");
@@ -369,6 +396,10 @@ mod tests {
         assert_eq!(s.num_available_migrate_out_tokens, 1500, "2000 - max(500, 100)");
         assert!((s.available_kv_cache_usage_ratio_migrate_out - 0.3).abs() < 1e-9);
         assert!((s.available_kv_cache_usage_ratio_migrate_in - 0.3).abs() < 1e-9);
+        // The llumlet's migration ends: the next (repeated) tick shows the engine's count again.
+        r.tick(false, t0, 5001, &MigrationLoad::default());
+        let s = InstanceStatus::decode(r.encoded()).unwrap();
+        assert_eq!((s.num_migrate_out_reqs, s.num_available_migrate_out_slots), (1, 2));
     }
 
     #[test]
@@ -378,7 +409,7 @@ mod tests {
         r.accept(engine_status(), t0);
         let mut seen = Vec::new();
         for wall in [1000, 1000, 900, 1001, 5000, 10] {
-            r.tick(false, t0, wall, &LocalMigrationLoad::default());
+            r.tick(false, t0, wall, &MigrationLoad::default());
             seen.push(InstanceStatus::decode(r.encoded()).unwrap().timestamp_ms);
         }
         assert_eq!(seen, vec![1000, 1001, 1002, 1003, 5000, 5001]);
@@ -389,7 +420,7 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let mut r = StatusReporter::new("me".into(), limits(false), MetricMask::ALL, timeout);
         let t0 = Instant::now();
-        let none = LocalMigrationLoad::default();
+        let none = MigrationLoad::default();
         assert_eq!(r.tick(false, t0, 1, &none), Tick::NoStatus);
         r.accept(engine_status(), t0);
         assert_eq!(r.tick(true, t0, 2, &none), Tick::Fresh);
@@ -420,7 +451,7 @@ mod tests {
         let mut l = limits(true);
         l.enabled = false;
         let mut s = engine_status();
-        complete(&mut s, &l, &LocalMigrationLoad { out_reqs: 5, ..Default::default() }, 1);
+        complete(&mut s, &l, &MigrationLoad::of(&engine_status()), &MigrationLoad { out_reqs: 5, ..Default::default() }, 1);
         assert_eq!(s.num_available_migrate_out_slots, 0);
         assert_eq!(s.num_migrate_out_reqs, 1);
     }

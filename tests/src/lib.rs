@@ -1,0 +1,255 @@
+//! Helpers for the multi-process tests: a real `redis-server` on a free port, the `llumlet`
+//! binary as a child process, and polling with deadlines (never timing assertions).
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new empty directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("llumlet-test-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `redis-server` child on a free loopback port; killed on drop.
+pub struct RedisServer {
+    /// Its port.
+    pub port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+    /// Credentials the test client uses (user, password), if ACLs are on.
+    pub auth: Option<(String, String)>,
+}
+
+impl RedisServer {
+    /// Starts one with no persistence.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(Vec::new(), None)
+    }
+
+    /// Starts one with extra arguments; `auth` is what the test client logs in with.
+    pub fn start_with(extra: Vec<String>, auth: Option<(String, String)>) -> RedisServer {
+        let mut r = RedisServer { port: free_port(), extra, child: None, auth };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = self.client().get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not come up", self.port);
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: no persistence).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A client for the test's own reads.
+    pub fn client(&self) -> redis::Client {
+        let url = match &self.auth {
+            Some((u, p)) => format!("redis://{u}:{p}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        };
+        redis::Client::open(url).unwrap()
+    }
+
+    /// A connection.
+    pub fn conn(&self) -> redis::Connection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// The bytes under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        redis::cmd("GET").arg(key).query(&mut self.conn()).unwrap()
+    }
+
+    /// The TTL of `key` in seconds (-2: missing, -1: no TTL).
+    pub fn ttl(&self, key: &str) -> i64 {
+        redis::cmd("TTL").arg(key).query(&mut self.conn()).unwrap()
+    }
+
+    /// Number of keys.
+    pub fn dbsize(&self) -> i64 {
+        redis::cmd("DBSIZE").query(&mut self.conn()).unwrap()
+    }
+
+    /// Polls until `key` holds a value that `pred` accepts, or panics after `within`.
+    pub fn wait_for<T>(&self, key: &str, within: Duration, mut pred: impl FnMut(Option<&[u8]>) -> Option<T>) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.get(key);
+            if let Some(t) = pred(v.as_deref()) {
+                return t;
+            }
+            if Instant::now() > deadline {
+                panic!("{key} did not reach the expected state within {within:?}; last value: {v:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `llumlet` binary of this build (`cargo build --bins` puts it beside the test binaries).
+pub fn llumlet_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("llumlet");
+    assert!(bin.exists(), "{} not found: run `cargo build --bins` first (scripts/test.sh does)", bin.display());
+    bin
+}
+
+/// Environment for a llumlet talking to `redis`, with short intervals.
+pub fn base_env(redis: &RedisServer, instance_id: &str, rpc_port: u16) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = [
+        ("LLUMLET_INSTANCE_ID", instance_id.to_string()),
+        ("LLUMLET_HOST_IP", "127.0.0.1".into()),
+        ("LLUMNIX_VLLM_API_SERVER_PORT", "8000".into()),
+        ("LLUMNIX_RPC_PORT", rpc_port.to_string()),
+        ("LLUMNIX_CMS_REDIS_ADDRESS", "127.0.0.1".into()),
+        ("LLUMNIX_CMS_REDIS_PORT", redis.port.to_string()),
+        ("LLUMNIX_STATUS_PUSH_INTERVAL", "0.05".into()),
+        ("LLUMNIX_METADATA_PUSH_INTERVAL", "1".into()),
+        ("LLUMNIX_CMS_EXPIRED_TIME", "3".into()),
+        ("LLUMNIX_LOGGING_LEVEL", "DEBUG".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Some((u, p)) = &redis.auth {
+        env.insert("LLUMNIX_CMS_REDIS_USERNAME".into(), u.clone());
+        env.insert("LLUMNIX_CMS_REDIS_PASSWORD".into(), p.clone());
+    }
+    env
+}
+
+/// A `llumlet` child process; its stderr goes to a file; killed on drop.
+pub struct LlumletProcess {
+    /// The child.
+    pub child: Child,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl LlumletProcess {
+    /// Spawns `llumlet` with exactly `env` (plus PATH).
+    pub fn spawn(env: &HashMap<String, String>) -> LlumletProcess {
+        let dir = TempDir::new("llumlet");
+        let log = dir.0.join("stderr.log");
+        let child = Command::new(llumlet_bin())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        LlumletProcess { child, log, _dir: dir }
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig`.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(r, 0);
+    }
+
+    /// Waits for it to exit, or panics after `within`.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("llumlet did not exit within {within:?}; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for LlumletProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gRPC client of the llumlet at `127.0.0.1:port`, retrying the connection until `within`.
+pub async fn grpc_client(
+    port: u16,
+    within: Duration,
+) -> llumlet_proto::llumlet::llumlet_client::LlumletClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + within;
+    loop {
+        match llumlet_proto::llumlet::llumlet_client::LlumletClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to the llumlet on {port}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
