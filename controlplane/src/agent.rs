@@ -19,8 +19,8 @@ use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::migrate::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
-use crate::sys::{parent_pid_now, pid_alive};
 use crate::status::{wall_ms, MigrationLoad, PushedStatus, StatusReporter, StatusSource, Tick};
+use crate::sys::{parent_pid_now, pid_alive};
 
 /// Registration attempts at start (upstream: 3, 5 s apart).
 const REGISTER_ATTEMPTS: u32 = 3;
@@ -68,10 +68,18 @@ async fn bind_rpc(choice: PortChoice) -> Result<TcpListener, StartError> {
     // Dual-stack `[::]` as upstream; fall back to IPv4 where IPv6 is off.
     match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
         Ok(l) => Ok(l),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::Bind { what: "gRPC", port, source: e }),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::Bind {
+            what: "gRPC",
+            port,
+            source: e,
+        }),
         Err(_) => TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
             .await
-            .map_err(|source| StartError::Bind { what: "gRPC", port, source }),
+            .map_err(|source| StartError::Bind {
+                what: "gRPC",
+                port,
+                source,
+            }),
     }
 }
 
@@ -114,17 +122,28 @@ impl Agent {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let backoff_max = (config.metadata_push_interval / 2).min(Duration::from_secs(1));
-        let cms = Arc::new(Cms::new(&config.redis, config.cms_expired_time, backoff_max, metrics.clone())?);
+        let cms = Arc::new(Cms::new(
+            &config.redis,
+            config.cms_expired_time,
+            backoff_max,
+            metrics.clone(),
+        )?);
 
         let listener = bind_rpc(config.rpc_port).await?;
-        let rpc_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { what: "gRPC", port: 0, source })?;
+        let rpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            what: "gRPC",
+            port: 0,
+            source,
+        })?;
         let metrics_listener = match config.metrics_port {
             Some(port) => Some(
                 TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
                     .await
-                    .map_err(|source| StartError::Bind { what: "metrics", port, source })?,
+                    .map_err(|source| StartError::Bind {
+                        what: "metrics",
+                        port,
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -146,9 +165,12 @@ impl Agent {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    let _ = stop_rx.await;
-                }),
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ),
         );
         tracing::info!(grpc = %rpc_addr, metrics = ?metrics_addr, "llumlet listening");
 
@@ -181,13 +203,29 @@ impl Agent {
         metrics.metadata_pushes.inc();
         tracing::info!(instance_id = %config.instance_id, key = %meta_key, "registered in the CMS");
 
-        loops.push(tokio::spawn(metadata_loop(cms.clone(), config.clone(), meta_key, meta, metrics.clone())));
-        let sources: Vec<Arc<dyn StatusSource>> = std::iter::once(pushed as Arc<dyn StatusSource>).chain(source).collect();
-        loops.push(tokio::spawn(status_loop(cms.clone(), shared.clone(), sources)));
+        loops.push(tokio::spawn(metadata_loop(
+            cms.clone(),
+            config.clone(),
+            meta_key,
+            meta,
+            metrics.clone(),
+        )));
+        let sources: Vec<Arc<dyn StatusSource>> = std::iter::once(pushed as Arc<dyn StatusSource>)
+            .chain(source)
+            .collect();
+        loops.push(tokio::spawn(status_loop(
+            cms.clone(),
+            shared.clone(),
+            sources,
+        )));
 
         let stop_requested = Arc::new(Notify::new());
         if let Some(pid) = config.parent_pid {
-            loops.push(tokio::spawn(parent_watch(pid, parent_pid_now(), stop_requested.clone())));
+            loops.push(tokio::spawn(parent_watch(
+                pid,
+                parent_pid_now(),
+                stop_requested.clone(),
+            )));
         }
 
         Ok(Agent {
@@ -233,11 +271,17 @@ impl Agent {
         }
         let grace = self.shared.config.shutdown_grace;
         if tokio::time::timeout(grace, &mut self.server).await.is_err() {
-            tracing::warn!(?grace, "in-flight RPCs did not finish within the grace period; stopping anyway");
+            tracing::warn!(
+                ?grace,
+                "in-flight RPCs did not finish within the grace period; stopping anyway"
+            );
             self.server.abort();
         }
         let id = &self.shared.config.instance_id;
-        for key in [llumlet_proto::metadata_key(id), llumlet_proto::status_key(id)] {
+        for key in [
+            llumlet_proto::metadata_key(id),
+            llumlet_proto::status_key(id),
+        ] {
             if let Err(e) = self.cms.del(&key).await {
                 tracing::warn!(error = %e, "could not remove the instance from the CMS; it expires with its TTL");
             }
@@ -246,7 +290,13 @@ impl Agent {
     }
 }
 
-async fn metadata_loop(cms: Arc<Cms>, config: Arc<Config>, key: String, meta: Vec<u8>, metrics: Arc<Metrics>) {
+async fn metadata_loop(
+    cms: Arc<Cms>,
+    config: Arc<Config>,
+    key: String,
+    meta: Vec<u8>,
+    metrics: Arc<Metrics>,
+) {
     let interval = config.metadata_push_interval;
     let retry = (interval / 2).min(Duration::from_secs(1));
     let mut ok = true;
@@ -299,7 +349,9 @@ async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn St
                 timeout = ?config.engine_get_status_timeout,
                 "no status from the engine within the timeout; reporting schedulable=false"
             ),
-            (Tick::EngineSilent, _) => tracing::info!("engine status resumed; reporting schedulable=true"),
+            (Tick::EngineSilent, _) => {
+                tracing::info!("engine status resumed; reporting schedulable=true")
+            }
             _ => {}
         }
         last_tick = tick;

@@ -16,7 +16,11 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_START: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "llumlet", version, about = "The engine-side agent of Llumnix: CMS status, gRPC Migrate, live migration.")]
+#[command(
+    name = "llumlet",
+    version,
+    about = "The engine-side agent of Llumnix: CMS status, gRPC Migrate, live migration."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -27,7 +31,11 @@ enum Command {
     /// Run the agent, configured from the environment (what `llumlet` with no arguments does).
     Run,
     /// List every environment variable with its default and meaning.
-    Env,
+    Env {
+        /// Print the Markdown table of docs/configuration.md.
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -35,7 +43,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(),
-        Command::Env => {
+        Command::Env { markdown: true } => {
+            print!("{}", crate::env::markdown_table());
+            ExitCode::SUCCESS
+        }
+        Command::Env { markdown: false } => {
             for v in crate::env::ALL {
                 println!("{}={}\t{}", v.name, v.default.unwrap_or(""), v.doc);
             }
@@ -54,9 +66,16 @@ fn run() -> ExitCode {
     };
     crate::logging::init(&config.log, &config.instance_id);
     for var in Config::unsupported_set(&ProcessEnv) {
-        tracing::warn!(variable = var, "is set but not supported by llumlet-rs; ignored (see docs/configuration.md)");
+        tracing::warn!(
+            variable = var,
+            "is set but not supported by llumlet-rs; ignored (see docs/configuration.md)"
+        );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("llumlet: cannot start the async runtime: {e}");
@@ -67,7 +86,8 @@ fn run() -> ExitCode {
         // Installed before registering, so a signal that arrives during start-up still takes
         // the graceful path.
         let signals = Signals::install();
-        let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), None).await {
+        let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), None).await
+        {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("cannot start: {e}");

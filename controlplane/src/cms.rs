@@ -57,7 +57,12 @@ pub struct Cms {
 impl Cms {
     /// A writer for the Redis `cfg` names, with `ttl` seconds on every key; reconnection attempts
     /// back off up to `backoff_max`.
-    pub fn new(cfg: &RedisConfig, ttl: u64, backoff_max: Duration, metrics: Arc<Metrics>) -> Result<Cms, redis::RedisError> {
+    pub fn new(
+        cfg: &RedisConfig,
+        ttl: u64,
+        backoff_max: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Cms, redis::RedisError> {
         let mut redis_info = RedisConnectionInfo::default();
         if !cfg.password.is_empty() {
             if !cfg.username.is_empty() {
@@ -116,7 +121,11 @@ impl Cms {
                 return Err(CmsError::Backoff(st.next_attempt - now));
             }
         }
-        match self.client.get_multiplexed_async_connection_with_config(&self.conn_config).await {
+        match self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.conn_config)
+            .await
+        {
             Ok(c) => {
                 self.lock().conn = Some(c.clone());
                 Ok(c)
@@ -125,7 +134,11 @@ impl Cms {
                 let mut st = self.lock();
                 st.next_attempt = Instant::now() + st.backoff;
                 st.backoff = (st.backoff * 2).min(self.backoff_max);
-                Err(CmsError::Redis { op: "CONNECT", key: format!("{}:{}", self.cfg.host, self.cfg.port), source })
+                Err(CmsError::Redis {
+                    op: "CONNECT",
+                    key: format!("{}:{}", self.cfg.host, self.cfg.port),
+                    source,
+                })
             }
         }
     }
@@ -134,10 +147,15 @@ impl Cms {
         let mut attempt = 0;
         let result = loop {
             let r = match self.connection().await {
-                Ok(mut c) => cmd
-                    .query_async::<()>(&mut c)
-                    .await
-                    .map_err(|source| CmsError::Redis { op, key: key.to_string(), source }),
+                Ok(mut c) => {
+                    cmd.query_async::<()>(&mut c)
+                        .await
+                        .map_err(|source| CmsError::Redis {
+                            op,
+                            key: key.to_string(),
+                            source,
+                        })
+                }
                 Err(e) => Err(e),
             };
             match r {

@@ -206,7 +206,11 @@ struct Reader<'a> {
 }
 
 fn err(var: &'static str, value: &str, rule: impl Into<String>) -> ConfigError {
-    ConfigError { var, value: value.to_string(), rule: rule.into() }
+    ConfigError {
+        var,
+        value: value.to_string(),
+        rule: rule.into(),
+    }
 }
 
 /// Parses an integer the way Python's `int()` does: surrounding whitespace, an optional sign,
@@ -339,7 +343,10 @@ impl Config {
             return Err(err(
                 env::DP_RANK,
                 &dp_rank.to_string(),
-                format!("must be less than {} ({data_parallel_size})", env::DATA_PARALLEL_SIZE),
+                format!(
+                    "must be less than {} ({data_parallel_size})",
+                    env::DATA_PARALLEL_SIZE
+                ),
             ));
         }
         let base_id = r.required(env::INSTANCE_ID)?;
@@ -375,7 +382,13 @@ impl Config {
             match parse_py_int(&raw) {
                 Some(-1) => PortChoice::Any,
                 Some(p) if (1024..=65535).contains(&p) => PortChoice::Fixed(p as u16),
-                Some(_) => return Err(err(env::RPC_PORT, &raw, "must be -1 or between 1024 and 65535")),
+                Some(_) => {
+                    return Err(err(
+                        env::RPC_PORT,
+                        &raw,
+                        "must be -1 or between 1024 and 65535",
+                    ))
+                }
                 None => return Err(err(env::RPC_PORT, &raw, "must be an integer")),
             }
         };
@@ -407,7 +420,12 @@ impl Config {
             }
         }
 
-        let status_mode = match r.string(env::UPDATE_INSTANCE_STATUS_MODE).trim().to_ascii_lowercase().as_str() {
+        let status_mode = match r
+            .string(env::UPDATE_INSTANCE_STATUS_MODE)
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "push" => StatusMode::Push,
             "pull" => StatusMode::Pull,
             _ => {
@@ -451,7 +469,8 @@ impl Config {
         };
 
         // Engine-side variables: validated so that a typo stops the start here too.
-        let instance_update_steps = r.int_in(env::INSTANCE_UPDATE_STEPS, 1, i64::from(u32::MAX))? as u32;
+        let instance_update_steps =
+            r.int_in(env::INSTANCE_UPDATE_STEPS, 1, i64::from(u32::MAX))? as u32;
         r.boolean(env::ENABLE_LLUMNIX)?;
         r.boolean(env::ENABLE_PROFILING)?;
         r.int_in(env::PROFILING_STEPS, 1, i64::from(u32::MAX))?;
@@ -468,7 +487,9 @@ impl Config {
         };
 
         Ok(Config {
-            unit_id: r.optional(env::UNIT_ID).unwrap_or_else(|| instance_id.clone()),
+            unit_id: r
+                .optional(env::UNIT_ID)
+                .unwrap_or_else(|| instance_id.clone()),
             instance_id,
             instance_type,
             backend_type: r.string(env::BACKEND_TYPE),
@@ -497,7 +518,8 @@ impl Config {
             status_mode,
             migration,
             metric_mask: MetricMask::parse(&r.string(env::USED_METRICS)),
-            report_status_log_interval: r.seconds_positive(env::REPORT_INSTANCE_STATUS_INTERVAL_S)?,
+            report_status_log_interval: r
+                .seconds_positive(env::REPORT_INSTANCE_STATUS_INTERVAL_S)?,
             instance_update_steps,
             log: LogConfig {
                 level,
@@ -551,7 +573,10 @@ mod tests {
         assert!(c.migration.enabled);
         assert!(!c.migration.detailed);
         assert_eq!((c.migration.max_req_in, c.migration.max_req_out), (1, 1));
-        assert_eq!((c.migration.max_token_in, c.migration.max_token_out), (100_000, 100_000));
+        assert_eq!(
+            (c.migration.max_token_in, c.migration.max_token_out),
+            (100_000, 100_000)
+        );
         assert_eq!(c.rpc_port, PortChoice::Any);
         assert_eq!(c.instance_type, InstanceType::Neutral);
         assert_eq!(c.rpc_timeout, Duration::from_secs(5));
@@ -569,17 +594,42 @@ mod tests {
         assert_eq!(c.status_mode, StatusMode::Push);
         assert!(c.migration.detailed);
         assert!(!c.migration.enabled);
-        assert_eq!(with(&[(env::UPDATE_INSTANCE_STATUS_MODE, "pull")]).unwrap().status_mode, StatusMode::Pull);
-        assert!(!with(&[(env::DETAILED_MIG_STATUS, "false")]).unwrap().migration.detailed);
-        assert_eq!(with(&[(env::CMS_REDIS_PORT, " 6_379 ")]).unwrap().redis.port, 6379);
+        assert_eq!(
+            with(&[(env::UPDATE_INSTANCE_STATUS_MODE, "pull")])
+                .unwrap()
+                .status_mode,
+            StatusMode::Pull
+        );
+        assert!(
+            !with(&[(env::DETAILED_MIG_STATUS, "false")])
+                .unwrap()
+                .migration
+                .detailed
+        );
+        assert_eq!(
+            with(&[(env::CMS_REDIS_PORT, " 6_379 ")])
+                .unwrap()
+                .redis
+                .port,
+            6379
+        );
     }
 
     #[test]
     fn bad_values_name_the_variable_and_the_rule() {
         let e = with(&[(env::CMS_EXPIRED_TIME, "20")]).unwrap_err();
         assert_eq!(e.var, env::CMS_EXPIRED_TIME);
-        assert!(e.rule.contains("strictly greater than LLUMNIX_METADATA_PUSH_INTERVAL"), "{e}");
-        let e = with(&[(env::STATUS_PUSH_INTERVAL, "5"), (env::CMS_EXPIRED_TIME, "5"), (env::METADATA_PUSH_INTERVAL, "1")]).unwrap_err();
+        assert!(
+            e.rule
+                .contains("strictly greater than LLUMNIX_METADATA_PUSH_INTERVAL"),
+            "{e}"
+        );
+        let e = with(&[
+            (env::STATUS_PUSH_INTERVAL, "5"),
+            (env::CMS_EXPIRED_TIME, "5"),
+            (env::METADATA_PUSH_INTERVAL, "1"),
+        ])
+        .unwrap_err();
         assert!(e.rule.contains("LLUMNIX_STATUS_PUSH_INTERVAL"), "{e}");
         let cases: &[(&str, &str)] = &[
             (env::STATUS_PUSH_INTERVAL, "0"),

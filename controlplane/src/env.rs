@@ -158,3 +158,25 @@ vars! {
 pub fn find(name: &str) -> Option<&'static Var> {
     ALL.iter().find(|v| v.name == name)
 }
+
+/// The table of every variable, as `docs/configuration.md` carries it.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| Variable | Default | Read by | Meaning and accepted values |\n| --- | --- | --- | --- |\n");
+    for v in ALL {
+        let default = match v.default {
+            Some("") => "(empty)".to_string(),
+            Some(d) => format!("`{d}`"),
+            None => "(unset)".to_string(),
+        };
+        let scope = match v.scope {
+            Scope::Llumlet => "llumlet",
+            Scope::Engine => "engine",
+            Scope::Logging => "logging",
+        };
+        out.push_str(&format!(
+            "| `{}` | {default} | {scope} | {} |\n",
+            v.name, v.doc
+        ));
+    }
+    out
+}

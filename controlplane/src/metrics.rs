@@ -24,13 +24,33 @@ impl Counter {
 }
 
 /// The gRPC methods (label `method`).
-pub const METHODS: [&str; 5] = ["Migrate", "Abort", "MigrateIn", "AbortMigrateIn", "PushInstanceStatus"];
+pub const METHODS: [&str; 5] = [
+    "Migrate",
+    "Abort",
+    "MigrateIn",
+    "AbortMigrateIn",
+    "PushInstanceStatus",
+];
 
 /// gRPC status code names by number (label `code`).
 const CODES: [&str; 17] = [
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
 ];
 
 /// Every metric of the llumlet.
@@ -75,7 +95,9 @@ impl Metrics {
 
     /// How many RPCs of `method` ended with `code`.
     pub fn rpc_count(&self, method: usize, code: tonic::Code) -> u64 {
-        self.rpcs.get(method).map_or(0, |row| row[(code as usize).min(CODES.len() - 1)].get())
+        self.rpcs
+            .get(method)
+            .map_or(0, |row| row[(code as usize).min(CODES.len() - 1)].get())
     }
 
     /// Notes that an engine status arrived at `at`.
@@ -89,13 +111,36 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
-        counter(names::STATUS_PUSHES, "Status writes to the CMS that succeeded.", self.status_pushes.get());
-        counter(names::METADATA_PUSHES, "Metadata writes to the CMS that succeeded.", self.metadata_pushes.get());
-        counter(names::CMS_ERRORS, "CMS operations that failed.", self.cms_errors.get());
-        counter(names::ENGINE_STATUSES, "Statuses received from the engine.", self.engine_statuses.get());
-        let _ = writeln!(out, "# HELP {0} gRPC calls handled, by method and status code.\n# TYPE {0} counter", names::RPCS);
+        counter(
+            names::STATUS_PUSHES,
+            "Status writes to the CMS that succeeded.",
+            self.status_pushes.get(),
+        );
+        counter(
+            names::METADATA_PUSHES,
+            "Metadata writes to the CMS that succeeded.",
+            self.metadata_pushes.get(),
+        );
+        counter(
+            names::CMS_ERRORS,
+            "CMS operations that failed.",
+            self.cms_errors.get(),
+        );
+        counter(
+            names::ENGINE_STATUSES,
+            "Statuses received from the engine.",
+            self.engine_statuses.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {0} gRPC calls handled, by method and status code.\n# TYPE {0} counter",
+            names::RPCS
+        );
         for (m, row) in METHODS.iter().zip(&self.rpcs) {
             for (code, c) in CODES.iter().zip(row) {
                 let v = c.get();
@@ -147,7 +192,12 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
             let mut n = 0;
             // Read until the end of the request head, bounded by the buffer.
             while n < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf[n..]),
+                )
+                .await
+                {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
                     Ok(Ok(k)) => n += k,
                 }

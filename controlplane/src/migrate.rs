@@ -119,7 +119,10 @@ pub struct SlotLedger {
 impl SlotLedger {
     /// A ledger with no status seen yet (so no slot is free, as upstream).
     pub fn new(limits: MigrationLimits) -> Arc<SlotLedger> {
-        Arc::new(SlotLedger { limits, state: Mutex::new(LedgerState::default()) })
+        Arc::new(SlotLedger {
+            limits,
+            state: Mutex::new(LedgerState::default()),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
@@ -139,7 +142,10 @@ impl SlotLedger {
 
     /// Checks the out-slots for `p` as upstream's `migrate()` does and, if they suffice, takes
     /// them until the returned reservation is dropped.
-    pub fn reserve_out(self: &Arc<Self>, p: &MigrationParams) -> Result<Reservation, NotEnoughSlots> {
+    pub fn reserve_out(
+        self: &Arc<Self>,
+        p: &MigrationParams,
+    ) -> Result<Reservation, NotEnoughSlots> {
         let mut st = self.lock();
         let l = &self.limits;
         // Before the first status, and with migration disabled, upstream's capacity is 0.
@@ -204,7 +210,12 @@ pub enum MigrateError {
 pub trait Migrator: Send + Sync + 'static {
     /// Migrates requests chosen by `params` to the instance whose transfer endpoint is
     /// `dst_ip:dst_port`; returns how many requests moved (0: nothing was selected).
-    async fn migrate_out(&self, dst_ip: &str, dst_port: i32, params: &MigrationParams) -> Result<usize, MigrateError>;
+    async fn migrate_out(
+        &self,
+        dst_ip: &str,
+        dst_port: i32,
+        params: &MigrationParams,
+    ) -> Result<usize, MigrateError>;
 }
 
 /// The migrator of a build without the live-migration data plane: it moves nothing and says so.
@@ -212,9 +223,15 @@ pub struct NoMigrator;
 
 #[tonic::async_trait]
 impl Migrator for NoMigrator {
-    async fn migrate_out(&self, _: &str, _: i32, _: &MigrationParams) -> Result<usize, MigrateError> {
+    async fn migrate_out(
+        &self,
+        _: &str,
+        _: i32,
+        _: &MigrationParams,
+    ) -> Result<usize, MigrateError> {
         Err(MigrateError::Unsupported(
-            "live migration is not available in this llumlet build yet (no migration data plane)".into(),
+            "live migration is not available in this llumlet build yet (no migration data plane)"
+                .into(),
         ))
     }
 }
@@ -249,11 +266,17 @@ mod tests {
 
     #[test]
     fn params_follow_upstream() {
-        let p = MigrationParams::from_request(&req("TOKEN", Some(MigrationValue::NumTokens(1024)))).unwrap();
+        let p = MigrationParams::from_request(&req("TOKEN", Some(MigrationValue::NumTokens(1024))))
+            .unwrap();
         assert_eq!((p.num_reqs, p.num_tokens), (1, 1024));
-        let p = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(0)))).unwrap();
+        let p = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(0))))
+            .unwrap();
         assert_eq!(p.num_reqs, 0);
-        let p = MigrationParams::from_request(&req("RATIO", Some(MigrationValue::KvCacheUsageRatio(0.25)))).unwrap();
+        let p = MigrationParams::from_request(&req(
+            "RATIO",
+            Some(MigrationValue::KvCacheUsageRatio(0.25)),
+        ))
+        .unwrap();
         assert_eq!(p.kv_cache_usage_ratio, 0.25);
         assert_eq!(
             MigrationParams::from_request(&req("num_req", None)).unwrap_err(),
@@ -268,8 +291,13 @@ mod tests {
     #[test]
     fn slots_are_taken_at_once_and_given_back() {
         let ledger = SlotLedger::new(limits());
-        let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1)))).unwrap();
-        assert_eq!(ledger.reserve_out(&one).unwrap_err(), NotEnoughSlots, "no status yet");
+        let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .unwrap();
+        assert_eq!(
+            ledger.reserve_out(&one).unwrap_err(),
+            NotEnoughSlots,
+            "no status yet"
+        );
         ledger.observe(MigrationLoad::default());
         let a = ledger.reserve_out(&one).unwrap();
         let b = ledger.reserve_out(&one).unwrap();
@@ -278,7 +306,9 @@ mod tests {
         drop(a);
         let _c = ledger.reserve_out(&one).unwrap();
         drop(b);
-        let prestop = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(-1)))).unwrap();
+        let prestop =
+            MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(-1))))
+                .unwrap();
         assert!(prestop.is_prestop());
         let _p = ledger.reserve_out(&prestop).unwrap();
     }
@@ -287,7 +317,8 @@ mod tests {
     fn concurrent_reservations_never_exceed_the_limit() {
         let ledger = SlotLedger::new(limits());
         ledger.observe(MigrationLoad::default());
-        let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1)))).unwrap();
+        let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .unwrap();
         let held = Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for _ in 0..8 {
@@ -306,19 +337,30 @@ mod tests {
         let mut l = limits();
         l.detailed = true;
         let ledger = SlotLedger::new(l.clone());
-        ledger.observe(MigrationLoad { out_tokens: 60, ..Default::default() });
-        let tok = MigrationParams::from_request(&req("TOKEN", Some(MigrationValue::NumTokens(50)))).unwrap();
+        ledger.observe(MigrationLoad {
+            out_tokens: 60,
+            ..Default::default()
+        });
+        let tok = MigrationParams::from_request(&req("TOKEN", Some(MigrationValue::NumTokens(50))))
+            .unwrap();
         assert!(ledger.reserve_out(&tok).is_err(), "50 > 100 - 60");
-        let ratio = MigrationParams::from_request(&req("RATIO", Some(MigrationValue::KvCacheUsageRatio(0.2)))).unwrap();
+        let ratio = MigrationParams::from_request(&req(
+            "RATIO",
+            Some(MigrationValue::KvCacheUsageRatio(0.2)),
+        ))
+        .unwrap();
         let r = ledger.reserve_out(&ratio).unwrap();
         assert!(ledger.reserve_out(&ratio).is_err(), "0.2 + 0.2 > 0.3");
         drop(r);
         l.enabled = false;
         let off = SlotLedger::new(l);
         off.observe(MigrationLoad::default());
-        let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1)))).unwrap();
+        let one = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .unwrap();
         assert!(off.reserve_out(&one).is_err());
-        let prestop = MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(-1)))).unwrap();
+        let prestop =
+            MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumReqs(-1))))
+                .unwrap();
         assert!(off.reserve_out(&prestop).is_ok());
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use llumlet_proto::cms::InstanceStatus;
 use llumlet_proto::llumlet::llumlet_server::Llumlet;
 use llumlet_proto::llumlet::{
-    AbortMigrateInRequest, AbortRequests, AbortResponse, MigrateInRequest, MigrateInResponse, MigrateRequest,
-    MigrateResponse, PushInstanceStatusResponse,
+    AbortMigrateInRequest, AbortRequests, AbortResponse, MigrateInRequest, MigrateInResponse,
+    MigrateRequest, MigrateResponse, PushInstanceStatusResponse,
 };
 use tokio::sync::Notify;
 use tonic::{Code, Request, Response, Status};
@@ -74,7 +74,11 @@ impl LlumletService {
     }
 
     /// Runs `f` under the server timeout; `on_timeout` gives the DEADLINE_EXCEEDED details.
-    async fn timed<T>(&self, f: impl Future<Output = Result<T, Status>>, on_timeout: impl FnOnce(&str) -> String) -> Result<T, Status> {
+    async fn timed<T>(
+        &self,
+        f: impl Future<Output = Result<T, Status>>,
+        on_timeout: impl FnOnce(&str) -> String,
+    ) -> Result<T, Status> {
         let limit = self.shared.config.rpc_timeout;
         match tokio::time::timeout(limit, f).await {
             Ok(r) => r,
@@ -84,7 +88,10 @@ impl LlumletService {
 
     fn on_engine_exhausted(&self, what: &'static str) -> impl FnOnce() + '_ {
         move || {
-            tracing::warn!(call = what, "engine call failed on every attempt; reporting the instance unschedulable");
+            tracing::warn!(
+                call = what,
+                "engine call failed on every attempt; reporting the instance unschedulable"
+            );
             self.shared.engine_failed.notify_one();
         }
     }
@@ -112,12 +119,20 @@ impl LlumletService {
                 // migration frontend and selects nothing.
                 return Ok(0);
             }
-            let sends = if params.is_prestop() { PRESTOP_SENDS } else { 1 };
+            let sends = if params.is_prestop() {
+                PRESTOP_SENDS
+            } else {
+                1
+            };
             let mut moved = 0;
             let mut last_err = None;
             let mut any_ok = false;
             for _ in 0..sends {
-                match shared.migrator.migrate_out(&r.dst_engine_ip, r.dst_engine_port, &params).await {
+                match shared
+                    .migrator
+                    .migrate_out(&r.dst_engine_ip, r.dst_engine_port, &params)
+                    .await
+                {
                     Ok(n) => {
                         any_ok = true;
                         moved += n;
@@ -132,18 +147,28 @@ impl LlumletService {
         });
         let moved = match task.await {
             Ok(r) => r,
-            Err(join) => Err(MigrateError::Failed(format!("migration task failed: {join}"))),
+            Err(join) => Err(MigrateError::Failed(format!(
+                "migration task failed: {join}"
+            ))),
         }
-        .map_err(|e| Status::internal(format!("Migration failed due to an unexpected server error: {e}")))?;
+        .map_err(|e| {
+            Status::internal(format!(
+                "Migration failed due to an unexpected server error: {e}"
+            ))
+        })?;
         Ok(if moved > 0 {
             MigrateResponse {
                 success: true,
-                message: format!("Migrate requests from {} to {}.", r.src_engine_id, r.dst_engine_id),
+                message: format!(
+                    "Migrate requests from {} to {}.",
+                    r.src_engine_id, r.dst_engine_id
+                ),
             }
         } else {
             MigrateResponse {
                 success: false,
-                message: "Migration failed due to enginecore can not find expected requests.".into(),
+                message: "Migration failed due to enginecore can not find expected requests."
+                    .into(),
             }
         })
     }
@@ -151,7 +176,10 @@ impl LlumletService {
 
 #[tonic::async_trait]
 impl Llumlet for LlumletService {
-    async fn migrate(&self, request: Request<MigrateRequest>) -> Result<Response<MigrateResponse>, Status> {
+    async fn migrate(
+        &self,
+        request: Request<MigrateRequest>,
+    ) -> Result<Response<MigrateResponse>, Status> {
         let r = self
             .timed(self.migrate_inner(request.into_inner()), |s| {
                 format!("Migration failed to complete within the server's timeout of {s} seconds.")
@@ -160,7 +188,10 @@ impl Llumlet for LlumletService {
         self.finish(MIGRATE, r)
     }
 
-    async fn abort(&self, request: Request<AbortRequests>) -> Result<Response<AbortResponse>, Status> {
+    async fn abort(
+        &self,
+        request: Request<AbortRequests>,
+    ) -> Result<Response<AbortResponse>, Status> {
         let ids = request.into_inner().request_ids;
         let cfg = &self.shared.config;
         let list = list_repr(&ids);
@@ -173,16 +204,30 @@ impl Llumlet for LlumletService {
                 || self.shared.engine.abort(&ids),
             )
             .await
-            .map(|()| AbortResponse { success: true, message: format!("Requests {list} aborted.") })
-            .map_err(|e| Status::internal(format!("Failed to abort due to an unexpected server error: {e}")))
+            .map(|()| AbortResponse {
+                success: true,
+                message: format!("Requests {list} aborted."),
+            })
+            .map_err(|e| {
+                Status::internal(format!(
+                    "Failed to abort due to an unexpected server error: {e}"
+                ))
+            })
         };
         let r = self
-            .timed(call, |s| format!("Failed to abort requests {list} within the server's timeout of {s} seconds."))
+            .timed(call, |s| {
+                format!(
+                    "Failed to abort requests {list} within the server's timeout of {s} seconds."
+                )
+            })
             .await;
         self.finish(ABORT, r)
     }
 
-    async fn migrate_in(&self, request: Request<MigrateInRequest>) -> Result<Response<MigrateInResponse>, Status> {
+    async fn migrate_in(
+        &self,
+        request: Request<MigrateInRequest>,
+    ) -> Result<Response<MigrateInResponse>, Status> {
         let req = request.into_inner();
         let cfg = &self.shared.config;
         let call = async {
@@ -191,10 +236,18 @@ impl Llumlet for LlumletService {
                 cfg.engine_migrate_in_timeout,
                 cfg.engine_retry_interval,
                 self.on_engine_exhausted("MigrateIn"),
-                || self.shared.engine.migrate_in(&req.serialized_migrate_req, &req.serialization_format),
+                || {
+                    self.shared
+                        .engine
+                        .migrate_in(&req.serialized_migrate_req, &req.serialization_format)
+                },
             )
             .await
-            .map_err(|e| Status::internal(format!("MigrateIn failed due to an unexpected server error: {e}")))?;
+            .map_err(|e| {
+                Status::internal(format!(
+                    "MigrateIn failed due to an unexpected server error: {e}"
+                ))
+            })?;
             Ok(MigrateInResponse {
                 success: accepted,
                 message: if accepted {
@@ -205,12 +258,17 @@ impl Llumlet for LlumletService {
             })
         };
         let r = self
-            .timed(call, |s| format!("Failed to process MigrateIn within the server's timeout of {s} seconds."))
+            .timed(call, |s| {
+                format!("Failed to process MigrateIn within the server's timeout of {s} seconds.")
+            })
             .await;
         self.finish(MIGRATE_IN, r)
     }
 
-    async fn abort_migrate_in(&self, request: Request<AbortMigrateInRequest>) -> Result<Response<AbortResponse>, Status> {
+    async fn abort_migrate_in(
+        &self,
+        request: Request<AbortMigrateInRequest>,
+    ) -> Result<Response<AbortResponse>, Status> {
         let ids = request.into_inner().request_ids;
         let cfg = &self.shared.config;
         let list = list_repr(&ids);
@@ -225,12 +283,22 @@ impl Llumlet for LlumletService {
             .await
             .map(|()| AbortResponse {
                 success: true,
-                message: format!("AbortMigrateIn request processed successfully. requests ids: {list}"),
+                message: format!(
+                    "AbortMigrateIn request processed successfully. requests ids: {list}"
+                ),
             })
-            .map_err(|e| Status::internal(format!("AbortMigrateIn failed due to an unexpected server error: {e}")))
+            .map_err(|e| {
+                Status::internal(format!(
+                    "AbortMigrateIn failed due to an unexpected server error: {e}"
+                ))
+            })
         };
         let r = self
-            .timed(call, |s| format!("Failed to process AbortMigrateIn within the server's timeout of {s} seconds."))
+            .timed(call, |s| {
+                format!(
+                    "Failed to process AbortMigrateIn within the server's timeout of {s} seconds."
+                )
+            })
             .await;
         self.finish(ABORT_MIGRATE_IN, r)
     }
@@ -240,7 +308,10 @@ impl Llumlet for LlumletService {
         request: Request<InstanceStatus>,
     ) -> Result<Response<PushInstanceStatusResponse>, Status> {
         self.shared.pushed.push(request.into_inner());
-        let r = Ok(PushInstanceStatusResponse { success: true, message: "Push instance status successfully.".into() });
+        let r = Ok(PushInstanceStatusResponse {
+            success: true,
+            message: "Push instance status successfully.".into(),
+        });
         self.finish(PUSH_STATUS, r)
     }
 }

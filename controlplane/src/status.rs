@@ -203,10 +203,13 @@ pub fn complete(
         s.num_migrate_in_tokens = load.in_tokens;
         s.kv_cache_usage_ratio_migrate_out = load.out_ratio;
         s.kv_cache_usage_ratio_migrate_in = load.in_ratio;
-        s.num_available_migrate_in_tokens = limits.max_token_in.saturating_sub(s.num_migrate_in_tokens);
-        s.num_available_migrate_out_tokens =
-            limits.max_token_out.saturating_sub(s.num_migrate_out_tokens);
-        s.available_kv_cache_usage_ratio_migrate_in = limits.max_ratio_in - s.kv_cache_usage_ratio_migrate_in;
+        s.num_available_migrate_in_tokens =
+            limits.max_token_in.saturating_sub(s.num_migrate_in_tokens);
+        s.num_available_migrate_out_tokens = limits
+            .max_token_out
+            .saturating_sub(s.num_migrate_out_tokens);
+        s.available_kv_cache_usage_ratio_migrate_in =
+            limits.max_ratio_in - s.kv_cache_usage_ratio_migrate_in;
         s.available_kv_cache_usage_ratio_migrate_out =
             limits.max_ratio_out - s.kv_cache_usage_ratio_migrate_out;
     }
@@ -244,7 +247,12 @@ pub enum Tick {
 
 impl StatusReporter {
     /// A reporter for `instance_id`.
-    pub fn new(instance_id: String, limits: MigrationLimits, mask: MetricMask, engine_timeout: Duration) -> Self {
+    pub fn new(
+        instance_id: String,
+        limits: MigrationLimits,
+        mask: MetricMask,
+        engine_timeout: Duration,
+    ) -> Self {
         StatusReporter {
             instance_id,
             limits,
@@ -354,22 +362,38 @@ mod tests {
     #[test]
     fn mask_parse_follows_upstream() {
         assert!(MetricMask::parse("all").is_all());
-        assert!(MetricMask::parse("num_requests,all").is_all(), "all mixed with others is unknown → all");
+        assert!(
+            MetricMask::parse("num_requests,all").is_all(),
+            "all mixed with others is unknown → all"
+        );
         assert!(MetricMask::parse("predicted_ttft").is_all());
         let m = MetricMask::parse("num_requests; kv_cache_usage_ratio_projected");
-        assert!(m.keeps(10) && m.keeps(12) && m.keeps(13) && m.keeps(25) && m.keeps(22) && m.keeps(17));
+        assert!(
+            m.keeps(10) && m.keeps(12) && m.keeps(13) && m.keeps(25) && m.keeps(22) && m.keeps(17)
+        );
         assert!(!m.keeps(23) && !m.keeps(8));
-        assert!(m.keeps(14) && m.keeps(15) && m.keeps(26), "always-written fields");
+        assert!(
+            m.keeps(14) && m.keeps(15) && m.keeps(26),
+            "always-written fields"
+        );
         let none = MetricMask::parse("");
         assert!(MASKABLE.iter().all(|f| !none.keeps(*f)));
     }
 
     #[test]
     fn masked_fields_are_zero_and_absent_on_the_wire() {
-        let mut r = StatusReporter::new("i".into(), limits(false), MetricMask::parse("num_requests"), Duration::from_secs(30));
+        let mut r = StatusReporter::new(
+            "i".into(),
+            limits(false),
+            MetricMask::parse("num_requests"),
+            Duration::from_secs(30),
+        );
         let t0 = Instant::now();
         r.accept(engine_status(), t0);
-        assert_eq!(r.tick(true, t0, 1000, &MigrationLoad::default()), Tick::Fresh);
+        assert_eq!(
+            r.tick(true, t0, 1000, &MigrationLoad::default()),
+            Tick::Fresh
+        );
         let s = InstanceStatus::decode(r.encoded()).unwrap();
         assert_eq!(s.scheduler_running_to_decode_tokens_num, 0);
         assert_eq!((s.num_running_requests, s.num_waiting_requests), (3, 2));
@@ -380,10 +404,19 @@ mod tests {
 
     #[test]
     fn completion_sets_identity_time_and_capacity() {
-        let mut r = StatusReporter::new("me".into(), limits(true), MetricMask::ALL, Duration::from_secs(30));
+        let mut r = StatusReporter::new(
+            "me".into(),
+            limits(true),
+            MetricMask::ALL,
+            Duration::from_secs(30),
+        );
         let t0 = Instant::now();
         r.accept(engine_status(), t0);
-        let local = MigrationLoad { out_reqs: 2, out_tokens: 100, ..Default::default() };
+        let local = MigrationLoad {
+            out_reqs: 2,
+            out_tokens: 100,
+            ..Default::default()
+        };
         r.tick(true, t0, 5000, &local);
         let s = InstanceStatus::decode(r.encoded()).unwrap();
         assert_eq!(s.instance_id, "me");
@@ -393,18 +426,29 @@ mod tests {
         assert_eq!(s.num_migrate_out_reqs, 2, "max(engine 1, local 2)");
         assert_eq!(s.num_available_migrate_out_slots, 1);
         assert_eq!(s.num_available_migrate_in_slots, 2);
-        assert_eq!(s.num_available_migrate_out_tokens, 1500, "2000 - max(500, 100)");
+        assert_eq!(
+            s.num_available_migrate_out_tokens, 1500,
+            "2000 - max(500, 100)"
+        );
         assert!((s.available_kv_cache_usage_ratio_migrate_out - 0.3).abs() < 1e-9);
         assert!((s.available_kv_cache_usage_ratio_migrate_in - 0.3).abs() < 1e-9);
         // The llumlet's migration ends: the next (repeated) tick shows the engine's count again.
         r.tick(false, t0, 5001, &MigrationLoad::default());
         let s = InstanceStatus::decode(r.encoded()).unwrap();
-        assert_eq!((s.num_migrate_out_reqs, s.num_available_migrate_out_slots), (1, 2));
+        assert_eq!(
+            (s.num_migrate_out_reqs, s.num_available_migrate_out_slots),
+            (1, 2)
+        );
     }
 
     #[test]
     fn timestamps_strictly_increase_when_the_clock_steps_back() {
-        let mut r = StatusReporter::new("me".into(), limits(false), MetricMask::ALL, Duration::from_secs(30));
+        let mut r = StatusReporter::new(
+            "me".into(),
+            limits(false),
+            MetricMask::ALL,
+            Duration::from_secs(30),
+        );
         let t0 = Instant::now();
         r.accept(engine_status(), t0);
         let mut seen = Vec::new();
@@ -424,7 +468,10 @@ mod tests {
         assert_eq!(r.tick(false, t0, 1, &none), Tick::NoStatus);
         r.accept(engine_status(), t0);
         assert_eq!(r.tick(true, t0, 2, &none), Tick::Fresh);
-        assert_eq!(r.tick(false, t0 + Duration::from_secs(1), 3, &none), Tick::Repeated);
+        assert_eq!(
+            r.tick(false, t0 + Duration::from_secs(1), 3, &none),
+            Tick::Repeated
+        );
         assert_eq!(r.tick(false, t0 + timeout, 4, &none), Tick::EngineSilent);
         let s = InstanceStatus::decode(r.encoded()).unwrap();
         assert!(!s.schedulable);
@@ -439,7 +486,10 @@ mod tests {
     fn pushed_status_keeps_only_the_newest() {
         let p = PushedStatus::default();
         for i in 0..1000 {
-            p.push(InstanceStatus { update_id: i, ..Default::default() });
+            p.push(InstanceStatus {
+                update_id: i,
+                ..Default::default()
+            });
         }
         assert_eq!(p.take_newest().map(|s| s.update_id), Some(999));
         assert_eq!(p.take_newest(), None);
@@ -451,7 +501,16 @@ mod tests {
         let mut l = limits(true);
         l.enabled = false;
         let mut s = engine_status();
-        complete(&mut s, &l, &MigrationLoad::of(&engine_status()), &MigrationLoad { out_reqs: 5, ..Default::default() }, 1);
+        complete(
+            &mut s,
+            &l,
+            &MigrationLoad::of(&engine_status()),
+            &MigrationLoad {
+                out_reqs: 5,
+                ..Default::default()
+            },
+            1,
+        );
         assert_eq!(s.num_available_migrate_out_slots, 0);
         assert_eq!(s.num_migrate_out_reqs, 1);
     }

@@ -4,13 +4,17 @@
 use std::collections::HashMap;
 use std::fs;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A scratch directory removed on drop.
@@ -52,14 +56,28 @@ impl RedisServer {
 
     /// Starts one with extra arguments; `auth` is what the test client logs in with.
     pub fn start_with(extra: Vec<String>, auth: Option<(String, String)>) -> RedisServer {
-        let mut r = RedisServer { port: free_port(), extra, child: None, auth };
+        let mut r = RedisServer {
+            port: free_port(),
+            extra,
+            child: None,
+            auth,
+        };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -122,7 +140,12 @@ impl RedisServer {
     }
 
     /// Polls until `key` holds a value that `pred` accepts, or panics after `within`.
-    pub fn wait_for<T>(&self, key: &str, within: Duration, mut pred: impl FnMut(Option<&[u8]>) -> Option<T>) -> T {
+    pub fn wait_for<T>(
+        &self,
+        key: &str,
+        within: Duration,
+        mut pred: impl FnMut(Option<&[u8]>) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + within;
         loop {
             let v = self.get(key);
@@ -130,7 +153,9 @@ impl RedisServer {
                 return t;
             }
             if Instant::now() > deadline {
-                panic!("{key} did not reach the expected state within {within:?}; last value: {v:?}");
+                panic!(
+                    "{key} did not reach the expected state within {within:?}; last value: {v:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -143,13 +168,20 @@ impl Drop for RedisServer {
     }
 }
 
-/// The `llumlet` binary of this build (`cargo build --bins` puts it beside the test binaries).
+/// The `llumlet` binary of this build: beside the running executable (a tool in
+/// `target/<profile>/`) or one level up (a test in `target/<profile>/deps/`).
 pub fn llumlet_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("llumlet");
-    assert!(bin.exists(), "{} not found: run `cargo build --bins` first (scripts/test.sh does)", bin.display());
-    bin
+    let dir = exe.parent().unwrap();
+    let candidates = [
+        dir.join("llumlet"),
+        dir.parent().map(|d| d.join("llumlet")).unwrap_or_default(),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| panic!("llumlet binary not found near {}: run `cargo build --bins` first (scripts/test.sh does)", dir.display()))
 }
 
 /// Environment for a llumlet talking to `redis`, with short intervals.
@@ -197,7 +229,11 @@ impl LlumletProcess {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        LlumletProcess { child, log, _dir: dir }
+        LlumletProcess {
+            child,
+            log,
+            _dir: dir,
+        }
     }
 
     /// Everything it wrote to stderr so far.
@@ -220,10 +256,18 @@ impl LlumletProcess {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("llumlet did not exit within {within:?}; stderr:\n{}", self.stderr());
+                panic!(
+                    "llumlet did not exit within {within:?}; stderr:\n{}",
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether it is still running.
@@ -246,9 +290,15 @@ pub async fn grpc_client(
 ) -> llumlet_proto::llumlet::llumlet_client::LlumletClient<tonic::transport::Channel> {
     let deadline = Instant::now() + within;
     loop {
-        match llumlet_proto::llumlet::llumlet_client::LlumletClient::connect(format!("http://127.0.0.1:{port}")).await {
+        match llumlet_proto::llumlet::llumlet_client::LlumletClient::connect(format!(
+            "http://127.0.0.1:{port}"
+        ))
+        .await
+        {
             Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("cannot connect to the llumlet on {port}: {e}"),
+            Err(e) if Instant::now() > deadline => {
+                panic!("cannot connect to the llumlet on {port}: {e}")
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }

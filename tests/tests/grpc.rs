@@ -12,7 +12,9 @@ use llumlet::migrate::{MigrateError, MigrationParams, MigrationType, Migrator};
 use llumlet_proto::cms::InstanceStatus;
 use llumlet_proto::llumlet::llumlet_client::LlumletClient;
 use llumlet_proto::llumlet::migrate_request::MigrationValue;
-use llumlet_proto::llumlet::{AbortMigrateInRequest, AbortRequests, MigrateInRequest, MigrateRequest};
+use llumlet_proto::llumlet::{
+    AbortMigrateInRequest, AbortRequests, MigrateInRequest, MigrateRequest,
+};
 use llumlet_tests::*;
 use prost::Message;
 use tonic::transport::Channel;
@@ -27,8 +29,16 @@ struct FakeMigrator {
 
 #[tonic::async_trait]
 impl Migrator for FakeMigrator {
-    async fn migrate_out(&self, ip: &str, port: i32, p: &MigrationParams) -> Result<usize, MigrateError> {
-        self.calls.lock().unwrap().push((ip.to_string(), port, p.clone()));
+    async fn migrate_out(
+        &self,
+        ip: &str,
+        port: i32,
+        p: &MigrationParams,
+    ) -> Result<usize, MigrateError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((ip.to_string(), port, p.clone()));
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
         Ok(*self.moved.lock().unwrap())
@@ -82,11 +92,22 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     }
     let env: HashMap<String, String> = env;
     let config = Config::from_lookup(&move |k: &str| env.get(k).cloned()).unwrap();
-    let migrator = Arc::new(FakeMigrator { moved: Mutex::new(1), ..Default::default() });
+    let migrator = Arc::new(FakeMigrator {
+        moved: Mutex::new(1),
+        ..Default::default()
+    });
     let engine = Arc::new(FakeEngine::default());
-    let agent = Agent::start(config, engine.clone(), migrator.clone(), None).await.unwrap();
+    let agent = Agent::start(config, engine.clone(), migrator.clone(), None)
+        .await
+        .unwrap();
     let client = grpc_client(agent.rpc_addr().port(), Duration::from_secs(5)).await;
-    Setup { redis, agent: Some(agent), client, migrator, engine }
+    Setup {
+        redis,
+        agent: Some(agent),
+        client,
+        migrator,
+        engine,
+    }
 }
 
 fn migrate(t: &str, v: Option<MigrationValue>) -> MigrateRequest {
@@ -103,11 +124,17 @@ fn migrate(t: &str, v: Option<MigrationValue>) -> MigrateRequest {
 }
 
 async fn push_and_wait(s: &mut Setup, update_id: i32) {
-    let status = InstanceStatus { update_id, num_total_gpu_tokens: 100, ..Default::default() };
+    let status = InstanceStatus {
+        update_id,
+        num_total_gpu_tokens: 100,
+        ..Default::default()
+    };
     s.client.push_instance_status(status).await.unwrap();
-    s.redis.wait_for("llumnix:instance_status:src", Duration::from_secs(5), |b| {
-        b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|st| st.update_id == update_id)
-    });
+    s.redis
+        .wait_for("llumnix:instance_status:src", Duration::from_secs(5), |b| {
+            b.map(|b| InstanceStatus::decode(b).unwrap())
+                .filter(|st| st.update_id == update_id)
+        });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,18 +142,36 @@ async fn migrate_validation_and_outcomes() {
     let mut s = setup(&[]).await;
 
     // Validation errors: exact details, migrator never called.
-    let e = s.client.migrate(migrate("INVALID_TYPE", Some(MigrationValue::NumReqs(1)))).await.unwrap_err();
+    let e = s
+        .client
+        .migrate(migrate("INVALID_TYPE", Some(MigrationValue::NumReqs(1))))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert_eq!(e.message(), "Migration failed due to invalid argument: 'INVALID_TYPE' is not a valid MigrationType.");
+    assert_eq!(
+        e.message(),
+        "Migration failed due to invalid argument: 'INVALID_TYPE' is not a valid MigrationType."
+    );
     let e = s.client.migrate(migrate("", None)).await.unwrap_err();
-    assert_eq!(e.message(), "Migration failed due to invalid argument: '' is not a valid MigrationType.");
-    let e = s.client.migrate(migrate("NUM_REQ", None)).await.unwrap_err();
+    assert_eq!(
+        e.message(),
+        "Migration failed due to invalid argument: '' is not a valid MigrationType."
+    );
+    let e = s
+        .client
+        .migrate(migrate("NUM_REQ", None))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(
         e.message(),
         "Migration failed due to invalid argument: Empty num_reqs. If migration_type is NUM_REQ, num_reqs is necessary."
     );
-    let e = s.client.migrate(migrate("TOKEN", Some(MigrationValue::NumReqs(3)))).await.unwrap_err();
+    let e = s
+        .client
+        .migrate(migrate("TOKEN", Some(MigrationValue::NumReqs(3))))
+        .await
+        .unwrap_err();
     assert_eq!(
         e.message(),
         "Migration failed due to invalid argument: Empty num_tokens. If migration_type is TOKEN, num_tokens is necessary."
@@ -138,14 +183,23 @@ async fn migrate_validation_and_outcomes() {
     );
 
     // No status yet: no slots, as upstream.
-    let e = s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await.unwrap_err();
+    let e = s
+        .client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert_eq!(e.message(), "No enough migrate out slots for requests");
     assert!(s.migrator.calls.lock().unwrap().is_empty());
 
     push_and_wait(&mut s, 1).await;
 
-    let r = s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await.unwrap().into_inner();
+    let r = s
+        .client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.success);
     assert_eq!(r.message, "Migrate requests from a to b.");
     {
@@ -154,28 +208,52 @@ async fn migrate_validation_and_outcomes() {
         let (ip, port, p) = &calls[0];
         assert_eq!((ip.as_str(), *port), ("192.168.1.200", 9999));
         assert_eq!(p.migration_type, MigrationType::NumReq);
-        assert_eq!((p.req_policy.as_str(), p.trigger_policy.as_str(), p.num_reqs), ("SR", "NEUTRAL_LOAD", 1));
+        assert_eq!(
+            (p.req_policy.as_str(), p.trigger_policy.as_str(), p.num_reqs),
+            ("SR", "NEUTRAL_LOAD", 1)
+        );
     }
 
     // More than the free slots (2).
-    let e = s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(5)))).await.unwrap_err();
+    let e = s
+        .client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(5))))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
 
     // TOKEN carries num_reqs = 1; nothing selected → OK with success=false.
     *s.migrator.moved.lock().unwrap() = 0;
-    let r = s.client.migrate(migrate("TOKEN", Some(MigrationValue::NumTokens(1024)))).await.unwrap().into_inner();
+    let r = s
+        .client
+        .migrate(migrate("TOKEN", Some(MigrationValue::NumTokens(1024))))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!r.success);
-    assert_eq!(r.message, "Migration failed due to enginecore can not find expected requests.");
+    assert_eq!(
+        r.message,
+        "Migration failed due to enginecore can not find expected requests."
+    );
     let last = s.migrator.calls.lock().unwrap().last().unwrap().2.clone();
     assert_eq!((last.num_reqs, last.num_tokens), (1, 1024));
 
     // Explicit 0 is accepted.
-    s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(0)))).await.unwrap();
-    assert_eq!(s.migrator.calls.lock().unwrap().last().unwrap().2.num_reqs, 0);
+    s.client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(0))))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.migrator.calls.lock().unwrap().last().unwrap().2.num_reqs,
+        0
+    );
 
     // Pre-stop is sent twice.
     let before = s.migrator.calls.lock().unwrap().len();
-    s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(-1)))).await.unwrap();
+    s.client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(-1))))
+        .await
+        .unwrap();
     assert_eq!(s.migrator.calls.lock().unwrap().len(), before + 2);
 
     let m = s.agent.as_ref().unwrap().shared().metrics.clone();
@@ -191,24 +269,43 @@ async fn concurrent_migrates_cannot_share_a_slot() {
     push_and_wait(&mut s, 1).await;
     *s.migrator.delay.lock().unwrap() = Duration::from_millis(500);
     let (mut c1, mut c2) = (s.client.clone(), s.client.clone());
-    let a = tokio::spawn(async move { c1.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await });
-    let b = tokio::spawn(async move { c2.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await });
+    let a = tokio::spawn(async move {
+        c1.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .await
+    });
+    let b = tokio::spawn(async move {
+        c2.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .await
+    });
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
-    let codes: Vec<Code> = [&a, &b].iter().map(|r| r.as_ref().map_or_else(|e| e.code(), |_| Code::Ok)).collect();
-    assert!(codes.contains(&Code::Ok) && codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    let codes: Vec<Code> = [&a, &b]
+        .iter()
+        .map(|r| r.as_ref().map_or_else(|e| e.code(), |_| Code::Ok))
+        .collect();
+    assert!(
+        codes.contains(&Code::Ok) && codes.contains(&Code::ResourceExhausted),
+        "{codes:?}"
+    );
     assert_eq!(s.migrator.calls.lock().unwrap().len(), 1);
     // While one runs, the published status shows the slot taken.
     *s.migrator.delay.lock().unwrap() = Duration::from_secs(2);
     let mut c3 = s.client.clone();
-    let running = tokio::spawn(async move { c3.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await });
-    s.redis.wait_for("llumnix:instance_status:src", Duration::from_secs(3), |b| {
-        b.map(|b| InstanceStatus::decode(b).unwrap())
-            .filter(|st| st.num_migrate_out_reqs == 1 && st.num_available_migrate_out_slots == 0)
+    let running = tokio::spawn(async move {
+        c3.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .await
     });
+    s.redis
+        .wait_for("llumnix:instance_status:src", Duration::from_secs(3), |b| {
+            b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|st| {
+                st.num_migrate_out_reqs == 1 && st.num_available_migrate_out_slots == 0
+            })
+        });
     assert!(running.await.unwrap().is_ok());
-    s.redis.wait_for("llumnix:instance_status:src", Duration::from_secs(3), |b| {
-        b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|st| st.num_available_migrate_out_slots == 1)
-    });
+    s.redis
+        .wait_for("llumnix:instance_status:src", Duration::from_secs(3), |b| {
+            b.map(|b| InstanceStatus::decode(b).unwrap())
+                .filter(|st| st.num_available_migrate_out_slots == 1)
+        });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,33 +313,65 @@ async fn server_timeout_is_deadline_exceeded() {
     let mut s = setup(&[("LLUMLET_RPC_TIMEOUT", "0.3")]).await;
     push_and_wait(&mut s, 1).await;
     *s.migrator.delay.lock().unwrap() = Duration::from_secs(1);
-    let e = s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await.unwrap_err();
+    let e = s
+        .client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded);
     assert!(e.message().contains("timeout"), "{}", e.message());
-    assert_eq!(e.message(), "Migration failed to complete within the server's timeout of 0.3 seconds.");
+    assert_eq!(
+        e.message(),
+        "Migration failed to complete within the server's timeout of 0.3 seconds."
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_disabled_is_upstreams_behaviour() {
     let mut s = setup(&[("LLUMNIX_ENABLE_MIGRATION", "0")]).await;
     push_and_wait(&mut s, 1).await;
-    let e = s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await.unwrap_err();
+    let e = s
+        .client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
-    let r = s.client.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(-1)))).await.unwrap().into_inner();
-    assert!(!r.success, "pre-stop passes the check but nothing can migrate");
+    let r = s
+        .client
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(-1))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !r.success,
+        "pre-stop passes the check but nothing can migrate"
+    );
     assert!(s.migrator.calls.lock().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_migrate_in_and_abort_migrate_in() {
     let mut s = setup(&[]).await;
-    let r = s.client.abort(AbortRequests { request_ids: vec!["r1".into(), "r2".into()] }).await.unwrap().into_inner();
+    let r = s
+        .client
+        .abort(AbortRequests {
+            request_ids: vec!["r1".into(), "r2".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.success);
     assert_eq!(r.message, "Requests ['r1', 'r2'] aborted.");
-    assert_eq!(s.engine.aborted.lock().unwrap()[0], vec!["r1".to_string(), "r2".to_string()]);
+    assert_eq!(
+        s.engine.aborted.lock().unwrap()[0],
+        vec!["r1".to_string(), "r2".to_string()]
+    );
 
     *s.engine.accept_migrate_in.lock().unwrap() = true;
-    let req = MigrateInRequest { serialized_migrate_req: b"req-bytes".to_vec(), serialization_format: "pickle".into() };
+    let req = MigrateInRequest {
+        serialized_migrate_req: b"req-bytes".to_vec(),
+        serialization_format: "pickle".into(),
+    };
     let r = s.client.migrate_in(req.clone()).await.unwrap().into_inner();
     assert!(r.success, "we answer success=true when it worked");
     assert_eq!(r.message, "MigrateIn request processed successfully.");
@@ -251,12 +380,18 @@ async fn abort_migrate_in_and_abort_migrate_in() {
 
     let r = s
         .client
-        .abort_migrate_in(AbortMigrateInRequest { request_ids: vec!["x".into()], ..Default::default() })
+        .abort_migrate_in(AbortMigrateInRequest {
+            request_ids: vec!["x".into()],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(r.success);
-    assert_eq!(r.message, "AbortMigrateIn request processed successfully. requests ids: ['x']");
+    assert_eq!(
+        r.message,
+        "AbortMigrateIn request processed successfully. requests ids: ['x']"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,16 +399,25 @@ async fn engine_failing_every_attempt_is_internal_and_unschedulable() {
     let mut s = setup(&[]).await;
     push_and_wait(&mut s, 3).await;
     *s.engine.fail.lock().unwrap() = true;
-    let e = s.client.abort(AbortRequests { request_ids: vec!["r1".into()] }).await.unwrap_err();
+    let e = s
+        .client
+        .abort(AbortRequests {
+            request_ids: vec!["r1".into()],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Internal);
     assert_eq!(
         e.message(),
         "Failed to abort due to an unexpected server error: Llumlet failed to finish sending Abort request(s)."
     );
     assert_eq!(*s.engine.attempts.lock().unwrap(), 3);
-    let st = s.redis.wait_for("llumnix:instance_status:src", Duration::from_secs(3), |b| {
-        b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|st| !st.schedulable)
-    });
+    let st = s
+        .redis
+        .wait_for("llumnix:instance_status:src", Duration::from_secs(3), |b| {
+            b.map(|b| InstanceStatus::decode(b).unwrap())
+                .filter(|st| !st.schedulable)
+        });
     assert_eq!(st.update_id, 3);
 }
 
@@ -291,14 +435,37 @@ async fn without_an_engine_abort_says_so() {
     .await
     .unwrap();
     let mut c = grpc_client(agent.rpc_addr().port(), Duration::from_secs(5)).await;
-    let e = c.abort(AbortRequests { request_ids: vec!["r".into()] }).await.unwrap_err();
+    let e = c
+        .abort(AbortRequests {
+            request_ids: vec!["r".into()],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Internal);
-    assert!(e.message().contains("no engine is attached"), "{}", e.message());
+    assert!(
+        e.message().contains("no engine is attached"),
+        "{}",
+        e.message()
+    );
     // Migration is honest about the missing data plane too.
-    c.push_instance_status(InstanceStatus { num_total_gpu_tokens: 1, ..Default::default() }).await.unwrap();
-    redis.wait_for("llumnix:instance_status:noeng", Duration::from_secs(5), |b| b.map(|_| ()));
-    let e = c.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1)))).await.unwrap_err();
+    c.push_instance_status(InstanceStatus {
+        num_total_gpu_tokens: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    redis.wait_for(
+        "llumnix:instance_status:noeng",
+        Duration::from_secs(5),
+        |b| b.map(|_| ()),
+    );
+    let e = c
+        .migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Internal);
-    assert!(e.message().starts_with("Migration failed due to an unexpected server error: live migration is not available"));
+    assert!(e.message().starts_with(
+        "Migration failed due to an unexpected server error: live migration is not available"
+    ));
     agent.shutdown().await;
 }

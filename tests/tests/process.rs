@@ -33,7 +33,10 @@ fn engine_status(update_id: i32) -> InstanceStatus {
 fn assert_clean_log(log: &str) {
     assert!(!log.contains("Traceback"), "log contains Traceback:\n{log}");
     assert!(!log.contains("panicked"), "log contains a panic:\n{log}");
-    assert!(!log.contains("stack backtrace"), "log contains a backtrace:\n{log}");
+    assert!(
+        !log.contains("stack backtrace"),
+        "log contains a backtrace:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,27 +65,49 @@ async fn registers_reports_status_and_deregisters_on_sigterm() {
     assert!((1..=3).contains(&ttl), "metadata TTL {ttl}");
 
     let mut client = grpc_client(port, Duration::from_secs(10)).await;
-    let resp = client.push_instance_status(engine_status(1)).await.unwrap().into_inner();
+    let resp = client
+        .push_instance_status(engine_status(1))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(resp.success);
     assert_eq!(resp.message, "Push instance status successfully.");
 
-    let st = redis.wait_for(&format!("{STATUS}inst-a"), Duration::from_secs(5), decode_status);
-    assert_eq!(st.instance_id, "inst-a", "the llumlet sets its own instance id");
+    let st = redis.wait_for(
+        &format!("{STATUS}inst-a"),
+        Duration::from_secs(5),
+        decode_status,
+    );
+    assert_eq!(
+        st.instance_id, "inst-a",
+        "the llumlet sets its own instance id"
+    );
     assert!(st.schedulable);
     assert_eq!(st.update_id, 1);
     assert_eq!(st.num_total_gpu_tokens, 8192);
     assert_eq!(st.num_running_requests, 4);
-    assert_eq!(st.scheduler_running_to_decode_tokens_num, 0, "masked out by LLUMNIX_USED_METRICS");
+    assert_eq!(
+        st.scheduler_running_to_decode_tokens_num, 0,
+        "masked out by LLUMNIX_USED_METRICS"
+    );
     assert_eq!(st.num_available_migrate_out_slots, 3);
     assert_eq!(st.num_available_migrate_in_slots, 1);
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    assert!((now_ms - st.timestamp_ms).abs() < 10_000, "wall-clock ms timestamp");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        (now_ms - st.timestamp_ms).abs() < 10_000,
+        "wall-clock ms timestamp"
+    );
 
     // Timestamps strictly increase across writes.
     let mut last = st.timestamp_ms;
     for _ in 0..5 {
         last = redis.wait_for(&format!("{STATUS}inst-a"), Duration::from_secs(5), |b| {
-            decode_status(b).map(|s| s.timestamp_ms).filter(|t| *t > last)
+            decode_status(b)
+                .map(|s| s.timestamp_ms)
+                .filter(|t| *t > last)
         });
     }
 
@@ -90,7 +115,10 @@ async fn registers_reports_status_and_deregisters_on_sigterm() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(redis.get(&format!("{META}inst-a")).is_some());
     assert!(redis.get(&format!("{STATUS}inst-a")).is_some());
-    assert!(redis.ttl(&format!("{STATUS}inst-a")) >= 2, "status TTL refreshed on every write");
+    assert!(
+        redis.ttl(&format!("{STATUS}inst-a")) >= 2,
+        "status TTL refreshed on every write"
+    );
 
     p.signal(libc::SIGTERM);
     let status = p.wait(Duration::from_secs(10));
@@ -110,9 +138,16 @@ async fn silent_engine_is_reported_unschedulable_then_recovers() {
     let key = format!("{STATUS}inst-silent");
     let mut client = grpc_client(port, Duration::from_secs(10)).await;
     client.push_instance_status(engine_status(5)).await.unwrap();
-    let first = redis.wait_for(&key, Duration::from_secs(5), |b| decode_status(b).filter(|s| s.schedulable));
-    let silent = redis.wait_for(&key, Duration::from_secs(5), |b| decode_status(b).filter(|s| !s.schedulable));
-    assert_eq!(silent.update_id, 5, "the unschedulable report keeps update_id");
+    let first = redis.wait_for(&key, Duration::from_secs(5), |b| {
+        decode_status(b).filter(|s| s.schedulable)
+    });
+    let silent = redis.wait_for(&key, Duration::from_secs(5), |b| {
+        decode_status(b).filter(|s| !s.schedulable)
+    });
+    assert_eq!(
+        silent.update_id, 5,
+        "the unschedulable report keeps update_id"
+    );
     assert!(silent.timestamp_ms > first.timestamp_ms);
     // It keeps being written with fresh timestamps while silent.
     let later = redis.wait_for(&key, Duration::from_secs(5), |b| {
@@ -121,7 +156,9 @@ async fn silent_engine_is_reported_unschedulable_then_recovers() {
     assert_eq!(later.update_id, 5);
     // The first new status flips it back.
     client.push_instance_status(engine_status(6)).await.unwrap();
-    let back = redis.wait_for(&key, Duration::from_secs(5), |b| decode_status(b).filter(|s| s.schedulable));
+    let back = redis.wait_for(&key, Duration::from_secs(5), |b| {
+        decode_status(b).filter(|s| s.schedulable)
+    });
     assert_eq!(back.update_id, 6);
 }
 
@@ -151,8 +188,13 @@ async fn survives_redis_restart_and_re_registers() {
     assert!(p.running());
 
     let log = p.stderr();
-    let warnings = log.matches("CMS write failed; retrying with backoff").count();
-    assert_eq!(warnings, 1, "one warning per outage, not one per tick:\n{log}");
+    let warnings = log
+        .matches("CMS write failed; retrying with backoff")
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "one warning per outage, not one per tick:\n{log}"
+    );
     assert!(log.contains("CMS reachable again"), "{log}");
     assert_clean_log(&log);
 }
@@ -160,19 +202,26 @@ async fn survives_redis_restart_and_re_registers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticates_with_an_acl_user() {
     let redis = RedisServer::start_with(
-        ["--user", "default", "off", "--user", "llumnix", "on", ">s3cret", "~*", "+@all"]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+        [
+            "--user", "default", "off", "--user", "llumnix", "on", ">s3cret", "~*", "+@all",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
         Some(("llumnix".into(), "s3cret".into())),
     );
     // Without credentials Redis refuses.
     let anon = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port)).unwrap();
-    assert!(anon.get_connection().and_then(|mut c| redis::cmd("GET").arg("x").query::<Option<String>>(&mut c)).is_err());
+    assert!(anon
+        .get_connection()
+        .and_then(|mut c| redis::cmd("GET").arg("x").query::<Option<String>>(&mut c))
+        .is_err());
 
     let port = free_port();
     let mut p = LlumletProcess::spawn(&base_env(&redis, "inst-acl", port));
-    redis.wait_for(&format!("{META}inst-acl"), Duration::from_secs(10), |b| b.map(|_| ()));
+    redis.wait_for(&format!("{META}inst-acl"), Duration::from_secs(10), |b| {
+        b.map(|_| ())
+    });
     p.signal(libc::SIGINT);
     assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
     assert_eq!(redis.get(&format!("{META}inst-acl")), None);
@@ -181,14 +230,24 @@ async fn authenticates_with_an_acl_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parent_death_deregisters_and_exits() {
     let redis = RedisServer::start();
-    let mut parent = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    let mut parent = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
     let mut env = base_env(&redis, "inst-p", free_port());
     env.insert("LLUMLET_PARENT_PID".into(), parent.id().to_string());
     let mut p = LlumletProcess::spawn(&env);
-    redis.wait_for(&format!("{META}inst-p"), Duration::from_secs(10), |b| b.map(|_| ()));
+    redis.wait_for(&format!("{META}inst-p"), Duration::from_secs(10), |b| {
+        b.map(|_| ())
+    });
     parent.kill().unwrap();
     parent.wait().unwrap();
-    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0), "{}", p.stderr());
+    assert_eq!(
+        p.wait(Duration::from_secs(10)).code(),
+        Some(0),
+        "{}",
+        p.stderr()
+    );
     assert_eq!(redis.get(&format!("{META}inst-p")), None);
     assert!(p.stderr().contains("parent process is gone"));
 }
@@ -203,16 +262,30 @@ async fn crash_leaves_keys_to_expire_with_their_ttl() {
     p.signal(libc::SIGKILL);
     p.wait(Duration::from_secs(5));
     assert!(redis.get(&key).is_some(), "a crash cannot delete the keys");
-    redis.wait_for(&key, Duration::from_secs(6), |b| if b.is_none() { Some(()) } else { None });
+    redis.wait_for(&key, Duration::from_secs(6), |b| {
+        if b.is_none() {
+            Some(())
+        } else {
+            None
+        }
+    });
 }
 
 #[test]
 fn invalid_configuration_never_registers() {
     let redis = RedisServer::start();
     let cases: &[(&str, &str, &str)] = &[
-        ("LLUMNIX_CMS_EXPIRED_TIME", "1", "strictly greater than LLUMNIX_METADATA_PUSH_INTERVAL"),
+        (
+            "LLUMNIX_CMS_EXPIRED_TIME",
+            "1",
+            "strictly greater than LLUMNIX_METADATA_PUSH_INTERVAL",
+        ),
         ("LLUMNIX_STATUS_PUSH_INTERVAL", "0", "greater than 0"),
-        ("LLUMNIX_UPDATE_INSTANCE_STATUS_MODE", "sometimes", "push or pull"),
+        (
+            "LLUMNIX_UPDATE_INSTANCE_STATUS_MODE",
+            "sometimes",
+            "push or pull",
+        ),
         ("LLUMNIX_RPC_PORT", "99999", "between 1024 and 65535"),
         ("LLUMNIX_CMS_REDIS_PORT", "redis", "integer"),
         ("LLUMNIX_DETAILED_MIG_STATUS", "maybe", "boolean"),
@@ -228,7 +301,10 @@ fn invalid_configuration_never_registers() {
         let err = p.stderr();
         assert_eq!(status.code(), Some(2), "{var}={value}: {err}");
         assert_eq!(err.lines().count(), 1, "one line: {err}");
-        assert!(err.contains(var) && err.contains(rule), "{var}={value}: {err}");
+        assert!(
+            err.contains(var) && err.contains(rule),
+            "{var}={value}: {err}"
+        );
         assert_clean_log(&err);
         assert_eq!(redis.dbsize(), 0, "{var}={value} wrote to the CMS");
     }
@@ -244,11 +320,14 @@ async fn metrics_endpoint_counts_pushes_and_rpcs() {
     let _p = LlumletProcess::spawn(&env);
     let mut client = grpc_client(port, Duration::from_secs(10)).await;
     client.push_instance_status(engine_status(1)).await.unwrap();
-    redis.wait_for(&format!("{STATUS}inst-m"), Duration::from_secs(5), |b| b.map(|_| ()));
+    redis.wait_for(&format!("{STATUS}inst-m"), Duration::from_secs(5), |b| {
+        b.map(|_| ())
+    });
     let body = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -256,7 +335,10 @@ async fn metrics_endpoint_counts_pushes_and_rpcs() {
     .await
     .unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
-    assert!(body.contains("llumlet_grpc_requests_total{method=\"PushInstanceStatus\",code=\"OK\"} 1"), "{body}");
+    assert!(
+        body.contains("llumlet_grpc_requests_total{method=\"PushInstanceStatus\",code=\"OK\"} 1"),
+        "{body}"
+    );
     let pushes: u64 = body
         .lines()
         .find_map(|l| l.strip_prefix("llumlet_status_pushes_total "))
@@ -264,5 +346,8 @@ async fn metrics_endpoint_counts_pushes_and_rpcs() {
         .unwrap();
     assert!(pushes >= 1);
     assert!(body.contains("llumlet_engine_status_age_seconds "));
-    assert!(body.contains("llumlet_metadata_pushes_total 1") || body.contains("llumlet_metadata_pushes_total 2"));
+    assert!(
+        body.contains("llumlet_metadata_pushes_total 1")
+            || body.contains("llumlet_metadata_pushes_total 2")
+    );
 }

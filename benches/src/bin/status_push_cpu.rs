@@ -1,0 +1,156 @@
+//! CPU time the llumlet spends per status push to a local Redis, against the upstream-style
+//! Python path measured in the same run.
+//!
+//! `cargo run --release -p llumlet-benches --bin status_push_cpu -- [SECONDS] [INTERVAL_S]`
+//! (needs `cargo build --release --bins`, `redis-server`, and for the baseline `python3` with the
+//! `protobuf`, `grpcio-tools` and `redis` packages). Prints one JSON object per measurement.
+
+use std::process::Command;
+use std::time::Duration;
+
+use llumlet_proto::cms::InstanceStatus;
+use llumlet_tests::{base_env, free_port, grpc_client, LlumletProcess, RedisServer};
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+/// user + system CPU of every waited-for child so far, in seconds.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_CHILDREN is a valid target.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10.0);
+    let interval: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(0.001);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let redis = RedisServer::start();
+    let rpc = free_port();
+    let mport = free_port();
+    let mut env = base_env(&redis, "bench", rpc);
+    env.insert("LLUMLET_METRICS_PORT".into(), mport.to_string());
+    env.insert("LLUMNIX_STATUS_PUSH_INTERVAL".into(), interval.to_string());
+    env.insert("LLUMNIX_ENGINE_GET_STATUS_TIMEOUT".into(), "3600".into());
+    env.insert("LLUMNIX_LOGGING_LEVEL".into(), "WARNING".into());
+    let p = LlumletProcess::spawn(&env);
+    rt.block_on(async {
+        let mut c = grpc_client(rpc, Duration::from_secs(10)).await;
+        let status = InstanceStatus {
+            update_id: 1,
+            num_total_gpu_tokens: 1 << 20,
+            num_used_gpu_tokens: 123_456,
+            num_running_requests: 64,
+            num_waiting_requests: 8,
+            waiting_requests: (0..8).map(|i| format!("chatcmpl-{i:032}")).collect(),
+            ..Default::default()
+        };
+        c.push_instance_status(status).await.unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (cpu0, n0) = (
+        cpu_seconds(p.pid()),
+        metric(mport, "llumlet_status_pushes_total"),
+    );
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (cpu1, n1) = (
+        cpu_seconds(p.pid()),
+        metric(mport, "llumlet_status_pushes_total"),
+    );
+    let pushes = n1 - n0;
+    let rust_us = (cpu1 - cpu0) / pushes * 1e6;
+    println!(
+        "{{\"what\":\"llumlet-rs status push\",\"interval_s\":{interval},\"pushes\":{pushes},\"cpu_s\":{:.3},\"cpu_us_per_push\":{rust_us:.2}}}",
+        cpu1 - cpu0
+    );
+    drop(p);
+
+    // Floor: redis-benchmark, one client, one SET at a time (CPU of the client process).
+    let n = (pushes as u64).max(1000);
+    let before = children_cpu_seconds();
+    let ok = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-c",
+            "1",
+            "-n",
+            &n.to_string(),
+            "-t",
+            "set",
+            "-d",
+            "200",
+            "-q",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        let cpu = children_cpu_seconds() - before;
+        println!(
+            "{{\"what\":\"redis-benchmark SET, 1 client (floor)\",\"requests\":{n},\"cpu_s\":{cpu:.3},\"cpu_us_per_request\":{:.2}}}",
+            cpu / n as f64 * 1e6
+        );
+    } else {
+        eprintln!("redis-benchmark not available; no floor measured");
+    }
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/upstream_status_push.py"
+    );
+    let out = Command::new("python3")
+        .args([
+            script,
+            &redis.port.to_string(),
+            &seconds.to_string(),
+            &interval.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    if !out.status.success() {
+        eprintln!(
+            "python baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::process::exit(1);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    print!("{line}");
+    let py_us: f64 = line
+        .split("\"cpu_us_per_push\":")
+        .nth(1)
+        .and_then(|s| s.trim_end_matches(['}', '\n']).parse().ok())
+        .unwrap_or(f64::NAN);
+    println!(
+        "{{\"what\":\"ratio python/rust cpu per push\",\"ratio\":{:.1}}}",
+        py_us / rust_us
+    );
+}

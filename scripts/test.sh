@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one command that sets up a fresh machine and runs every check: installs what the tests need
+# (redis-server from Debian, grpcio-tools for the Python client test), then fmt, clippy with
+# -D warnings, and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! python3 -c "import grpc_tools, google.protobuf" 2>/dev/null; then
+  echo "== installing grpcio-tools"
+  python3 -m pip install --quiet grpcio-tools || python3 -m pip install --quiet --break-system-packages grpcio-tools
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build --bins"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== all checks passed"
