@@ -469,3 +469,30 @@ async fn without_an_engine_abort_says_so() {
     ));
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_rpcs_finish_then_deregisters() {
+    let mut s = setup(&[]).await;
+    push_and_wait(&mut s, 1).await;
+    *s.migrator.delay.lock().unwrap() = Duration::from_millis(500);
+    let mut c = s.client.clone();
+    let call = tokio::spawn(async move {
+        c.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
+            .await
+    });
+    // Wait until the migration is running, then shut down under it.
+    while s.migrator.calls.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.agent.take().unwrap().shutdown().await;
+    let r = call
+        .await
+        .unwrap()
+        .expect("the in-flight Migrate completes")
+        .into_inner();
+    assert!(r.success);
+    assert_eq!(s.redis.dbsize(), 0, "both keys removed after the drain");
+    // And no new calls are accepted.
+    let mut c = s.client.clone();
+    assert!(c.abort(AbortRequests::default()).await.is_err());
+}
