@@ -1,0 +1,11 @@
+//! The llumlet data plane: the shared-memory interface between an engine and its llumlet.
+//!
+//! - [`segment`]: the per-instance control segment (naming, header, create and attach states);
+//! - [`status_ring`]: the single-writer, many-reader status ring with a seqlock per slot;
+//! - [`seqlock`]: the atomic-word copy both sides use.
+//!
+//! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
+
+pub mod segment;
+pub mod seqlock;
+pub mod status_ring;
