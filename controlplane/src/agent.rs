@@ -334,6 +334,9 @@ async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn St
         let now = Instant::now();
         let mut fresh = false;
         for s in &sources {
+            if s.engine_failed() {
+                reporter.mark_engine_failed();
+            }
             if let Some(status) = s.take_newest() {
                 shared.metrics.engine_status_at(now);
                 shared.ledger.observe(MigrationLoad::of(&status));

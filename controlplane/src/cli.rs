@@ -9,6 +9,7 @@ use crate::agent::Agent;
 use crate::config::{Config, ProcessEnv};
 use crate::engine::NoEngine;
 use crate::migrate::NoMigrator;
+use crate::ring_source::RingSource;
 
 /// Exit code of a configuration error.
 pub const EXIT_CONFIG: u8 = 2;
@@ -30,6 +31,9 @@ struct Cli {
 enum Command {
     /// Run the agent, configured from the environment (what `llumlet` with no arguments does).
     Run,
+    /// Run the simulated decode engine (publishes its status through the shared-memory
+    /// interface, as a real engine linked to llumlet-rs does).
+    SimEngine(SimArgs),
     /// List every environment variable with its default and meaning.
     Env {
         /// Print the Markdown table of docs/configuration.md.
@@ -38,11 +42,114 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Instance id; the control segment is named from it (see LLUMLET_ENGINE_SHM).
+    #[arg(long)]
+    instance_id: String,
+    /// Control segment name or absolute path (default: from the instance id).
+    #[arg(long, env = "LLUMLET_ENGINE_SHM")]
+    shm: Option<String>,
+    /// Requests admitted over the run, one per step.
+    #[arg(long, default_value_t = 16)]
+    requests: u32,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Milliseconds per step.
+    #[arg(long, default_value_t = 10)]
+    step_ms: u64,
+    /// Seed of the request generator.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: u32,
+    /// KV blocks.
+    #[arg(long, default_value_t = 2048)]
+    num_blocks: u32,
+    /// Largest prompt in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_prompt: u32,
+    /// Publish the status every this many steps.
+    #[arg(long, env = "LLUMNIX_INSTANCE_UPDATE_STEPS", default_value_t = 1)]
+    update_steps: u32,
+}
+
+fn sim_engine(a: SimArgs) -> ExitCode {
+    use llumlet_dataplane::segment::{segment_name, segment_path};
+    let bad = |msg: String| {
+        eprintln!("llumlet sim-engine: {msg}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    if a.block_size == 0
+        || a.num_blocks == 0
+        || a.update_steps == 0
+        || a.max_tokens == 0
+        || a.max_prompt == 0
+    {
+        return bad("--block-size, --num-blocks, --max-tokens, --max-prompt and --update-steps must be at least 1".into());
+    }
+    let largest = u64::from(a.max_prompt) + u64::from(a.max_tokens);
+    if largest.div_ceil(u64::from(a.block_size)) > u64::from(a.num_blocks) {
+        return bad(format!(
+            "a request of {largest} tokens does not fit in {} blocks of {} tokens",
+            a.num_blocks, a.block_size
+        ));
+    }
+    let cfg = llumlet_dataplane::sim::SimConfig {
+        segment: segment_path(&a.shm.unwrap_or_else(|| segment_name(&a.instance_id))),
+        requests: a.requests,
+        max_tokens: a.max_tokens,
+        step: std::time::Duration::from_millis(a.step_ms),
+        seed: a.seed,
+        block_size: a.block_size,
+        num_blocks: a.num_blocks,
+        max_prompt: a.max_prompt,
+        update_steps: a.update_steps,
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("llumlet sim-engine: cannot start the async runtime");
+        return ExitCode::from(EXIT_START);
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, path) = (stop.clone(), cfg.segment.clone());
+    let engine = std::thread::spawn(move || llumlet_dataplane::sim::run(cfg, &stop2));
+    eprintln!("llumlet sim-engine: publishing to {}", path.display());
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = async { while !engine.is_finished() { tokio::time::sleep(std::time::Duration::from_millis(50)).await } } => {}
+        }
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    match engine.join() {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("llumlet sim-engine: {e}");
+            ExitCode::from(EXIT_START)
+        }
+        Err(_) => {
+            eprintln!("llumlet sim-engine: the engine thread failed");
+            ExitCode::from(EXIT_START)
+        }
+    }
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(),
+        Command::SimEngine(a) => sim_engine(a),
         Command::Env { markdown: true } => {
             print!("{}", crate::env::markdown_table());
             ExitCode::SUCCESS
@@ -86,7 +193,9 @@ fn run() -> ExitCode {
         // Installed before registering, so a signal that arrives during start-up still takes
         // the graceful path.
         let signals = Signals::install();
-        let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), None).await
+        let ring = Arc::new(RingSource::new(config.engine_shm.clone()));
+        let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), Some(ring))
+            .await
         {
             Ok(a) => a,
             Err(e) => {

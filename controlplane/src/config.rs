@@ -126,6 +126,8 @@ pub struct Config {
     pub api_server_port: u16,
     /// gRPC port to bind.
     pub rpc_port: PortChoice,
+    /// The engine's control segment.
+    pub engine_shm: std::path::PathBuf,
     /// Prometheus endpoint port, if any (0: any free port).
     pub metrics_port: Option<u16>,
     /// Engine pid to watch.
@@ -486,6 +488,10 @@ impl Config {
             retry_interval: r.seconds_non_negative(env::REDIS_RETRY_INTERVAL)?,
         };
 
+        let engine_shm = llumlet_dataplane::segment::segment_path(
+            &r.optional(env::ENGINE_SHM)
+                .unwrap_or_else(|| llumlet_dataplane::segment::segment_name(&instance_id)),
+        );
         Ok(Config {
             unit_id: r
                 .optional(env::UNIT_ID)
@@ -496,6 +502,7 @@ impl Config {
             host_ip,
             api_server_port: r.port(env::API_SERVER_PORT)?,
             rpc_port,
+            engine_shm,
             metrics_port,
             parent_pid,
             data_parallel_size,

@@ -54,6 +54,8 @@ vars! {
         "Required. The engine's API server port, published as `api_server_port` (1-65535).";
     RPC_PORT = "LLUMNIX_RPC_PORT", Some("-1"), Llumlet,
         "gRPC port of the `llumlet.Llumlet` service: 1024-65535, or -1 to pick a free port.";
+    ENGINE_SHM = "LLUMLET_ENGINE_SHM", None, Llumlet,
+        "The engine's control segment: a name under /dev/shm or an absolute path; unset: `llumlet-ctl-<instance id>`.";
     METRICS_PORT = "LLUMLET_METRICS_PORT", None, Llumlet,
         "Port of the Prometheus `/metrics` endpoint: 1-65535, 0 for a free port; unset: no endpoint.";
     PARENT_PID = "LLUMLET_PARENT_PID", None, Llumlet,

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod net;
 pub mod pyrepr;
+pub mod ring_source;
 pub mod service;
 pub mod status;
 mod sys;

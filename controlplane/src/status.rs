@@ -16,6 +16,12 @@ use crate::config::MigrationLimits;
 pub trait StatusSource: Send + Sync + 'static {
     /// The newest status the engine published since the previous call, if there is one.
     fn take_newest(&self) -> Option<InstanceStatus>;
+
+    /// Whether the source found the engine dead since the previous call (the instance is then
+    /// reported unschedulable at once instead of after the engine timeout).
+    fn engine_failed(&self) -> bool {
+        false
+    }
 }
 
 /// Statuses pushed over gRPC: only the newest is kept (bounded memory, however fast the engine

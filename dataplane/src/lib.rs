@@ -2,10 +2,14 @@
 //!
 //! - [`segment`]: the per-instance control segment (naming, header, create and attach states);
 //! - [`status_ring`]: the single-writer, many-reader status ring with a seqlock per slot;
-//! - [`seqlock`]: the atomic-word copy both sides use.
+//! - [`seqlock`]: the atomic-word copy both sides use;
+//! - [`engine`]: the engine's endpoint (create the segment, publish);
+//! - [`sim`]: the simulated decode engine.
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
 
+pub mod engine;
 pub mod segment;
 pub mod seqlock;
+pub mod sim;
 pub mod status_ring;

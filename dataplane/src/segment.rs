@@ -67,7 +67,7 @@ pub struct ControlLayout {
 /// Bytes of a control segment.
 pub const SEGMENT_SIZE: usize = size_of::<ControlLayout>();
 const _: () = assert!(size_of::<Header>() == 64);
-const _: () = assert!(SEGMENT_SIZE % 64 == 0);
+const _: () = assert!(SEGMENT_SIZE.is_multiple_of(64));
 
 const fn fnv1a(mut h: u64, v: u64) -> u64 {
     let mut i = 0;

@@ -118,7 +118,7 @@ pub struct StatusRecord {
 
 /// Size of a record in 8-byte words.
 pub const STATUS_WORDS: usize = std::mem::size_of::<StatusRecord>() / 8;
-const _: () = assert!(std::mem::size_of::<StatusRecord>() % 8 == 0);
+const _: () = assert!(std::mem::size_of::<StatusRecord>().is_multiple_of(8));
 const _: () = assert!(std::mem::align_of::<StatusRecord>() == 8);
 
 impl StatusRecord {

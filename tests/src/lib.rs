@@ -219,9 +219,15 @@ pub struct LlumletProcess {
 impl LlumletProcess {
     /// Spawns `llumlet` with exactly `env` (plus PATH).
     pub fn spawn(env: &HashMap<String, String>) -> LlumletProcess {
+        LlumletProcess::spawn_args(&[], env)
+    }
+
+    /// Spawns `llumlet ARGS...` with exactly `env` (plus PATH).
+    pub fn spawn_args(args: &[&str], env: &HashMap<String, String>) -> LlumletProcess {
         let dir = TempDir::new("llumlet");
         let log = dir.0.join("stderr.log");
         let child = Command::new(llumlet_bin())
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env)

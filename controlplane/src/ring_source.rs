@@ -1,0 +1,182 @@
+//! The engine's shared-memory status ring as a [`StatusSource`]: the llumlet attaches to the
+//! engine's control segment (waiting for it if the engine has not created it yet), reads the
+//! newest record each tick, and re-attaches when the engine restarts.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use llumlet_dataplane::segment::{Attach, ControlSegment};
+use llumlet_dataplane::status_ring::{read_newest, StatusRecord};
+use llumlet_proto::cms::InstanceStatus;
+
+use crate::status::StatusSource;
+
+/// What the source last logged, so each state is logged once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Nothing,
+    Waiting,
+    NotReady,
+    Incompatible,
+    Attached,
+    WriterGone,
+}
+
+struct State {
+    segment: Option<ControlSegment>,
+    last_seq: u64,
+    seen: Seen,
+    failed: bool,
+}
+
+/// Statuses from the engine's status ring.
+pub struct RingSource {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+impl RingSource {
+    /// A source reading the segment at `path` once it appears.
+    pub fn new(path: PathBuf) -> RingSource {
+        RingSource {
+            path,
+            state: Mutex::new(State {
+                segment: None,
+                last_seq: 0,
+                seen: Seen::Nothing,
+                failed: false,
+            }),
+        }
+    }
+
+    fn note(&self, st: &mut State, now: Seen, f: impl FnOnce()) {
+        if st.seen != now {
+            st.seen = now;
+            f();
+        }
+    }
+
+    fn try_attach(&self, st: &mut State) {
+        match ControlSegment::attach(&self.path) {
+            Ok(Attach::Ready(seg)) if !seg.writer_alive() => {
+                // A segment left by a dead engine: wait for its successor to replace it.
+                let pid = seg.writer_pid();
+                self.note(st, Seen::WriterGone, || {
+                    tracing::warn!(engine_pid = pid, path = %self.path.display(), "the engine process is gone; waiting for a new engine")
+                });
+            }
+            Ok(Attach::Ready(seg)) => {
+                let (generation, pid) = (seg.generation(), seg.writer_pid());
+                self.note(st, Seen::Attached, || {
+                    tracing::info!(path = %self.path.display(), generation = format!("{generation:#x}"), engine_pid = pid, "attached to the engine's status ring")
+                });
+                st.last_seq = 0;
+                st.segment = Some(seg);
+            }
+            Ok(Attach::NotThere) => self.note(st, Seen::Waiting, || {
+                tracing::info!(path = %self.path.display(), "waiting for the engine's control segment (PushInstanceStatus works meanwhile)")
+            }),
+            Ok(Attach::NotReady) => self.note(st, Seen::NotReady, || {
+                tracing::info!(path = %self.path.display(), "the engine's control segment is not ready yet")
+            }),
+            Ok(Attach::Incompatible(why)) => self.note(st, Seen::Incompatible, || {
+                tracing::warn!(path = %self.path.display(), %why, "cannot use the engine's control segment")
+            }),
+            Err(e) => self.note(st, Seen::Incompatible, || tracing::warn!(error = %e, "cannot open the engine's control segment")),
+        }
+    }
+}
+
+impl StatusSource for RingSource {
+    fn take_newest(&self) -> Option<InstanceStatus> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *guard;
+        if st.segment.is_none() {
+            self.try_attach(st);
+        }
+        let seg = st.segment.as_ref()?;
+        let newest = match read_newest(seg.status()) {
+            Ok(Some(r)) if r.publish_seq > st.last_seq => Some(r),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "status ring read failed");
+                None
+            }
+        };
+        if let Some(r) = newest {
+            st.last_seq = r.publish_seq;
+            st.failed = false;
+            return Some(to_instance_status(&r));
+        }
+        // Nothing new: is the engine still there?
+        if seg.replaced() {
+            tracing::info!("the engine's control segment was replaced or removed (engine restarted); re-attaching");
+            st.segment = None;
+            st.seen = Seen::Nothing;
+            self.try_attach(st);
+        } else if !seg.writer_alive() {
+            let pid = seg.writer_pid();
+            tracing::warn!(
+                engine_pid = pid,
+                "the engine process is gone; reporting schedulable=false"
+            );
+            st.seen = Seen::WriterGone;
+            st.failed = true;
+            st.segment = None;
+        }
+        None
+    }
+
+    fn engine_failed(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut st.failed)
+    }
+}
+
+/// The CMS status for a ring record (the llumlet completes it afterwards).
+pub fn to_instance_status(r: &StatusRecord) -> InstanceStatus {
+    InstanceStatus {
+        instance_id: String::new(),
+        schedulable: true,
+        timestamp_ms: 0,
+        step_id: r.step_id,
+        update_id: r.update_id,
+        recent_waiting_requests: r.recent_waiting_ids().map(str::to_string).collect(),
+        waiting_requests: r.waiting_ids().map(str::to_string).collect(),
+        hybrid_scheduler_waiting_to_decode_requests_num: r
+            .hybrid_scheduler_waiting_to_decode_requests_num,
+        scheduler_waiting_to_decode_requests_num: r.scheduler_waiting_to_decode_requests_num,
+        num_waiting_requests: r.num_waiting_requests,
+        scheduler_running_to_decode_requests_num: r.scheduler_running_to_decode_requests_num,
+        num_running_requests: r.num_running_requests,
+        num_loading_requests: r.num_loading_requests,
+        num_total_gpu_tokens: r.num_total_gpu_tokens,
+        num_used_gpu_tokens: r.num_used_gpu_tokens,
+        num_uncomputed_tokens_hybrid_scheduler_waiting_prefills: r
+            .num_uncomputed_tokens_hybrid_scheduler_waiting_prefills,
+        num_unallocated_tokens_hybrid_scheduler_waiting_decodes: r
+            .num_unallocated_tokens_hybrid_scheduler_waiting_decodes,
+        hybrid_scheduler_waiting_to_decode_tokens_num: r
+            .hybrid_scheduler_waiting_to_decode_tokens_num,
+        num_uncomputed_tokens_scheduler_waiting_prefills: r
+            .num_uncomputed_tokens_scheduler_waiting_prefills,
+        scheduler_waiting_to_decode_tokens_num: r.scheduler_waiting_to_decode_tokens_num,
+        num_uncomputed_tokens_scheduler_running_prefills: r
+            .num_uncomputed_tokens_scheduler_running_prefills,
+        num_unallocated_tokens_scheduler_running_prefills: r
+            .num_unallocated_tokens_scheduler_running_prefills,
+        scheduler_running_to_decode_tokens_num: r.scheduler_running_to_decode_tokens_num,
+        num_tokens_loading_requests: r.num_tokens_loading_requests,
+        num_uncomputed_tokens_all_waiting_prefills: r.num_uncomputed_tokens_all_waiting_prefills,
+        num_migrate_in_reqs: r.num_migrate_in_reqs,
+        num_migrate_out_reqs: r.num_migrate_out_reqs,
+        num_migrate_in_tokens: r.num_migrate_in_tokens,
+        num_migrate_out_tokens: r.num_migrate_out_tokens,
+        kv_cache_usage_ratio_migrate_in: r.kv_cache_usage_ratio_migrate_in,
+        kv_cache_usage_ratio_migrate_out: r.kv_cache_usage_ratio_migrate_out,
+        profiling_id: r.profiling_id,
+        step_duration: r.step_duration,
+        num_scheduled_prefill_tokens: r.num_scheduled_prefill_tokens,
+        ..Default::default()
+    }
+}

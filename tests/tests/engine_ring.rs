@@ -1,0 +1,132 @@
+//! The shared-memory status path end to end: `llumlet sim-engine` and `llumlet` as separate
+//! processes, a real `redis-server`, the engine's status ring in /dev/shm.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use llumlet_proto::cms::InstanceStatus;
+use llumlet_tests::*;
+use prost::Message;
+
+fn status(b: Option<&[u8]>) -> Option<InstanceStatus> {
+    b.map(|b| InstanceStatus::decode(b).unwrap())
+}
+
+fn engine(shm: &str, seed: u64, requests: u32) -> LlumletProcess {
+    let args = [
+        "sim-engine",
+        "--instance-id",
+        "ring",
+        "--shm",
+        shm,
+        "--max-tokens",
+        "900",
+        "--step-ms",
+        "5",
+        "--num-blocks",
+        "64",
+        "--block-size",
+        "16",
+        "--max-prompt",
+        "100",
+    ];
+    let (seed, requests) = (seed.to_string(), requests.to_string());
+    let mut a: Vec<&str> = args.to_vec();
+    a.extend(["--seed", &seed, "--requests", &requests]);
+    LlumletProcess::spawn_args(&a, &HashMap::new())
+}
+
+#[test]
+fn sim_engine_status_reaches_the_cms_and_engine_faults_are_reported() {
+    let redis = RedisServer::start();
+    let shm = format!("llumlet-ctl-test-ring-{}", std::process::id());
+    let mut eng = engine(&shm, 1, 6);
+    let mut env = base_env(&redis, "ring", free_port());
+    env.insert("LLUMLET_ENGINE_SHM".into(), shm.clone());
+    env.insert("LLUMNIX_ENGINE_GET_STATUS_TIMEOUT".into(), "0.5".into());
+    let mut llumlet = LlumletProcess::spawn(&env);
+    let key = "llumnix:instance_status:ring";
+    let meta = "llumnix:instance_metadata:ring";
+
+    // The engine's numbers arrive in the CMS: 64 blocks × 16 tokens, 6 requests admitted, the
+    // ones that fit running, the rest waiting (with their ids).
+    let s = redis.wait_for(key, Duration::from_secs(10), |b| {
+        status(b).filter(|s| s.num_running_requests + s.num_waiting_requests == 6)
+    });
+    assert_eq!(s.num_total_gpu_tokens, 1024);
+    assert!(s.schedulable);
+    assert!(s.num_used_gpu_tokens > 0 && s.num_used_gpu_tokens <= 1024);
+    assert_eq!(
+        s.waiting_requests.len() as i32,
+        s.num_waiting_requests.min(8)
+    );
+    assert!(s.waiting_requests.iter().all(|id| id.starts_with("sim-1-")));
+    assert_eq!(s.instance_id, "ring");
+    let first_step = s.step_id;
+    let s = redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|s| s.step_id > first_step + 10)
+    });
+    assert!(s.update_id > 1);
+
+    // SIGSTOP: no new status → unschedulable within the timeout, metadata still there.
+    eng.signal(libc::SIGSTOP);
+    let stalled = redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|s| !s.schedulable)
+    });
+    assert!(
+        redis.get(meta).is_some(),
+        "the heartbeat does not wait on the engine"
+    );
+    // SIGCONT: the first new status flips it back.
+    eng.signal(libc::SIGCONT);
+    let back = redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|s| s.schedulable)
+    });
+    assert!(back.update_id > stalled.update_id);
+
+    // Engine killed: the llumlet notices the writer is gone and reports it.
+    eng.signal(libc::SIGKILL);
+    eng.wait(Duration::from_secs(5));
+    redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|s| !s.schedulable)
+    });
+    let log = llumlet.stderr();
+    assert!(log.contains("the engine process is gone"), "{log}");
+
+    // Engine restarted (its stale segment is proven dead and replaced): the llumlet re-attaches.
+    // 30 requests of up to 7 blocks cannot all fit in 64 blocks: some wait, with ids of seed 2.
+    let mut eng2 = engine(&shm, 2, 30);
+    redis.wait_for(key, Duration::from_secs(10), |b| {
+        status(b).filter(|s| {
+            s.schedulable && s.waiting_requests.iter().any(|id| id.starts_with("sim-2-"))
+        })
+    });
+    assert!(
+        llumlet.stderr().contains("re-attaching")
+            || llumlet
+                .stderr()
+                .matches("attached to the engine's status ring")
+                .count()
+                >= 2
+    );
+
+    // Llumlet killed and restarted: the new one attaches to the running engine.
+    llumlet.signal(libc::SIGKILL);
+    llumlet.wait(Duration::from_secs(5));
+    let _: () = redis::cmd("DEL").arg(key).query(&mut redis.conn()).unwrap();
+    let llumlet2 = LlumletProcess::spawn(&env);
+    let s = redis.wait_for(key, Duration::from_secs(10), |b| {
+        status(b).filter(|s| s.schedulable)
+    });
+    assert_eq!(s.num_total_gpu_tokens, 1024);
+    assert!(llumlet2
+        .stderr()
+        .contains("attached to the engine's status ring"));
+
+    eng2.signal(libc::SIGTERM);
+    assert_eq!(eng2.wait(Duration::from_secs(5)).code(), Some(0));
+    assert!(
+        !std::path::Path::new("/dev/shm").join(&shm).exists(),
+        "the engine removes its segment on exit"
+    );
+}
