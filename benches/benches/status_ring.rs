@@ -24,15 +24,21 @@ fn bench(c: &mut Criterion) {
     let path = std::env::temp_dir().join(format!("llumlet-bench-ring-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let mut engine = EngineEndpoint::create_at(&path).unwrap();
-    let Attach::Ready(reader) = ControlSegment::attach(&path).unwrap() else { panic!("attach") };
+    let Attach::Ready(reader) = ControlSegment::attach(&path).unwrap() else {
+        panic!("attach")
+    };
     let rec = record();
     let mut g = c.benchmark_group("status_ring");
     g.bench_function("baseline_copy_record", |b| {
         let src = record();
         b.iter(|| black_box(*black_box(&src)))
     });
-    g.bench_function("engine_publish", |b| b.iter(|| engine.publish(black_box(&rec))));
-    g.bench_function("llumlet_read_newest", |b| b.iter(|| black_box(read_newest(reader.status()).unwrap())));
+    g.bench_function("engine_publish", |b| {
+        b.iter(|| engine.publish(black_box(&rec)))
+    });
+    g.bench_function("llumlet_read_newest", |b| {
+        b.iter(|| black_box(read_newest(reader.status()).unwrap()))
+    });
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {

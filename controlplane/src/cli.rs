@@ -74,6 +74,14 @@ struct SimArgs {
     /// Publish the status every this many steps.
     #[arg(long, env = "LLUMNIX_INSTANCE_UPDATE_STEPS", default_value_t = 1)]
     update_steps: u32,
+    /// `push`: publish every --update-steps steps; `pull`: only when the llumlet asks.
+    #[arg(
+        long,
+        env = "LLUMNIX_UPDATE_INSTANCE_STATUS_MODE",
+        default_value = "push",
+        ignore_case = true
+    )]
+    status_mode: String,
 }
 
 fn sim_engine(a: SimArgs) -> ExitCode {
@@ -97,7 +105,13 @@ fn sim_engine(a: SimArgs) -> ExitCode {
             a.num_blocks, a.block_size
         ));
     }
+    let push = match a.status_mode.to_ascii_lowercase().as_str() {
+        "push" => true,
+        "pull" => false,
+        other => return bad(format!("--status-mode {other:?}: must be push or pull")),
+    };
     let cfg = llumlet_dataplane::sim::SimConfig {
+        push,
         segment: segment_path(&a.shm.unwrap_or_else(|| segment_name(&a.instance_id))),
         requests: a.requests,
         max_tokens: a.max_tokens,
@@ -193,7 +207,11 @@ fn run() -> ExitCode {
         // Installed before registering, so a signal that arrives during start-up still takes
         // the graceful path.
         let signals = Signals::install();
-        let ring = Arc::new(RingSource::new(config.engine_shm.clone()));
+        let ring = Arc::new(RingSource::new(
+            config.engine_shm.clone(),
+            config.status_mode,
+            config.engine_get_status_timeout,
+        ));
         let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), Some(ring))
             .await
         {

@@ -4,11 +4,15 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use llumlet_dataplane::command::{pop, push, Command, QueueError};
 
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_dataplane::status_ring::{read_newest, StatusRecord};
 use llumlet_proto::cms::InstanceStatus;
 
+use crate::config::StatusMode;
 use crate::status::StatusSource;
 
 /// What the source last logged, so each state is logged once.
@@ -27,25 +31,84 @@ struct State {
     last_seq: u64,
     seen: Seen,
     failed: bool,
+    /// When the last new record arrived (or the source attached).
+    last_new: Instant,
+    /// The outstanding status request: its sequence and when it was sent.
+    pending: Option<(u64, Instant)>,
+    next_request: u64,
 }
 
 /// Statuses from the engine's status ring.
 pub struct RingSource {
     path: PathBuf,
+    mode: StatusMode,
+    timeout: Duration,
     state: Mutex<State>,
 }
 
 impl RingSource {
-    /// A source reading the segment at `path` once it appears.
-    pub fn new(path: PathBuf) -> RingSource {
+    /// A source reading the segment at `path` once it appears. In PULL mode it asks the engine
+    /// for a status on every call; in PUSH mode only when the engine has published nothing for
+    /// half of `timeout`.
+    pub fn new(path: PathBuf, mode: StatusMode, timeout: Duration) -> RingSource {
         RingSource {
             path,
+            mode,
+            timeout,
             state: Mutex::new(State {
                 segment: None,
                 last_seq: 0,
                 seen: Seen::Nothing,
                 failed: false,
+                last_new: Instant::now(),
+                pending: None,
+                next_request: 1,
             }),
+        }
+    }
+
+    /// Takes the engine's replies; sends a status request when one is due.
+    fn exchange(&self, st: &mut State, seg: &ControlSegment, now: Instant) {
+        loop {
+            match pop(seg.to_llumlet()) {
+                Ok(None) => break,
+                Ok(Some(words)) => match Command::decode(&words) {
+                    Ok(Command::StatusPublished { seq, .. }) => {
+                        if st.pending.is_some_and(|(p, _)| p == seq) {
+                            st.pending = None;
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::debug!(command = ?other, "engine message not for the status source")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "bad message from the engine"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "the engine's reply queue is inconsistent");
+                    break;
+                }
+            }
+        }
+        let due = match self.mode {
+            StatusMode::Pull => true,
+            StatusMode::Push => now.saturating_duration_since(st.last_new) >= self.timeout / 2,
+        };
+        // An unanswered request is repeated once per timeout, not on every tick.
+        let may_send = st
+            .pending
+            .is_none_or(|(_, sent)| now.saturating_duration_since(sent) >= self.timeout);
+        if due && may_send {
+            let seq = st.next_request;
+            match push(seg.to_engine(), &Command::StatusRequest { seq }.encode()) {
+                Ok(()) => {
+                    st.next_request += 1;
+                    st.pending = Some((seq, now));
+                }
+                Err(QueueError::Full) => {
+                    tracing::debug!("the engine's command queue is full; status request not sent")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot send a status request"),
+            }
         }
     }
 
@@ -71,6 +134,8 @@ impl RingSource {
                     tracing::info!(path = %self.path.display(), generation = format!("{generation:#x}"), engine_pid = pid, "attached to the engine's status ring")
                 });
                 st.last_seq = 0;
+                st.pending = None;
+                st.last_new = Instant::now();
                 st.segment = Some(seg);
             }
             Ok(Attach::NotThere) => self.note(st, Seen::Waiting, || {
@@ -94,7 +159,8 @@ impl StatusSource for RingSource {
         if st.segment.is_none() {
             self.try_attach(st);
         }
-        let seg = st.segment.as_ref()?;
+        // Taken out while in use, put back unless the engine is gone.
+        let seg = st.segment.take()?;
         let newest = match read_newest(seg.status()) {
             Ok(Some(r)) if r.publish_seq > st.last_seq => Some(r),
             Ok(_) => None,
@@ -103,15 +169,23 @@ impl StatusSource for RingSource {
                 None
             }
         };
+        let now = Instant::now();
         if let Some(r) = newest {
             st.last_seq = r.publish_seq;
+            st.last_new = now;
             st.failed = false;
+            if self.mode == StatusMode::Pull {
+                // Ask for the next one now, so it is there at the next tick.
+                self.exchange(st, &seg, now);
+            }
+            st.segment = Some(seg);
             return Some(to_instance_status(&r));
         }
+        self.exchange(st, &seg, now);
         // Nothing new: is the engine still there?
         if seg.replaced() {
             tracing::info!("the engine's control segment was replaced or removed (engine restarted); re-attaching");
-            st.segment = None;
+            drop(seg);
             st.seen = Seen::Nothing;
             self.try_attach(st);
         } else if !seg.writer_alive() {
@@ -122,7 +196,8 @@ impl StatusSource for RingSource {
             );
             st.seen = Seen::WriterGone;
             st.failed = true;
-            st.segment = None;
+        } else {
+            st.segment = Some(seg);
         }
         None
     }

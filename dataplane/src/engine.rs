@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use crate::command::{pop, push, Command, DecodeError, QueueError};
 use crate::segment::{segment_name, segment_path, ControlSegment, SegmentError};
 use crate::status_ring::{StatusRecord, StatusWriter};
 
@@ -30,8 +31,32 @@ impl EngineEndpoint {
         self.segment.beat();
     }
 
+    /// Takes the next command from the llumlet, if any. An empty poll is two loads.
+    pub fn poll_command(&self) -> Result<Option<Command>, PollError> {
+        match pop(self.segment.to_engine())? {
+            None => Ok(None),
+            Some(words) => Ok(Some(Command::decode(&words)?)),
+        }
+    }
+
+    /// Sends a reply or event to the llumlet; a full queue is returned, nothing is dropped.
+    pub fn send(&self, cmd: &Command) -> Result<(), QueueError> {
+        push(self.segment.to_llumlet(), &cmd.encode())
+    }
+
     /// The segment.
     pub fn segment(&self) -> &ControlSegment {
         &self.segment
     }
+}
+
+/// A poll that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PollError {
+    /// The queue is inconsistent.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The message is not a command.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
 }

@@ -3,11 +3,13 @@
 //! - [`segment`]: the per-instance control segment (naming, header, create and attach states);
 //! - [`status_ring`]: the single-writer, many-reader status ring with a seqlock per slot;
 //! - [`seqlock`]: the atomic-word copy both sides use;
+//! - [`command`]: the two SPSC command queues and the command codec;
 //! - [`engine`]: the engine's endpoint (create the segment, publish);
 //! - [`sim`]: the simulated decode engine.
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
 
+pub mod command;
 pub mod engine;
 pub mod segment;
 pub mod seqlock;

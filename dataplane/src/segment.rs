@@ -8,6 +8,9 @@
 //!  |                                             |  generation, writer pid, heartbeat, ready
 //!  +---------------------------------------------+ size_of::<Header>()
 //!  | StatusRingMem                               |  see status_ring.rs
+//!  +---------------------------------------------+
+//!  | QueueMem: llumlet → engine                  |  see command.rs
+//!  | QueueMem: engine → llumlet                  |
 //!  +---------------------------------------------+ size_of::<ControlLayout>()
 //! ```
 //!
@@ -26,6 +29,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 
+use crate::command::{QueueMem, MESSAGE_WORDS, QUEUE_CAPACITY};
 use crate::status_ring::{
     StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
 };
@@ -62,6 +66,8 @@ pub struct Header {
 pub struct ControlLayout {
     header: Header,
     status: StatusRingMem,
+    to_engine: QueueMem,
+    to_llumlet: QueueMem,
 }
 
 /// Bytes of a control segment.
@@ -92,6 +98,10 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(StatusRecord, kv_cache_usage_ratio_migrate_in) as u64,
         offset_of!(StatusRecord, waiting_ids) as u64,
         offset_of!(ControlLayout, status) as u64,
+        offset_of!(ControlLayout, to_engine) as u64,
+        offset_of!(ControlLayout, to_llumlet) as u64,
+        QUEUE_CAPACITY as u64,
+        MESSAGE_WORDS as u64,
         SEGMENT_SIZE as u64,
     ];
     let mut h = 0xcbf2_9ce4_8422_2325;
@@ -411,9 +421,23 @@ impl ControlSegment {
 
     /// The status ring.
     pub fn status(&self) -> &StatusRingMem {
-        // SAFETY: as in `header`: the mapping holds a whole `ControlLayout` of atomics only, and
-        // `ControlLayout` places the ring at a 64-byte aligned offset.
-        unsafe { &(*(self.map.as_ptr() as *const ControlLayout)).status }
+        &self.layout().status
+    }
+
+    fn layout(&self) -> &ControlLayout {
+        // SAFETY: as in `header`: the mapping holds a whole `ControlLayout`, which is made of
+        // atomics only (valid for any bytes) and is page-aligned.
+        unsafe { &*(self.map.as_ptr() as *const ControlLayout) }
+    }
+
+    /// The llumlet → engine command queue.
+    pub fn to_engine(&self) -> &QueueMem {
+        &self.layout().to_engine
+    }
+
+    /// The engine → llumlet command queue.
+    pub fn to_llumlet(&self) -> &QueueMem {
+        &self.layout().to_llumlet
     }
 
     /// The generation: a new value for every segment created.

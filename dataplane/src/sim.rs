@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytemuck::Zeroable;
 
+use crate::command::Command;
 use crate::engine::EngineEndpoint;
 use crate::segment::SegmentError;
 use crate::status_ring::StatusRecord;
@@ -37,6 +38,8 @@ pub struct SimConfig {
     pub max_prompt: u32,
     /// Publish a status every this many steps (`LLUMNIX_INSTANCE_UPDATE_STEPS`).
     pub update_steps: u32,
+    /// PUSH mode: publish every `update_steps` steps. PULL mode (`false`): only when asked.
+    pub push: bool,
 }
 
 /// A request in the simulated engine.
@@ -206,13 +209,54 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
     let mut endpoint = EngineEndpoint::create_at(&cfg.segment)?;
     let update_steps = cfg.update_steps.max(1);
     let step = cfg.step;
+    let push_mode = cfg.push;
     let mut engine = SimEngine::new(cfg);
     let mut next = Instant::now();
     let mut n: u64 = 0;
+    let mut bad_commands = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        loop {
+            match endpoint.poll_command() {
+                Ok(None) => break,
+                Ok(Some(Command::StatusRequest { seq })) => {
+                    let rec = engine.status();
+                    endpoint.publish(&rec);
+                    let publish_seq = endpoint.segment().status().published();
+                    // A full reply queue means the llumlet is not reading; the status is in the
+                    // ring either way.
+                    let _ = endpoint.send(&Command::StatusPublished { seq, publish_seq });
+                }
+                Ok(Some(cmd)) => {
+                    // Migration commands come with the live-migration protocol.
+                    let id = match cmd {
+                        Command::Abort { id, .. } => id,
+                        Command::MigrateOutBegin { migration, .. }
+                        | Command::MigrateOutSuspend { migration, .. }
+                        | Command::MigrateOutCommit { migration, .. }
+                        | Command::MigrateOutAbort { migration, .. }
+                        | Command::ReserveBlocks { migration, .. }
+                        | Command::MigrateInCommit { migration }
+                        | Command::MigrateInAbort { migration } => migration,
+                        _ => 0,
+                    };
+                    let _ = endpoint.send(&Command::Reply {
+                        id,
+                        ok: false,
+                        value: 0,
+                    });
+                }
+                Err(e) => {
+                    bad_commands += 1;
+                    if bad_commands == 1 {
+                        eprintln!("sim-engine: bad command from the llumlet: {e}");
+                    }
+                    break;
+                }
+            }
+        }
         engine.step();
         n += 1;
-        if n.is_multiple_of(u64::from(update_steps)) {
+        if push_mode && n.is_multiple_of(u64::from(update_steps)) {
             let rec = engine.status();
             endpoint.publish(&rec);
         }
@@ -242,6 +286,7 @@ mod tests {
             num_blocks: 20,
             max_prompt: 100,
             update_steps: 1,
+            push: true,
         }
     }
 

@@ -130,3 +130,50 @@ fn sim_engine_status_reaches_the_cms_and_engine_faults_are_reported() {
         "the engine removes its segment on exit"
     );
 }
+
+#[test]
+fn pull_mode_asks_the_engine_over_the_command_queue() {
+    let redis = RedisServer::start();
+    let shm = format!("llumlet-ctl-test-pull-{}", std::process::id());
+    let mut env = base_env(&redis, "pull", free_port());
+    env.insert("LLUMLET_ENGINE_SHM".into(), shm.clone());
+    env.insert("LLUMNIX_UPDATE_INSTANCE_STATUS_MODE".into(), "PULL".into());
+    env.insert("LLUMNIX_ENGINE_GET_STATUS_TIMEOUT".into(), "1".into());
+    // The engine in pull mode publishes only when asked.
+    let eng = LlumletProcess::spawn_args(
+        &[
+            "sim-engine",
+            "--instance-id",
+            "pull",
+            "--shm",
+            &shm,
+            "--status-mode",
+            "pull",
+            "--requests",
+            "3",
+            "--step-ms",
+            "5",
+        ],
+        &HashMap::new(),
+    );
+    let _llumlet = LlumletProcess::spawn(&env);
+    let key = "llumnix:instance_status:pull";
+    let s = redis.wait_for(key, Duration::from_secs(10), |b| {
+        status(b).filter(|s| s.num_running_requests == 3)
+    });
+    assert!(s.schedulable);
+    // Statuses keep coming, one per request: update ids advance.
+    let later = redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|x| x.update_id > s.update_id + 3)
+    });
+    assert!(later.step_id > s.step_id);
+    // An engine that stops answering is unschedulable within the timeout.
+    eng.signal(libc::SIGSTOP);
+    redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|s| !s.schedulable)
+    });
+    eng.signal(libc::SIGCONT);
+    redis.wait_for(key, Duration::from_secs(5), |b| {
+        status(b).filter(|s| s.schedulable)
+    });
+}
