@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::command::{pop, push, Command, DecodeError, QueueError};
+use crate::request_table::{RequestInfo, RequestState, TableError, TableWriter};
 use crate::segment::{segment_name, segment_path, ControlSegment, SegmentError};
 use crate::status_ring::{StatusRecord, StatusWriter};
 
@@ -10,6 +11,7 @@ use crate::status_ring::{StatusRecord, StatusWriter};
 pub struct EngineEndpoint {
     segment: ControlSegment,
     writer: StatusWriter,
+    table: TableWriter,
 }
 
 impl EngineEndpoint {
@@ -22,13 +24,53 @@ impl EngineEndpoint {
     pub fn create_at(path: &Path) -> Result<EngineEndpoint, SegmentError> {
         let segment = ControlSegment::create(path)?;
         let writer = StatusWriter::new(segment.status());
-        Ok(EngineEndpoint { segment, writer })
+        Ok(EngineEndpoint {
+            segment,
+            writer,
+            table: TableWriter::default(),
+        })
     }
 
     /// Publishes a status (and a heartbeat). Allocates nothing, takes no lock.
     pub fn publish(&mut self, record: &StatusRecord) {
         self.writer.publish(self.segment.status(), record);
         self.segment.beat();
+    }
+
+    /// Adds a live request with its block table; returns its slot.
+    pub fn add_request(
+        &mut self,
+        info: &RequestInfo<'_>,
+        blocks: &[u32],
+    ) -> Result<u32, TableError> {
+        self.table.add(self.segment.requests(), info, blocks)
+    }
+
+    /// Records a request's progress and the blocks it gained since the last call.
+    pub fn request_progress(
+        &mut self,
+        slot: u32,
+        state: RequestState,
+        output_tokens: u32,
+        new_blocks: &[u32],
+    ) -> Result<(), TableError> {
+        self.table.progress(
+            self.segment.requests(),
+            slot,
+            state,
+            output_tokens,
+            new_blocks,
+        )
+    }
+
+    /// Replaces a request's block table.
+    pub fn set_request_blocks(&mut self, slot: u32, blocks: &[u32]) -> Result<(), TableError> {
+        self.table.set_blocks(self.segment.requests(), slot, blocks)
+    }
+
+    /// Removes a finished or aborted request.
+    pub fn remove_request(&mut self, slot: u32) -> Result<(), TableError> {
+        self.table.remove(self.segment.requests(), slot)
     }
 
     /// Takes the next command from the llumlet, if any. An empty poll is two loads.

@@ -11,6 +11,8 @@
 //!  +---------------------------------------------+
 //!  | QueueMem: llumlet → engine                  |  see command.rs
 //!  | QueueMem: engine → llumlet                  |
+//!  +---------------------------------------------+
+//!  | RequestTableMem                             |  see request_table.rs (≈ 4.2 MiB, sparse)
 //!  +---------------------------------------------+ size_of::<ControlLayout>()
 //! ```
 //!
@@ -30,6 +32,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use memmap2::MmapRaw;
 
 use crate::command::{QueueMem, MESSAGE_WORDS, QUEUE_CAPACITY};
+use crate::request_table::{RequestTableMem, MAX_BLOCKS_PER_REQUEST, MAX_REQUESTS};
 use crate::status_ring::{
     StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
 };
@@ -68,6 +71,7 @@ pub struct ControlLayout {
     status: StatusRingMem,
     to_engine: QueueMem,
     to_llumlet: QueueMem,
+    requests: RequestTableMem,
 }
 
 /// Bytes of a control segment.
@@ -101,6 +105,9 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(ControlLayout, to_engine) as u64,
         offset_of!(ControlLayout, to_llumlet) as u64,
         QUEUE_CAPACITY as u64,
+        offset_of!(ControlLayout, requests) as u64,
+        MAX_REQUESTS as u64,
+        MAX_BLOCKS_PER_REQUEST as u64,
         MESSAGE_WORDS as u64,
         SEGMENT_SIZE as u64,
     ];
@@ -433,6 +440,11 @@ impl ControlSegment {
     /// The llumlet → engine command queue.
     pub fn to_engine(&self) -> &QueueMem {
         &self.layout().to_engine
+    }
+
+    /// The request table.
+    pub fn requests(&self) -> &RequestTableMem {
+        &self.layout().requests
     }
 
     /// The engine → llumlet command queue.

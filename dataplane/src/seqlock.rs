@@ -7,35 +7,57 @@
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
-/// Writes `src` into `dst` under `seq`. Only one writer may use a given `seq`.
-pub fn write_words(seq: &AtomicU64, dst: &[AtomicU64], src: &[u64]) {
+/// Opens a write under `seq`: readers that start now, or are copying, will retry. Returns the
+/// value [`end_write`] needs. Only one writer may use a given `seq`.
+pub fn begin_write(seq: &AtomicU64) -> u64 {
     let s = seq.load(Ordering::Relaxed);
-    // Odd: readers that start now, or are copying, will retry.
     let odd = (s | 1).wrapping_add(if s & 1 == 1 { 2 } else { 0 });
     seq.store(odd, Ordering::Relaxed);
-    // Pairs with the Acquire fence in `read_words`: a reader that sees any word stored below
-    // also sees the odd sequence when it re-checks.
+    // Pairs with the Acquire fence in `read_words`: a reader that sees any word stored after
+    // this also sees the odd sequence when it re-checks.
     fence(Ordering::Release);
+    odd
+}
+
+/// Closes the write opened by [`begin_write`].
+pub fn end_write(seq: &AtomicU64, odd: u64) {
+    // Pairs with the Acquire load of `seq` in `read_words`: a reader that sees this even value
+    // sees every word stored since `begin_write`.
+    seq.store(odd.wrapping_add(1), Ordering::Release);
+}
+
+/// Writes `src` into `dst` under `seq`. Only one writer may use a given `seq`.
+pub fn write_words(seq: &AtomicU64, dst: &[AtomicU64], src: &[u64]) {
+    let odd = begin_write(seq);
     for (d, s) in dst.iter().zip(src) {
         d.store(*s, Ordering::Relaxed);
     }
-    // Pairs with the Acquire load of `seq` in `read_words`: a reader that sees this even value
-    // sees every word stored above.
-    seq.store(odd.wrapping_add(1), Ordering::Release);
+    end_write(seq, odd);
+}
+
+/// Starts a read under `seq`: `None` while a write is in progress, else the value to give
+/// [`read_valid`] after copying with `Relaxed` loads.
+pub fn begin_read(seq: &AtomicU64) -> Option<u64> {
+    // Pairs with the Release store in `end_write`.
+    let s = seq.load(Ordering::Acquire);
+    (s & 1 == 0).then_some(s)
+}
+
+/// Whether the words copied since [`begin_read`] returned `s1` are whole.
+pub fn read_valid(seq: &AtomicU64, s1: u64) -> bool {
+    // Pairs with the Release fence in `begin_write`: if any word came from a write that began
+    // after `s1`, the load below sees that write's odd sequence.
+    fence(Ordering::Acquire);
+    seq.load(Ordering::Relaxed) == s1
 }
 
 /// Copies `src` into `dst` if no write overlapped the copy; returns whether it did.
 pub fn read_words(seq: &AtomicU64, src: &[AtomicU64], dst: &mut [u64]) -> bool {
-    // Pairs with the Release store at the end of `write_words`.
-    let s1 = seq.load(Ordering::Acquire);
-    if s1 & 1 == 1 {
+    let Some(s1) = begin_read(seq) else {
         return false;
-    }
+    };
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.load(Ordering::Relaxed);
     }
-    // Pairs with the Release fence in `write_words`: if any word came from a write that began
-    // after `s1`, the load below sees that write's odd sequence.
-    fence(Ordering::Acquire);
-    seq.load(Ordering::Relaxed) == s1
+    read_valid(seq, s1)
 }
