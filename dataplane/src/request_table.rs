@@ -137,17 +137,15 @@ pub struct RequestInfo<'a> {
 fn store_blocks(slot: &RequestSlot, from: usize, blocks: &[u32]) {
     // Entries are packed two per word; a write starting at an odd index rewrites the word it
     // shares with the previous entry, which keeps its value.
-    let mut i = from;
-    for &b in blocks {
+    for (i, &b) in (from..).zip(blocks) {
         let w = &slot.blocks[i / 2];
         let old = w.load(Ordering::Relaxed);
-        let new = if i % 2 == 0 {
+        let new = if i.is_multiple_of(2) {
             (old & !0xffff_ffff) | u64::from(b)
         } else {
             (old & 0xffff_ffff) | (u64::from(b) << 32)
         };
         w.store(new, Ordering::Relaxed);
-        i += 1;
     }
 }
 
