@@ -14,6 +14,7 @@ use bytemuck::Zeroable;
 
 use crate::command::Command;
 use crate::engine::EngineEndpoint;
+use crate::request_table::{RequestInfo, RequestState, TableError};
 use crate::segment::SegmentError;
 use crate::status_ring::StatusRecord;
 
@@ -51,8 +52,14 @@ pub struct SimRequest {
     pub prompt: u32,
     /// Output tokens so far.
     pub output: u32,
-    /// KV blocks held.
-    pub blocks: u32,
+    /// KV blocks held (their ids).
+    pub blocks: Vec<u32>,
+    /// Arrival order.
+    pub arrival: u64,
+    /// Slot in the request table, once published.
+    pub slot: Option<u32>,
+    /// Blocks already written to the request table.
+    published_blocks: usize,
 }
 
 impl SimRequest {
@@ -82,7 +89,9 @@ pub struct SimEngine {
     admitted: u32,
     waiting: VecDeque<SimRequest>,
     running: Vec<SimRequest>,
-    free_blocks: u32,
+    free: Vec<u32>,
+    /// Table slots of requests that finished, to be freed by `sync`.
+    finished_slots: Vec<u32>,
     step_id: u32,
     update_id: u32,
     finished: u32,
@@ -94,7 +103,8 @@ impl SimEngine {
     pub fn new(cfg: SimConfig) -> SimEngine {
         SimEngine {
             rng: SplitMix64(cfg.seed),
-            free_blocks: cfg.num_blocks,
+            free: (0..cfg.num_blocks).rev().collect(),
+            finished_slots: Vec::new(),
             cfg,
             admitted: 0,
             waiting: VecDeque::new(),
@@ -110,6 +120,10 @@ impl SimEngine {
         tokens.div_ceil(self.cfg.block_size.max(1))
     }
 
+    fn free_blocks(&self) -> u32 {
+        self.free.len() as u32
+    }
+
     /// One step: admit a new request, schedule waiting ones that fit, decode one token for each
     /// running request (allocating a block when one fills), finish those at `max_tokens`.
     pub fn step(&mut self) {
@@ -120,46 +134,78 @@ impl SimEngine {
                 id: format!("sim-{}-{}", self.cfg.seed, self.admitted),
                 prompt,
                 output: 0,
-                blocks: 0,
+                blocks: Vec::new(),
+                arrival: u64::from(self.admitted),
+                slot: None,
+                published_blocks: 0,
             });
             self.admitted += 1;
         }
         while let Some(front) = self.waiting.front() {
-            let need = self.blocks_for(front.tokens() + 1);
-            if need > self.free_blocks {
+            let need = self.blocks_for(front.tokens() + 1) as usize;
+            if need > self.free.len() {
                 break;
             }
             let mut r = self.waiting.pop_front().expect("front exists");
-            self.free_blocks -= need;
-            r.blocks = need;
+            let at = self.free.len() - need;
+            r.blocks = self.free.split_off(at);
             self.running.push(r);
         }
         let mut i = 0;
         while i < self.running.len() {
-            let need = self.blocks_for(self.running[i].tokens() + 1);
-            if need > self.running[i].blocks {
-                if self.free_blocks == 0 {
+            let need = self.blocks_for(self.running[i].tokens() + 1) as usize;
+            if need > self.running[i].blocks.len() {
+                let Some(b) = self.free.pop() else {
                     // Preempt the youngest running request (recompute later, as vLLM does):
                     // its blocks go back, it returns to the front of the waiting queue.
                     let mut victim = self.running.pop().expect("request i is running");
-                    self.free_blocks += victim.blocks;
-                    victim.blocks = 0;
+                    self.free.append(&mut victim.blocks);
                     self.waiting.push_front(victim);
                     self.preempted += 1;
                     continue;
-                }
-                self.free_blocks -= 1;
-                self.running[i].blocks += 1;
+                };
+                self.running[i].blocks.push(b);
             }
             self.running[i].output += 1;
             if self.running[i].output >= self.cfg.max_tokens {
-                let done = self.running.swap_remove(i);
-                self.free_blocks += done.blocks;
+                let mut done = self.running.swap_remove(i);
+                self.free.append(&mut done.blocks);
+                self.finished_slots.extend(done.slot);
                 self.finished += 1;
                 continue;
             }
             i += 1;
         }
+    }
+
+    /// Brings the request table in line with the engine's requests.
+    pub fn sync(&mut self, endpoint: &mut EngineEndpoint) -> Result<(), TableError> {
+        for slot in self.finished_slots.drain(..) {
+            endpoint.remove_request(slot)?;
+        }
+        let waiting = self.waiting.iter_mut().map(|r| (r, RequestState::Waiting));
+        let running = self.running.iter_mut().map(|r| (r, RequestState::Running));
+        for (r, state) in waiting.chain(running) {
+            let Some(slot) = r.slot else {
+                let info = RequestInfo {
+                    id: &r.id,
+                    state,
+                    arrival: r.arrival,
+                    prompt_tokens: r.prompt,
+                    output_tokens: r.output,
+                };
+                r.slot = Some(endpoint.add_request(&info, &r.blocks)?);
+                r.published_blocks = r.blocks.len();
+                continue;
+            };
+            if r.published_blocks > r.blocks.len() {
+                endpoint.set_request_blocks(slot, &r.blocks)?;
+                r.published_blocks = r.blocks.len();
+            }
+            endpoint.request_progress(slot, state, r.output, &r.blocks[r.published_blocks..])?;
+            r.published_blocks = r.blocks.len();
+        }
+        Ok(())
     }
 
     /// The status record of the current state.
@@ -180,7 +226,7 @@ impl SimEngine {
             r.num_uncomputed_tokens_all_waiting_prefills;
         r.num_total_gpu_tokens = (self.cfg.num_blocks * self.cfg.block_size) as i32;
         r.num_used_gpu_tokens =
-            ((self.cfg.num_blocks - self.free_blocks) * self.cfg.block_size) as i32;
+            ((self.cfg.num_blocks - self.free_blocks()) * self.cfg.block_size) as i32;
         r.profiling_id = -1;
         // Ids are at most 63 bytes by construction ("sim-<u64>-<u32>").
         let _ = r.set_waiting_ids(self.waiting.iter().map(|q| q.id.as_str()));
@@ -214,6 +260,7 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
     let mut next = Instant::now();
     let mut n: u64 = 0;
     let mut bad_commands = 0u64;
+    let mut table_errors = 0u64;
     while !stop.load(Ordering::Relaxed) {
         loop {
             match endpoint.poll_command() {
@@ -255,6 +302,12 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
             }
         }
         engine.step();
+        if let Err(e) = engine.sync(&mut endpoint) {
+            table_errors += 1;
+            if table_errors == 1 {
+                eprintln!("sim-engine: request table: {e}");
+            }
+        }
         n += 1;
         if push_mode && n.is_multiple_of(u64::from(update_steps)) {
             let rec = engine.status();
@@ -295,15 +348,21 @@ mod tests {
         let mut e = SimEngine::new(cfg());
         for _ in 0..2000 {
             e.step();
-            let held: u32 = e.running().iter().map(|r| r.blocks).sum();
+            let mut all: Vec<u32> = e
+                .running()
+                .iter()
+                .flat_map(|r| r.blocks.iter().copied())
+                .collect();
+            all.extend(&e.free);
+            all.sort_unstable();
             assert_eq!(
-                held + e.free_blocks,
-                20,
-                "every block is either held or free"
+                all,
+                (0..20).collect::<Vec<_>>(),
+                "every block is held once or free"
             );
             for r in e.running() {
                 assert!(
-                    r.blocks * 16 >= r.tokens(),
+                    r.blocks.len() as u32 * 16 >= r.tokens(),
                     "a request's tokens fit its blocks"
                 );
             }

@@ -177,3 +177,76 @@ fn pull_mode_asks_the_engine_over_the_command_queue() {
         status(b).filter(|s| s.schedulable)
     });
 }
+
+#[test]
+fn request_table_is_visible_across_processes() {
+    use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
+    use llumlet_dataplane::segment::{segment_path, Attach, ControlSegment};
+
+    let shm = format!("llumlet-ctl-test-table-{}", std::process::id());
+    // Room for every request at full length: no preemption, so a snapshot has no block twice.
+    let eng = LlumletProcess::spawn_args(
+        &[
+            "sim-engine",
+            "--instance-id",
+            "table",
+            "--shm",
+            &shm,
+            "--requests",
+            "4",
+            "--step-ms",
+            "2",
+            "--num-blocks",
+            "1024",
+            "--max-prompt",
+            "100",
+            "--max-tokens",
+            "900",
+        ],
+        &HashMap::new(),
+    );
+    let path = segment_path(&shm);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let seg = loop {
+        if let Ok(Attach::Ready(s)) = ControlSegment::attach(&path) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "engine segment never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut blocks = Vec::new();
+    let mut last_outputs = HashMap::new();
+    for _ in 0..20 {
+        let mut seen_blocks = std::collections::HashSet::new();
+        let mut running = 0;
+        for slot in 0..MAX_REQUESTS as u32 {
+            let Some(r) = read_request(seg.requests(), slot, &mut blocks).unwrap() else {
+                continue;
+            };
+            let id = r.id.as_str().unwrap().to_string();
+            assert!(id.starts_with("sim-0-"), "{id}");
+            if r.state() == Some(RequestState::Running) {
+                running += 1;
+                assert_eq!(blocks.len() as u32, r.num_blocks);
+                assert!(
+                    r.num_blocks * 16 >= r.prompt_tokens + r.output_tokens,
+                    "tokens fit the blocks"
+                );
+                for b in &blocks {
+                    assert!(*b < 1024);
+                    assert!(seen_blocks.insert(*b), "block {b} held by two requests");
+                }
+                let prev = last_outputs.insert(id, r.output_tokens).unwrap_or(0);
+                assert!(r.output_tokens >= prev, "output only grows");
+            }
+        }
+        assert!(running <= 4);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(last_outputs.len(), 4, "all four requests ran");
+    assert!(last_outputs.values().all(|o| *o > 0));
+    drop(eng);
+}
