@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command that sets up a fresh machine and runs every check: installs what the tests need
-# (redis-server from Debian, grpcio-tools for the Python client test), then fmt, clippy with
+# (redis-server and a C compiler from Debian, grpcio-tools for the Python client test), then fmt, clippy with
 # -D warnings, and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+command -v cc >/dev/null || missing+=(gcc)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   as_root apt-get update -qq
@@ -24,8 +25,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo build --bins"
-cargo build --workspace --bins --locked
+echo "== cargo build (binaries, and the C library the FFI tests link)"
+cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== all checks passed"

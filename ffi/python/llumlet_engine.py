@@ -1,0 +1,138 @@
+"""Python binding of the llumlet engine interface (ctypes over libllumlet_ffi).
+
+    from llumlet_engine import Engine
+    with Engine("instance-0") as e:
+        e.publish(num_running_requests=3, num_total_gpu_tokens=4096)
+
+The library is found through LLUMLET_FFI_LIB, else next to this file's repository build
+(target/release, then target/debug).
+"""
+import ctypes
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+OK = 0
+CMD_STATUS_REQUEST = 1
+CMD_STATUS_PUBLISHED = 2
+REQ_WAITING, REQ_PREFILL, REQ_RUNNING, REQ_SUSPENDED = 1, 2, 3, 4
+
+_INT_FIELDS = [
+    "step_id", "update_id", "hybrid_scheduler_waiting_to_decode_requests_num",
+    "scheduler_waiting_to_decode_requests_num", "num_waiting_requests",
+    "scheduler_running_to_decode_requests_num", "num_running_requests", "num_loading_requests",
+    "num_total_gpu_tokens", "num_used_gpu_tokens",
+    "num_uncomputed_tokens_hybrid_scheduler_waiting_prefills",
+    "num_unallocated_tokens_hybrid_scheduler_waiting_decodes",
+    "hybrid_scheduler_waiting_to_decode_tokens_num",
+    "num_uncomputed_tokens_scheduler_waiting_prefills", "scheduler_waiting_to_decode_tokens_num",
+    "num_uncomputed_tokens_scheduler_running_prefills",
+    "num_unallocated_tokens_scheduler_running_prefills", "scheduler_running_to_decode_tokens_num",
+    "num_tokens_loading_requests", "num_uncomputed_tokens_all_waiting_prefills",
+    "num_migrate_in_reqs", "num_migrate_out_reqs", "num_migrate_in_tokens", "num_migrate_out_tokens",
+    "profiling_id", "num_scheduled_prefill_tokens",
+]
+_FLOAT_FIELDS = ["kv_cache_usage_ratio_migrate_in", "kv_cache_usage_ratio_migrate_out", "step_duration"]
+
+
+class Status(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in _INT_FIELDS] + [(n, ctypes.c_double) for n in _FLOAT_FIELDS]
+
+
+class Command(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_uint32), ("ok", ctypes.c_uint32), ("id", ctypes.c_uint64), ("a", ctypes.c_uint64)]
+
+
+class LlumletError(RuntimeError):
+    def __init__(self, code, message):
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+
+
+def _find_library():
+    env = os.environ.get("LLUMLET_FFI_LIB")
+    if env:
+        return env
+    root = os.path.dirname(os.path.dirname(_HERE))
+    for profile in ("release", "debug"):
+        p = os.path.join(root, "target", profile, "libllumlet_ffi.so")
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError("libllumlet_ffi.so not found: build it (cargo build -p llumlet-ffi) or set LLUMLET_FFI_LIB")
+
+
+_lib = ctypes.CDLL(_find_library())
+_lib.llumlet_last_error.restype = ctypes.c_char_p
+_P = ctypes.c_void_p
+_lib.llumlet_engine_create.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_P)]
+_lib.llumlet_engine_destroy.argtypes = [_P]
+_lib.llumlet_engine_destroy.restype = None
+_lib.llumlet_engine_publish.argtypes = [_P, ctypes.POINTER(Status)]
+_lib.llumlet_engine_set_waiting_ids.argtypes = [_P, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_bool]
+_lib.llumlet_engine_add_request.argtypes = [_P, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32,
+                                            ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t,
+                                            ctypes.POINTER(ctypes.c_uint32)]
+_lib.llumlet_engine_remove_request.argtypes = [_P, ctypes.c_uint32]
+_lib.llumlet_engine_poll_command.argtypes = [_P, ctypes.POINTER(Command)]
+_lib.llumlet_engine_send.argtypes = [_P, ctypes.POINTER(Command)]
+_lib.llumlet_engine_published.argtypes = [_P, ctypes.POINTER(ctypes.c_uint64)]
+
+
+def _check(rc):
+    if rc < 0:
+        raise LlumletError(rc, _lib.llumlet_last_error().decode())
+    return rc
+
+
+class Engine:
+    """An engine's endpoint: its control segment, status ring, request table and queues."""
+
+    def __init__(self, instance_id, shm=None):
+        self._h = _P()
+        _check(_lib.llumlet_engine_create(instance_id.encode(), shm.encode() if shm else None, ctypes.byref(self._h)))
+        self._status = Status()
+
+    def publish(self, **fields):
+        """Publishes a status; fields not given keep their previous value."""
+        for k, v in fields.items():
+            setattr(self._status, k, v)
+        _check(_lib.llumlet_engine_publish(self._h, ctypes.byref(self._status)))
+
+    def set_waiting_ids(self, ids, recent=False):
+        arr = (ctypes.c_char_p * len(ids))(*[i.encode() for i in ids])
+        _check(_lib.llumlet_engine_set_waiting_ids(self._h, arr, len(ids), recent))
+
+    def add_request(self, request_id, state, arrival, prompt_tokens, output_tokens, blocks):
+        arr = (ctypes.c_uint32 * len(blocks))(*blocks)
+        slot = ctypes.c_uint32()
+        _check(_lib.llumlet_engine_add_request(self._h, request_id.encode(), state, arrival, prompt_tokens,
+                                               output_tokens, arr, len(blocks), ctypes.byref(slot)))
+        return slot.value
+
+    def poll_command(self):
+        """The next command from the llumlet as (kind, ok, id, a), or None."""
+        c = Command()
+        if _check(_lib.llumlet_engine_poll_command(self._h, ctypes.byref(c))) == 0:
+            return None
+        return (c.kind, c.ok, c.id, c.a)
+
+    def serve_status_requests(self):
+        """Answers pending status requests by publishing the current status."""
+        while (cmd := self.poll_command()) is not None:
+            if cmd[0] == CMD_STATUS_REQUEST:
+                self.publish()
+                seq = ctypes.c_uint64()
+                _check(_lib.llumlet_engine_published(self._h, ctypes.byref(seq)))
+                reply = Command(CMD_STATUS_PUBLISHED, 0, cmd[2], seq.value)
+                _check(_lib.llumlet_engine_send(self._h, ctypes.byref(reply)))
+
+    def close(self):
+        if self._h:
+            _lib.llumlet_engine_destroy(self._h)
+            self._h = _P()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,682 @@
+//! The C ABI of the engine interface: what an engine (C, C++, or Python through ctypes) links to
+//! publish its status, keep the request table and serve the llumlet's commands.
+//!
+//! Every function returns `LLUMLET_OK` (0) or a negative error code; `llumlet_last_error()`
+//! gives the text of the last error on the calling thread. Every pointer and length is checked;
+//! no panic crosses the boundary (it becomes `LLUMLET_ERR_PANIC`).
+//!
+//! The header `include/llumlet.h` is generated from this file by cbindgen at build time.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use bytemuck::Zeroable;
+use llumlet_dataplane::command::{Command, QueueError};
+use llumlet_dataplane::engine::{EngineEndpoint, PollError};
+use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
+use llumlet_dataplane::segment::{segment_name, segment_path};
+use llumlet_dataplane::status_ring::StatusRecord;
+
+/// Success.
+pub const LLUMLET_OK: i32 = 0;
+/// A required pointer was NULL.
+pub const LLUMLET_ERR_NULL: i32 = -1;
+/// An argument is invalid (not UTF-8, out of range, too long).
+pub const LLUMLET_ERR_INVALID: i32 = -2;
+/// The control segment could not be created.
+pub const LLUMLET_ERR_SEGMENT: i32 = -3;
+/// A queue or the request table is full; retry later.
+pub const LLUMLET_ERR_FULL: i32 = -4;
+/// Shared memory is inconsistent, or a message is not a command.
+pub const LLUMLET_ERR_CORRUPT: i32 = -5;
+/// A bug: a panic was caught at the boundary.
+pub const LLUMLET_ERR_PANIC: i32 = -99;
+
+/// Command kinds of [`LlumletCommand`].
+pub const LLUMLET_CMD_STATUS_REQUEST: u32 = 1;
+/// The engine published the status asked for (`id` = request seq, `a` = record seq).
+pub const LLUMLET_CMD_STATUS_PUBLISHED: u32 = 2;
+/// Abort a request (`id` = correlation id, `a` = request slot).
+pub const LLUMLET_CMD_ABORT: u32 = 3;
+/// Migration commands (`id` = migration id, `a` = request slot or block count).
+pub const LLUMLET_CMD_MIGRATE_OUT_BEGIN: u32 = 10;
+/// Suspend a migrating request.
+pub const LLUMLET_CMD_MIGRATE_OUT_SUSPEND: u32 = 11;
+/// Free a migrated request.
+pub const LLUMLET_CMD_MIGRATE_OUT_COMMIT: u32 = 12;
+/// Resume a request whose migration failed.
+pub const LLUMLET_CMD_MIGRATE_OUT_ABORT: u32 = 13;
+/// Reserve `a` blocks for an incoming request.
+pub const LLUMLET_CMD_RESERVE_BLOCKS: u32 = 20;
+/// Resume an incoming request.
+pub const LLUMLET_CMD_MIGRATE_IN_COMMIT: u32 = 21;
+/// Drop a reservation.
+pub const LLUMLET_CMD_MIGRATE_IN_ABORT: u32 = 22;
+/// A reply (`id`, `ok`, `a` = detail value).
+pub const LLUMLET_CMD_REPLY: u32 = 30;
+
+/// Request states of the request table.
+pub const LLUMLET_REQ_WAITING: u32 = 1;
+/// Prefilling.
+pub const LLUMLET_REQ_PREFILL: u32 = 2;
+/// Decoding.
+pub const LLUMLET_REQ_RUNNING: u32 = 3;
+/// Suspended for migration.
+pub const LLUMLET_REQ_SUSPENDED: u32 = 4;
+
+/// A command or reply, flattened for C.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlumletCommand {
+    /// One of `LLUMLET_CMD_*`.
+    pub kind: u32,
+    /// Replies: 1 if the command succeeded.
+    pub ok: u32,
+    /// Sequence, correlation or migration id.
+    pub id: u64,
+    /// First argument (see the kind).
+    pub a: u64,
+}
+
+/// The engine's status: every numeric field of `cms.InstanceStatus` the engine produces.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlumletStatus {
+    pub step_id: i32,
+    pub update_id: i32,
+    pub hybrid_scheduler_waiting_to_decode_requests_num: i32,
+    pub scheduler_waiting_to_decode_requests_num: i32,
+    pub num_waiting_requests: i32,
+    pub scheduler_running_to_decode_requests_num: i32,
+    pub num_running_requests: i32,
+    pub num_loading_requests: i32,
+    pub num_total_gpu_tokens: i32,
+    pub num_used_gpu_tokens: i32,
+    pub num_uncomputed_tokens_hybrid_scheduler_waiting_prefills: i32,
+    pub num_unallocated_tokens_hybrid_scheduler_waiting_decodes: i32,
+    pub hybrid_scheduler_waiting_to_decode_tokens_num: i32,
+    pub num_uncomputed_tokens_scheduler_waiting_prefills: i32,
+    pub scheduler_waiting_to_decode_tokens_num: i32,
+    pub num_uncomputed_tokens_scheduler_running_prefills: i32,
+    pub num_unallocated_tokens_scheduler_running_prefills: i32,
+    pub scheduler_running_to_decode_tokens_num: i32,
+    pub num_tokens_loading_requests: i32,
+    pub num_uncomputed_tokens_all_waiting_prefills: i32,
+    pub num_migrate_in_reqs: i32,
+    pub num_migrate_out_reqs: i32,
+    pub num_migrate_in_tokens: i32,
+    pub num_migrate_out_tokens: i32,
+    pub profiling_id: i32,
+    pub num_scheduled_prefill_tokens: i32,
+    pub kv_cache_usage_ratio_migrate_in: f64,
+    pub kv_cache_usage_ratio_migrate_out: f64,
+    pub step_duration: f64,
+}
+
+/// An engine's endpoint (opaque to C).
+pub struct LlumletEngine {
+    endpoint: EngineEndpoint,
+    record: StatusRecord,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+type Failure = (i32, String);
+
+/// Runs `f`, turning errors and panics into codes and the thread's last error.
+fn boundary(f: impl FnOnce() -> Result<i32, Failure>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(code)) => code,
+        Ok(Err((code, msg))) => {
+            set_error(&msg);
+            code
+        }
+        Err(_) => {
+            set_error("internal error: a panic was caught at the C boundary");
+            LLUMLET_ERR_PANIC
+        }
+    }
+}
+
+fn null(what: &str) -> Failure {
+    (LLUMLET_ERR_NULL, format!("{what} is NULL"))
+}
+
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for reads.
+unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
+    if p.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| (LLUMLET_ERR_INVALID, format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+/// `p` is NULL only if `n` is 0; otherwise it points to `n` readable `u32`s.
+unsafe fn blocks_arg<'a>(p: *const u32, n: usize) -> Result<&'a [u32], Failure> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(null("blocks"));
+    }
+    // SAFETY: non-NULL and `n` elements readable per the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// # Safety
+/// `e` is NULL or a pointer returned by `llumlet_engine_create` and not yet destroyed.
+unsafe fn engine_arg<'a>(e: *mut LlumletEngine) -> Result<&'a mut LlumletEngine, Failure> {
+    // SAFETY: per the caller's contract, a non-NULL `e` is a live engine we created.
+    unsafe { e.as_mut() }.ok_or_else(|| null("engine"))
+}
+
+fn table_err(e: TableError) -> Failure {
+    let code = match e {
+        TableError::Full => LLUMLET_ERR_FULL,
+        TableError::Busy(_) => LLUMLET_ERR_CORRUPT,
+        _ => LLUMLET_ERR_INVALID,
+    };
+    (code, e.to_string())
+}
+
+fn state_arg(s: u32) -> Result<RequestState, Failure> {
+    Ok(match s {
+        LLUMLET_REQ_WAITING => RequestState::Waiting,
+        LLUMLET_REQ_PREFILL => RequestState::Prefill,
+        LLUMLET_REQ_RUNNING => RequestState::Running,
+        LLUMLET_REQ_SUSPENDED => RequestState::Suspended,
+        other => {
+            return Err((
+                LLUMLET_ERR_INVALID,
+                format!("request state {other} is not a LLUMLET_REQ_* value"),
+            ))
+        }
+    })
+}
+
+/// The text of the last error on this thread ("" if none). Valid until the next call into this
+/// library on the same thread.
+#[no_mangle]
+pub extern "C" fn llumlet_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Creates the engine's control segment. `instance_id` names it (`/dev/shm/llumlet-ctl-<id>`)
+/// unless `shm` is non-NULL (a name under /dev/shm or an absolute path). On success `*out` is
+/// the engine, to be released with `llumlet_engine_destroy`.
+///
+/// # Safety
+/// `instance_id` and `shm` are NULL or NUL-terminated strings; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_create(
+    instance_id: *const c_char,
+    shm: *const c_char,
+    out: *mut *mut LlumletEngine,
+) -> i32 {
+    boundary(|| {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: forwarded caller contract.
+        let id = unsafe { str_arg(instance_id, "instance_id") }?;
+        let name = if shm.is_null() {
+            segment_name(id)
+        } else {
+            // SAFETY: forwarded caller contract.
+            unsafe { str_arg(shm, "shm") }?.to_string()
+        };
+        let path = segment_path(&name);
+        let endpoint = EngineEndpoint::create_at(Path::new(&path))
+            .map_err(|e| (LLUMLET_ERR_SEGMENT, e.to_string()))?;
+        let engine = Box::new(LlumletEngine {
+            endpoint,
+            record: StatusRecord::zeroed(),
+        });
+        // SAFETY: `out` is non-NULL and writable per the caller's contract.
+        unsafe { *out = Box::into_raw(engine) };
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Destroys an engine and removes its control segment. NULL is ignored.
+///
+/// # Safety
+/// `engine` is NULL or a live engine from `llumlet_engine_create`; it must not be used after.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_destroy(engine: *mut LlumletEngine) {
+    if !engine.is_null() {
+        // SAFETY: created by Box::into_raw in llumlet_engine_create and not destroyed before.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(engine) })));
+    }
+}
+
+/// Sets the waiting request ids carried with the next published statuses (at most 8 are
+/// carried; `n` may be larger, the rest are counted). `recent` selects the recent-waiting list.
+///
+/// # Safety
+/// `engine` is a live engine; `ids` points to `n` NUL-terminated strings (NULL if `n` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_set_waiting_ids(
+    engine: *mut LlumletEngine,
+    ids: *const *const c_char,
+    n: usize,
+    recent: bool,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        let mut list = Vec::with_capacity(n);
+        if n > 0 {
+            if ids.is_null() {
+                return Err(null("ids"));
+            }
+            // SAFETY: `ids` holds `n` pointers per the caller's contract.
+            for &p in unsafe { std::slice::from_raw_parts(ids, n) } {
+                // SAFETY: each is a NUL-terminated string per the caller's contract.
+                list.push(unsafe { str_arg(p, "request id") }?);
+            }
+        }
+        let r = if recent {
+            e.record.set_recent_waiting_ids(list.iter().copied())
+        } else {
+            e.record.set_waiting_ids(list.iter().copied())
+        };
+        r.map_err(|x| (LLUMLET_ERR_INVALID, x.to_string()))?;
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Publishes a status into the ring. Allocates nothing and takes no lock.
+///
+/// # Safety
+/// `engine` is a live engine; `status` is NULL or points to a readable `LlumletStatus`.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_publish(
+    engine: *mut LlumletEngine,
+    status: *const LlumletStatus,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        // SAFETY: a non-NULL `status` is readable per the caller's contract.
+        let s = unsafe { status.as_ref() }.ok_or_else(|| null("status"))?;
+        let r = &mut e.record;
+        r.monotonic_ns = llumlet_dataplane::segment::monotonic_ns();
+        r.step_id = s.step_id;
+        r.update_id = s.update_id;
+        r.hybrid_scheduler_waiting_to_decode_requests_num =
+            s.hybrid_scheduler_waiting_to_decode_requests_num;
+        r.scheduler_waiting_to_decode_requests_num = s.scheduler_waiting_to_decode_requests_num;
+        r.num_waiting_requests = s.num_waiting_requests;
+        r.scheduler_running_to_decode_requests_num = s.scheduler_running_to_decode_requests_num;
+        r.num_running_requests = s.num_running_requests;
+        r.num_loading_requests = s.num_loading_requests;
+        r.num_total_gpu_tokens = s.num_total_gpu_tokens;
+        r.num_used_gpu_tokens = s.num_used_gpu_tokens;
+        r.num_uncomputed_tokens_hybrid_scheduler_waiting_prefills =
+            s.num_uncomputed_tokens_hybrid_scheduler_waiting_prefills;
+        r.num_unallocated_tokens_hybrid_scheduler_waiting_decodes =
+            s.num_unallocated_tokens_hybrid_scheduler_waiting_decodes;
+        r.hybrid_scheduler_waiting_to_decode_tokens_num =
+            s.hybrid_scheduler_waiting_to_decode_tokens_num;
+        r.num_uncomputed_tokens_scheduler_waiting_prefills =
+            s.num_uncomputed_tokens_scheduler_waiting_prefills;
+        r.scheduler_waiting_to_decode_tokens_num = s.scheduler_waiting_to_decode_tokens_num;
+        r.num_uncomputed_tokens_scheduler_running_prefills =
+            s.num_uncomputed_tokens_scheduler_running_prefills;
+        r.num_unallocated_tokens_scheduler_running_prefills =
+            s.num_unallocated_tokens_scheduler_running_prefills;
+        r.scheduler_running_to_decode_tokens_num = s.scheduler_running_to_decode_tokens_num;
+        r.num_tokens_loading_requests = s.num_tokens_loading_requests;
+        r.num_uncomputed_tokens_all_waiting_prefills = s.num_uncomputed_tokens_all_waiting_prefills;
+        r.num_migrate_in_reqs = s.num_migrate_in_reqs;
+        r.num_migrate_out_reqs = s.num_migrate_out_reqs;
+        r.num_migrate_in_tokens = s.num_migrate_in_tokens;
+        r.num_migrate_out_tokens = s.num_migrate_out_tokens;
+        r.profiling_id = s.profiling_id;
+        r.num_scheduled_prefill_tokens = s.num_scheduled_prefill_tokens;
+        r.kv_cache_usage_ratio_migrate_in = s.kv_cache_usage_ratio_migrate_in;
+        r.kv_cache_usage_ratio_migrate_out = s.kv_cache_usage_ratio_migrate_out;
+        r.step_duration = s.step_duration;
+        let record = e.record;
+        e.endpoint.publish(&record);
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Adds a live request to the request table; `*slot` receives its slot.
+///
+/// # Safety
+/// `engine` is a live engine; `id` a NUL-terminated string; `blocks` points to `n_blocks`
+/// `u32`s (NULL if 0); `slot` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_add_request(
+    engine: *mut LlumletEngine,
+    id: *const c_char,
+    state: u32,
+    arrival: u64,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    blocks: *const u32,
+    n_blocks: usize,
+    slot: *mut u32,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        if slot.is_null() {
+            return Err(null("slot"));
+        }
+        // SAFETY: forwarded caller contract.
+        let (id, blocks) = unsafe { (str_arg(id, "id")?, blocks_arg(blocks, n_blocks)?) };
+        let info = RequestInfo {
+            id,
+            state: state_arg(state)?,
+            arrival,
+            prompt_tokens,
+            output_tokens,
+        };
+        let s = e.endpoint.add_request(&info, blocks).map_err(table_err)?;
+        // SAFETY: non-NULL and writable per the caller's contract.
+        unsafe { *slot = s };
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Records a request's progress: its state, output tokens, and the blocks it gained since the
+/// last call.
+///
+/// # Safety
+/// `engine` is a live engine; `new_blocks` points to `n` `u32`s (NULL if 0).
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_request_progress(
+    engine: *mut LlumletEngine,
+    slot: u32,
+    state: u32,
+    output_tokens: u32,
+    new_blocks: *const u32,
+    n: usize,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        // SAFETY: forwarded caller contract.
+        let blocks = unsafe { blocks_arg(new_blocks, n) }?;
+        e.endpoint
+            .request_progress(slot, state_arg(state)?, output_tokens, blocks)
+            .map_err(table_err)?;
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Removes a request from the table.
+///
+/// # Safety
+/// `engine` is a live engine.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_remove_request(
+    engine: *mut LlumletEngine,
+    slot: u32,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        e.endpoint.remove_request(slot).map_err(table_err)?;
+        Ok(LLUMLET_OK)
+    })
+}
+
+fn to_c(c: Command) -> LlumletCommand {
+    let (kind, ok, id, a) = match c {
+        Command::StatusRequest { seq } => (LLUMLET_CMD_STATUS_REQUEST, 0, seq, 0),
+        Command::StatusPublished { seq, publish_seq } => {
+            (LLUMLET_CMD_STATUS_PUBLISHED, 0, seq, publish_seq)
+        }
+        Command::Abort { id, slot } => (LLUMLET_CMD_ABORT, 0, id, u64::from(slot)),
+        Command::MigrateOutBegin { migration, slot } => {
+            (LLUMLET_CMD_MIGRATE_OUT_BEGIN, 0, migration, u64::from(slot))
+        }
+        Command::MigrateOutSuspend { migration, slot } => (
+            LLUMLET_CMD_MIGRATE_OUT_SUSPEND,
+            0,
+            migration,
+            u64::from(slot),
+        ),
+        Command::MigrateOutCommit { migration, slot } => (
+            LLUMLET_CMD_MIGRATE_OUT_COMMIT,
+            0,
+            migration,
+            u64::from(slot),
+        ),
+        Command::MigrateOutAbort { migration, slot } => {
+            (LLUMLET_CMD_MIGRATE_OUT_ABORT, 0, migration, u64::from(slot))
+        }
+        Command::ReserveBlocks { migration, blocks } => {
+            (LLUMLET_CMD_RESERVE_BLOCKS, 0, migration, u64::from(blocks))
+        }
+        Command::MigrateInCommit { migration } => (LLUMLET_CMD_MIGRATE_IN_COMMIT, 0, migration, 0),
+        Command::MigrateInAbort { migration } => (LLUMLET_CMD_MIGRATE_IN_ABORT, 0, migration, 0),
+        Command::Reply { id, ok, value } => (LLUMLET_CMD_REPLY, u32::from(ok), id, value),
+    };
+    LlumletCommand { kind, ok, id, a }
+}
+
+fn from_c(c: &LlumletCommand) -> Result<Command, Failure> {
+    let slot = || {
+        u32::try_from(c.a).map_err(|_| {
+            (
+                LLUMLET_ERR_INVALID,
+                format!("argument {} out of range", c.a),
+            )
+        })
+    };
+    Ok(match c.kind {
+        LLUMLET_CMD_STATUS_PUBLISHED => Command::StatusPublished {
+            seq: c.id,
+            publish_seq: c.a,
+        },
+        LLUMLET_CMD_REPLY => Command::Reply {
+            id: c.id,
+            ok: c.ok != 0,
+            value: c.a,
+        },
+        LLUMLET_CMD_STATUS_REQUEST => Command::StatusRequest { seq: c.id },
+        LLUMLET_CMD_ABORT => Command::Abort {
+            id: c.id,
+            slot: slot()?,
+        },
+        other => {
+            return Err((
+                LLUMLET_ERR_INVALID,
+                format!("command kind {other} cannot be sent by an engine"),
+            ))
+        }
+    })
+}
+
+/// Takes the next command from the llumlet: returns 1 and fills `*out` if there was one, 0 if
+/// the queue is empty (two loads), or a negative error.
+///
+/// # Safety
+/// `engine` is a live engine; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_poll_command(
+    engine: *mut LlumletEngine,
+    out: *mut LlumletCommand,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        match e.endpoint.poll_command() {
+            Ok(None) => Ok(0),
+            Ok(Some(c)) => {
+                // SAFETY: non-NULL and writable per the caller's contract.
+                unsafe { *out = to_c(c) };
+                Ok(1)
+            }
+            Err(e @ PollError::Queue(_)) | Err(e @ PollError::Decode(_)) => {
+                Err((LLUMLET_ERR_CORRUPT, e.to_string()))
+            }
+        }
+    })
+}
+
+/// Sends a reply or event to the llumlet. A full queue is `LLUMLET_ERR_FULL`: nothing is sent,
+/// retry later.
+///
+/// # Safety
+/// `engine` is a live engine; `cmd` points to a readable `LlumletCommand`.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_send(
+    engine: *mut LlumletEngine,
+    cmd: *const LlumletCommand,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        // SAFETY: a non-NULL `cmd` is readable per the caller's contract.
+        let c = unsafe { cmd.as_ref() }.ok_or_else(|| null("cmd"))?;
+        e.endpoint.send(&from_c(c)?).map_err(|x| match x {
+            QueueError::Full => (LLUMLET_ERR_FULL, x.to_string()),
+            QueueError::Corrupt { .. } => (LLUMLET_ERR_CORRUPT, x.to_string()),
+        })?;
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Records publish seq of the newest status (for `LLUMLET_CMD_STATUS_PUBLISHED` replies).
+///
+/// # Safety
+/// `engine` is a live engine; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_published(
+    engine: *mut LlumletEngine,
+    out: *mut u64,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: non-NULL and writable per the caller's contract.
+        unsafe { *out = e.endpoint.segment().status().published() };
+        Ok(LLUMLET_OK)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr;
+
+    fn msg() -> String {
+        // SAFETY: llumlet_last_error returns a valid NUL-terminated string.
+        unsafe { CStr::from_ptr(llumlet_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn bad_arguments_are_codes_not_crashes() {
+        // SAFETY: every pointer passed is NULL or valid; that is what is being tested.
+        unsafe {
+            assert_eq!(
+                llumlet_engine_create(ptr::null(), ptr::null(), ptr::null_mut()),
+                LLUMLET_ERR_NULL
+            );
+            assert_eq!(msg(), "out is NULL");
+            let mut e = ptr::null_mut();
+            assert_eq!(
+                llumlet_engine_create(ptr::null(), ptr::null(), &mut e),
+                LLUMLET_ERR_NULL
+            );
+            assert_eq!(msg(), "instance_id is NULL");
+            let bad = [0xffu8, 0];
+            assert_eq!(
+                llumlet_engine_create(bad.as_ptr().cast(), ptr::null(), &mut e),
+                LLUMLET_ERR_INVALID
+            );
+            assert_eq!(
+                llumlet_engine_publish(ptr::null_mut(), ptr::null()),
+                LLUMLET_ERR_NULL
+            );
+            let path =
+                CString::new(format!("/tmp/llumlet-ffi-test-{}", std::process::id())).unwrap();
+            let id = CString::new("x").unwrap();
+            assert_eq!(
+                llumlet_engine_create(id.as_ptr(), path.as_ptr(), &mut e),
+                LLUMLET_OK
+            );
+            assert_eq!(llumlet_engine_publish(e, ptr::null()), LLUMLET_ERR_NULL);
+            assert_eq!(
+                llumlet_engine_publish(e, &LlumletStatus::default()),
+                LLUMLET_OK
+            );
+            let mut slot = 0;
+            assert_eq!(
+                llumlet_engine_add_request(e, id.as_ptr(), 77, 0, 1, 0, ptr::null(), 0, &mut slot),
+                LLUMLET_ERR_INVALID
+            );
+            assert!(msg().contains("request state 77"));
+            assert_eq!(
+                llumlet_engine_add_request(
+                    e,
+                    id.as_ptr(),
+                    LLUMLET_REQ_RUNNING,
+                    0,
+                    1,
+                    0,
+                    ptr::null(),
+                    3,
+                    &mut slot
+                ),
+                LLUMLET_ERR_NULL
+            );
+            let blocks = [1u32, 2, 3];
+            assert_eq!(
+                llumlet_engine_add_request(
+                    e,
+                    id.as_ptr(),
+                    LLUMLET_REQ_RUNNING,
+                    0,
+                    1,
+                    0,
+                    blocks.as_ptr(),
+                    3,
+                    &mut slot
+                ),
+                LLUMLET_OK
+            );
+            assert_eq!(
+                llumlet_engine_request_progress(e, 9999, LLUMLET_REQ_RUNNING, 1, ptr::null(), 0),
+                LLUMLET_ERR_INVALID
+            );
+            let mut c = LlumletCommand::default();
+            assert_eq!(llumlet_engine_poll_command(e, &mut c), 0);
+            let bogus = LlumletCommand {
+                kind: LLUMLET_CMD_RESERVE_BLOCKS,
+                ..Default::default()
+            };
+            assert_eq!(llumlet_engine_send(e, &bogus), LLUMLET_ERR_INVALID);
+            llumlet_engine_destroy(e);
+            llumlet_engine_destroy(ptr::null_mut());
+        }
+    }
+}
