@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::command::{pop, push, Command, DecodeError, QueueError};
+use crate::kv::{KvError, KvRegion};
 use crate::request_table::{RequestInfo, RequestState, TableError, TableWriter};
 use crate::segment::{segment_name, segment_path, ControlSegment, SegmentError};
 use crate::status_ring::{StatusRecord, StatusWriter};
@@ -71,6 +72,11 @@ impl EngineEndpoint {
     /// Removes a finished or aborted request.
     pub fn remove_request(&mut self, slot: u32) -> Result<(), TableError> {
         self.table.remove(self.segment.requests(), slot)
+    }
+
+    /// Registers where part of the KV cache lives.
+    pub fn register_kv_region(&self, region: &KvRegion) -> Result<usize, KvError> {
+        self.segment.kv().register(region)
     }
 
     /// Takes the next command from the llumlet, if any. An empty poll is two loads.

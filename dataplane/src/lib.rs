@@ -2,6 +2,7 @@
 //!
 //! - [`segment`]: the per-instance control segment (naming, header, create and attach states);
 //! - [`status_ring`]: the single-writer, many-reader status ring with a seqlock per slot;
+//! - [`kv`]: the KV region registry and mapping of host regions;
 //! - [`request_table`]: one seqlocked slot per live request with its block table;
 //! - [`seqlock`]: the atomic-word copy both sides use;
 //! - [`command`]: the two SPSC command queues and the command codec;
@@ -12,6 +13,7 @@
 
 pub mod command;
 pub mod engine;
+pub mod kv;
 pub mod request_table;
 pub mod segment;
 pub mod seqlock;

@@ -13,6 +13,8 @@
 //!  | QueueMem: engine → llumlet                  |
 //!  +---------------------------------------------+
 //!  | RequestTableMem                             |  see request_table.rs (≈ 4.2 MiB, sparse)
+//!  +---------------------------------------------+
+//!  | KvRegistryMem                               |  see kv.rs
 //!  +---------------------------------------------+ size_of::<ControlLayout>()
 //! ```
 //!
@@ -32,6 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use memmap2::MmapRaw;
 
 use crate::command::{QueueMem, MESSAGE_WORDS, QUEUE_CAPACITY};
+use crate::kv::{KvRegistryMem, HANDLE_BYTES, MAX_KV_REGIONS};
 use crate::request_table::{RequestTableMem, MAX_BLOCKS_PER_REQUEST, MAX_REQUESTS};
 use crate::status_ring::{
     StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
@@ -72,6 +75,7 @@ pub struct ControlLayout {
     to_engine: QueueMem,
     to_llumlet: QueueMem,
     requests: RequestTableMem,
+    kv: KvRegistryMem,
 }
 
 /// Bytes of a control segment.
@@ -108,6 +112,9 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(ControlLayout, requests) as u64,
         MAX_REQUESTS as u64,
         MAX_BLOCKS_PER_REQUEST as u64,
+        offset_of!(ControlLayout, kv) as u64,
+        MAX_KV_REGIONS as u64,
+        HANDLE_BYTES as u64,
         MESSAGE_WORDS as u64,
         SEGMENT_SIZE as u64,
     ];
@@ -440,6 +447,11 @@ impl ControlSegment {
     /// The llumlet → engine command queue.
     pub fn to_engine(&self) -> &QueueMem {
         &self.layout().to_engine
+    }
+
+    /// The KV region registry.
+    pub fn kv(&self) -> &KvRegistryMem {
+        &self.layout().kv
     }
 
     /// The request table.

@@ -1,0 +1,371 @@
+//! The KV region registry: where the engine's KV cache lives, so the llumlet can copy blocks
+//! itself. Per layer (or per K/V tensor) one entry: a memory handle (a shared-memory segment
+//! name for host memory, CUDA IPC handle bytes for GPU memory), the offset of the region in it,
+//! the number of blocks, the bytes of a block and of a token, and the layout kind.
+//!
+//! Entries are append-only: the engine fills an entry, then publishes it by raising `count`
+//! (Release); a reader loads `count` (Acquire) and reads only entries below it.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use memmap2::MmapRaw;
+
+/// Regions a registry holds (e.g. 64 layers with K and V split).
+pub const MAX_KV_REGIONS: usize = 128;
+/// Bytes of a memory handle (a CUDA IPC handle is 64 bytes; a segment name fits too).
+pub const HANDLE_BYTES: usize = 64;
+const ENTRY_WORDS: usize = 8 + HANDLE_BYTES / 8;
+
+/// Where a region's memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Host memory in a shared-memory segment (the handle is its name or absolute path).
+    HostShm = 1,
+    /// GPU memory exported with `cuIpcGetMemHandle` (the handle is the 64 IPC handle bytes).
+    CudaIpc = 2,
+}
+
+/// What a region holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutKind {
+    /// K and V of a layer together in each block.
+    KvTogether = 1,
+    /// Only the K tensor of a layer.
+    KeyOnly = 2,
+    /// Only the V tensor of a layer.
+    ValueOnly = 3,
+}
+
+/// One registered region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvRegion {
+    /// Memory kind.
+    pub memory: MemoryKind,
+    /// Layout kind.
+    pub layout: LayoutKind,
+    /// The layer.
+    pub layer: u32,
+    /// Byte offset of block 0 in the memory the handle names.
+    pub offset: u64,
+    /// Blocks in the region.
+    pub num_blocks: u64,
+    /// Bytes of one block.
+    pub block_size_bytes: u64,
+    /// Bytes of one token's slot in a block.
+    pub token_size_bytes: u64,
+    /// The handle bytes.
+    pub handle: Vec<u8>,
+}
+
+impl KvRegion {
+    /// Bytes the region spans.
+    pub fn len(&self) -> Option<u64> {
+        self.num_blocks.checked_mul(self.block_size_bytes)
+    }
+
+    /// Whether the region has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == Some(0)
+    }
+}
+
+/// Registry and mapping errors.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// All entries are used.
+    #[error("the KV region registry is full ({MAX_KV_REGIONS} regions)")]
+    Full,
+    /// The handle does not fit.
+    #[error("a memory handle is at most {HANDLE_BYTES} bytes, got {0}")]
+    HandleTooLong(usize),
+    /// An entry holds values this build does not know or that do not add up.
+    #[error("KV region {index} is invalid: {why}")]
+    Invalid {
+        /// Entry index.
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// The region does not fit in its segment.
+    #[error("KV region of layer {layer} needs bytes {offset}..{end} but {path} has {size}")]
+    TooLarge {
+        /// The layer.
+        layer: u32,
+        /// Start.
+        offset: u64,
+        /// End.
+        end: u64,
+        /// The segment.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// Only host regions can be mapped here.
+    #[error("KV region of layer {0} is GPU memory; it is opened by the CUDA transport")]
+    NotHost(u32),
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// The segment.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The registry's memory (atomics only: valid for any bytes).
+#[repr(C, align(64))]
+pub struct KvRegistryMem {
+    count: AtomicU32,
+    _pad: [u32; 15],
+    entries: [[AtomicU64; ENTRY_WORDS]; MAX_KV_REGIONS],
+}
+
+impl KvRegistryMem {
+    /// Registers `region`; returns its index. Engine side, single writer.
+    pub fn register(&self, region: &KvRegion) -> Result<usize, KvError> {
+        if region.handle.len() > HANDLE_BYTES {
+            return Err(KvError::HandleTooLong(region.handle.len()));
+        }
+        let index = self.count.load(Ordering::Relaxed) as usize;
+        let entry = self.entries.get(index).ok_or(KvError::Full)?;
+        let mut handle = [0u8; HANDLE_BYTES];
+        handle[..region.handle.len()].copy_from_slice(&region.handle);
+        let words: [u64; 8] = [
+            region.memory as u64 | (region.layout as u64) << 8 | (region.handle.len() as u64) << 16,
+            u64::from(region.layer),
+            region.offset,
+            region.num_blocks,
+            region.block_size_bytes,
+            region.token_size_bytes,
+            0,
+            0,
+        ];
+        for (d, s) in entry.iter().zip(words) {
+            d.store(s, Ordering::Relaxed);
+        }
+        for (d, chunk) in entry[8..].iter().zip(handle.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            d.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        // Pairs with the Acquire load in `regions`: the entry is complete once counted.
+        self.count.store(index as u32 + 1, Ordering::Release);
+        Ok(index)
+    }
+
+    /// The registered regions, each validated (a garbage entry is an error, not a panic).
+    pub fn regions(&self) -> Vec<Result<KvRegion, KvError>> {
+        // Pairs with the Release store in `register`.
+        let n = (self.count.load(Ordering::Acquire) as usize).min(MAX_KV_REGIONS);
+        (0..n).map(|i| decode(i, &self.entries[i])).collect()
+    }
+}
+
+fn decode(index: usize, e: &[AtomicU64; ENTRY_WORDS]) -> Result<KvRegion, KvError> {
+    let w: Vec<u64> = e.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+    let invalid = |why: String| KvError::Invalid { index, why };
+    let memory = match w[0] & 0xff {
+        1 => MemoryKind::HostShm,
+        2 => MemoryKind::CudaIpc,
+        v => return Err(invalid(format!("memory kind {v}"))),
+    };
+    let layout = match (w[0] >> 8) & 0xff {
+        1 => LayoutKind::KvTogether,
+        2 => LayoutKind::KeyOnly,
+        3 => LayoutKind::ValueOnly,
+        v => return Err(invalid(format!("layout kind {v}"))),
+    };
+    let handle_len = ((w[0] >> 16) & 0xffff) as usize;
+    if handle_len > HANDLE_BYTES {
+        return Err(invalid(format!("handle length {handle_len}")));
+    }
+    let layer = u32::try_from(w[1]).map_err(|_| invalid(format!("layer {}", w[1])))?;
+    let mut handle = Vec::with_capacity(HANDLE_BYTES);
+    for x in &w[8..] {
+        handle.extend_from_slice(&x.to_le_bytes());
+    }
+    handle.truncate(handle_len);
+    let r = KvRegion {
+        memory,
+        layout,
+        layer,
+        offset: w[2],
+        num_blocks: w[3],
+        block_size_bytes: w[4],
+        token_size_bytes: w[5],
+        handle,
+    };
+    if r.len().is_none() || r.offset.checked_add(r.len().unwrap_or(0)).is_none() {
+        return Err(invalid("size overflows".into()));
+    }
+    if r.token_size_bytes == 0
+        || r.block_size_bytes == 0
+        || r.block_size_bytes % r.token_size_bytes != 0
+    {
+        return Err(invalid(format!(
+            "block of {} bytes is not a whole number of {}-byte tokens",
+            r.block_size_bytes, r.token_size_bytes
+        )));
+    }
+    Ok(r)
+}
+
+/// A host KV region mapped into this process.
+pub struct MappedRegion {
+    map: MmapRaw,
+    region: KvRegion,
+}
+
+impl MappedRegion {
+    /// Maps a host region, checking that it fits in its segment.
+    pub fn map(region: &KvRegion) -> Result<MappedRegion, KvError> {
+        if region.memory != MemoryKind::HostShm {
+            return Err(KvError::NotHost(region.layer));
+        }
+        let name = std::str::from_utf8(&region.handle).map_err(|_| KvError::Invalid {
+            index: 0,
+            why: "segment name is not UTF-8".into(),
+        })?;
+        let path = crate::segment::segment_path(name);
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KvError::Io { op, path, source }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let size = file.metadata().map_err(io("stat", &path))?.len();
+        let len = region.len().unwrap_or(u64::MAX);
+        let end = region.offset.saturating_add(len);
+        if end > size {
+            return Err(KvError::TooLarge {
+                layer: region.layer,
+                offset: region.offset,
+                end,
+                path,
+                size,
+            });
+        }
+        let map = memmap2::MmapOptions::new()
+            .offset(0)
+            .len(end as usize)
+            .map_raw(&file)
+            .map_err(io("map", &path))?;
+        Ok(MappedRegion {
+            map,
+            region: region.clone(),
+        })
+    }
+
+    /// The region.
+    pub fn region(&self) -> &KvRegion {
+        &self.region
+    }
+
+    /// Pointer to block `b`, if it exists. The memory is shared with the engine, which may write
+    /// it at any time: copy through raw pointers, never through references.
+    pub fn block_ptr(&self, b: u64) -> Option<*mut u8> {
+        if b >= self.region.num_blocks {
+            return None;
+        }
+        let off = self.region.offset + b * self.region.block_size_bytes;
+        // SAFETY: off + block_size_bytes <= offset + len <= mapping length (checked in `map`).
+        Some(unsafe { self.map.as_mut_ptr().add(off as usize) })
+    }
+
+    /// Copies block `b` out (for checks and tests).
+    pub fn read_block(&self, b: u64, out: &mut [u8]) -> bool {
+        let Some(p) = self.block_ptr(b) else {
+            return false;
+        };
+        let n = (self.region.block_size_bytes as usize).min(out.len());
+        // SAFETY: `p` points to a block of block_size_bytes inside the mapping; `out` is ours and
+        // does not overlap shared memory; the engine may be writing the block concurrently, which
+        // gives stale or mixed bytes but no undefined behaviour for a byte copy through raw
+        // pointers.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), n) };
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Box<KvRegistryMem> {
+        Box::new(KvRegistryMem {
+            count: AtomicU32::new(0),
+            _pad: [0; 15],
+            entries: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+        })
+    }
+
+    fn region(name: &str, blocks: u64) -> KvRegion {
+        KvRegion {
+            memory: MemoryKind::HostShm,
+            layout: LayoutKind::KvTogether,
+            layer: 3,
+            offset: 4096,
+            num_blocks: blocks,
+            block_size_bytes: 1024,
+            token_size_bytes: 64,
+            handle: name.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn register_read_map() {
+        let path = std::env::temp_dir().join(format!("llumlet-kv-test-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 4096 + 10 * 1024]).unwrap();
+        let m = mem();
+        let r = region(path.to_str().unwrap(), 10);
+        assert_eq!(m.register(&r).unwrap(), 0);
+        let got = m.regions();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].as_ref().unwrap(), &r);
+        let mapped = MappedRegion::map(&r).unwrap();
+        let mut buf = vec![0u8; 1024];
+        assert!(mapped.read_block(9, &mut buf));
+        assert!(buf.iter().all(|b| *b == 7));
+        assert!(!mapped.read_block(10, &mut buf));
+        // One block more than the segment holds: a clear error.
+        match MappedRegion::map(&region(path.to_str().unwrap(), 11)) {
+            Err(KvError::TooLarge { end, size, .. }) => {
+                assert_eq!((end, size), (4096 + 11 * 1024, 4096 + 10 * 1024))
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("mapped a region larger than its segment"),
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn bad_entries_are_typed_errors() {
+        let m = mem();
+        assert!(matches!(
+            m.register(&region(&"x".repeat(65), 1)),
+            Err(KvError::HandleTooLong(65))
+        ));
+        let mut r = region("seg", 1);
+        r.token_size_bytes = 100;
+        m.register(&r).unwrap();
+        assert!(matches!(&m.regions()[0], Err(KvError::Invalid { .. })));
+        m.entries[0][0].store(9, Ordering::Relaxed);
+        assert!(matches!(&m.regions()[0], Err(KvError::Invalid { .. })));
+        for _ in 1..MAX_KV_REGIONS {
+            m.register(&region("seg", 1)).unwrap();
+        }
+        assert!(matches!(m.register(&region("seg", 1)), Err(KvError::Full)));
+        let mut gpu = region("seg", 1);
+        gpu.memory = MemoryKind::CudaIpc;
+        assert!(matches!(MappedRegion::map(&gpu), Err(KvError::NotHost(3))));
+    }
+}
