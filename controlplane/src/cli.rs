@@ -74,6 +74,15 @@ struct SimArgs {
     /// Publish the status every this many steps.
     #[arg(long, env = "LLUMNIX_INSTANCE_UPDATE_STEPS", default_value_t = 1)]
     update_steps: u32,
+    /// KV cache layers (an 8B model: 32).
+    #[arg(long, default_value_t = 4)]
+    layers: u32,
+    /// KV heads per layer (an 8B model: 8).
+    #[arg(long, default_value_t = 2)]
+    kv_heads: u32,
+    /// Elements per head, fp16 (an 8B model: 128).
+    #[arg(long, default_value_t = 64)]
+    head_size: u32,
     /// `push`: publish every --update-steps steps; `pull`: only when the llumlet asks.
     #[arg(
         long,
@@ -90,13 +99,19 @@ fn sim_engine(a: SimArgs) -> ExitCode {
         eprintln!("llumlet sim-engine: {msg}");
         ExitCode::from(EXIT_CONFIG)
     };
-    if a.block_size == 0
-        || a.num_blocks == 0
-        || a.update_steps == 0
-        || a.max_tokens == 0
-        || a.max_prompt == 0
+    if [
+        a.block_size,
+        a.num_blocks,
+        a.update_steps,
+        a.max_tokens,
+        a.max_prompt,
+        a.layers,
+        a.kv_heads,
+        a.head_size,
+    ]
+    .contains(&0)
     {
-        return bad("--block-size, --num-blocks, --max-tokens, --max-prompt and --update-steps must be at least 1".into());
+        return bad("--block-size, --num-blocks, --max-tokens, --max-prompt, --update-steps, --layers, --kv-heads and --head-size must be at least 1".into());
     }
     let largest = u64::from(a.max_prompt) + u64::from(a.max_tokens);
     if largest.div_ceil(u64::from(a.block_size)) > u64::from(a.num_blocks) {
@@ -112,6 +127,9 @@ fn sim_engine(a: SimArgs) -> ExitCode {
     };
     let cfg = llumlet_dataplane::sim::SimConfig {
         push,
+        layers: a.layers,
+        kv_heads: a.kv_heads,
+        head_size: a.head_size,
         segment: segment_path(&a.shm.unwrap_or_else(|| segment_name(&a.instance_id))),
         requests: a.requests,
         max_tokens: a.max_tokens,

@@ -206,7 +206,7 @@ fn decode(index: usize, e: &[AtomicU64; ENTRY_WORDS]) -> Result<KvRegion, KvErro
     }
     if r.token_size_bytes == 0
         || r.block_size_bytes == 0
-        || r.block_size_bytes % r.token_size_bytes != 0
+        || !r.block_size_bytes.is_multiple_of(r.token_size_bytes)
     {
         return Err(invalid(format!(
             "block of {} bytes is not a whole number of {}-byte tokens",
@@ -293,6 +293,117 @@ impl MappedRegion {
         // pointers.
         unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), n) };
         true
+    }
+}
+
+/// A paged KV cache in one host shared-memory segment: `layers` regions of `num_blocks` blocks,
+/// layer after layer. The engine side of the simulated engine (and of any engine that keeps its
+/// KV cache in host memory). Removes its segment when dropped.
+pub struct HostKvCache {
+    map: MmapRaw,
+    path: PathBuf,
+    layers: u32,
+    num_blocks: u64,
+    block_size_bytes: u64,
+    token_size_bytes: u64,
+}
+
+impl HostKvCache {
+    /// Creates the segment at `path` (mode 0600, replacing a file of ours left there).
+    pub fn create(
+        path: &Path,
+        layers: u32,
+        num_blocks: u64,
+        block_size_bytes: u64,
+        token_size_bytes: u64,
+    ) -> Result<HostKvCache, KvError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| KvError::Io { op, path, source }
+        };
+        let total = u64::from(layers)
+            .checked_mul(num_blocks)
+            .and_then(|x| x.checked_mul(block_size_bytes))
+            .filter(|t| *t > 0 && block_size_bytes.is_multiple_of(token_size_bytes.max(1)))
+            .ok_or_else(|| KvError::Invalid {
+                index: 0,
+                why: "empty or overflowing KV cache shape".into(),
+            })?;
+        let _ = std::fs::remove_file(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io("create"))?;
+        file.set_len(total).map_err(io("size"))?;
+        let map = MmapRaw::map_raw(&file).map_err(io("map"))?;
+        Ok(HostKvCache {
+            map,
+            path: path.to_path_buf(),
+            layers,
+            num_blocks,
+            block_size_bytes,
+            token_size_bytes,
+        })
+    }
+
+    /// The regions to register, one per layer. The handle is the segment's name when it lives
+    /// under /dev/shm, else its absolute path.
+    pub fn regions(&self) -> Result<Vec<KvRegion>, KvError> {
+        let shm_dir = Path::new(crate::segment::SHM_DIR);
+        let handle = match self.path.strip_prefix(shm_dir) {
+            Ok(name) => name.to_string_lossy().into_owned(),
+            Err(_) => self.path.to_string_lossy().into_owned(),
+        };
+        if handle.len() > HANDLE_BYTES {
+            return Err(KvError::HandleTooLong(handle.len()));
+        }
+        Ok((0..self.layers)
+            .map(|layer| KvRegion {
+                memory: MemoryKind::HostShm,
+                layout: LayoutKind::KvTogether,
+                layer,
+                offset: u64::from(layer) * self.num_blocks * self.block_size_bytes,
+                num_blocks: self.num_blocks,
+                block_size_bytes: self.block_size_bytes,
+                token_size_bytes: self.token_size_bytes,
+                handle: handle.clone().into_bytes(),
+            })
+            .collect())
+    }
+
+    /// The bytes of one token slot, to be written by the engine (its only writer in this
+    /// process). `None` outside the cache.
+    pub fn token_mut(&mut self, layer: u32, block: u64, slot: u64) -> Option<&mut [u8]> {
+        let tokens_per_block = self.block_size_bytes / self.token_size_bytes;
+        if layer >= self.layers || block >= self.num_blocks || slot >= tokens_per_block {
+            return None;
+        }
+        let off = (u64::from(layer) * self.num_blocks + block) * self.block_size_bytes
+            + slot * self.token_size_bytes;
+        // SAFETY: off + token_size_bytes <= layers * num_blocks * block_size_bytes = the mapping's
+        // length (checked above); `&mut self` makes this the only reference in this process.
+        // Other processes (the llumlet) only read the mapping through raw-pointer copies.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(
+                self.map.as_mut_ptr().add(off as usize),
+                self.token_size_bytes as usize,
+            )
+        })
+    }
+
+    /// The segment's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for HostKvCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -1,9 +1,11 @@
 //! The simulated decode engine: a step loop over seeded requests with a paged KV-cache
 //! allocator, publishing its status through the shared-memory interface like a real engine.
 //!
-//! This is the first part of the simulated engine: scheduling, block accounting and status.
-//! The KV bytes in shared memory, the request table and the command queues come with the rest
-//! of the engine interface.
+//! Its KV cache is real: a host shared-memory segment registered in the KV region registry, in
+//! which every token's slot of every layer holds bytes that are a deterministic function of
+//! (request id, position, layer) ([`fill_token_kv`]), and every output token is a deterministic
+//! function of the request's history. So anyone can check, from the request table and the KV
+//! cache alone, that a request's state is exactly what an unmigrated run would have.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -14,6 +16,7 @@ use bytemuck::Zeroable;
 
 use crate::command::Command;
 use crate::engine::EngineEndpoint;
+use crate::kv::HostKvCache;
 use crate::request_table::{RequestInfo, RequestState, TableError};
 use crate::segment::SegmentError;
 use crate::status_ring::StatusRecord;
@@ -41,6 +44,49 @@ pub struct SimConfig {
     pub update_steps: u32,
     /// PUSH mode: publish every `update_steps` steps. PULL mode (`false`): only when asked.
     pub push: bool,
+    /// Layers of the KV cache.
+    pub layers: u32,
+    /// KV heads per layer.
+    pub kv_heads: u32,
+    /// Elements per head (fp16, 2 bytes each).
+    pub head_size: u32,
+}
+
+impl SimConfig {
+    /// Bytes of one token's K and V in one layer.
+    pub fn token_size_bytes(&self) -> u64 {
+        2 * u64::from(self.kv_heads) * u64::from(self.head_size) * 2
+    }
+
+    /// Bytes of one block in one layer.
+    pub fn block_size_bytes(&self) -> u64 {
+        u64::from(self.block_size) * self.token_size_bytes()
+    }
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    SplitMix64(a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
+}
+
+/// The seed of a request's KV bytes and tokens: FNV-1a of its id.
+pub fn request_seed(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The KV bytes of token `pos` of the request with `seed` in `layer`.
+pub fn fill_token_kv(seed: u64, pos: u64, layer: u32, out: &mut [u8]) {
+    let mut rng = SplitMix64(mix(mix(seed, pos), u64::from(layer)));
+    for chunk in out.chunks_mut(8) {
+        let v = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// Output token `k` of a request, given the previous token.
+pub fn next_token(seed: u64, k: u32, prev: u32) -> u32 {
+    (mix(mix(seed, u64::from(k)), u64::from(prev)) % 32_000) as u32
 }
 
 /// A request in the simulated engine.
@@ -60,6 +106,12 @@ pub struct SimRequest {
     pub slot: Option<u32>,
     /// Blocks already written to the request table.
     published_blocks: usize,
+    /// `request_seed(id)`.
+    pub seed: u64,
+    /// The last output token.
+    pub last_token: u32,
+    /// A digest of the output token stream.
+    pub digest: u64,
 }
 
 impl SimRequest {
@@ -96,6 +148,8 @@ pub struct SimEngine {
     update_id: u32,
     finished: u32,
     preempted: u32,
+    kv: Option<HostKvCache>,
+    scratch: Vec<u8>,
 }
 
 impl SimEngine {
@@ -113,11 +167,64 @@ impl SimEngine {
             update_id: 0,
             finished: 0,
             preempted: 0,
+            kv: None,
+            scratch: Vec::new(),
         }
     }
 
     fn blocks_for(&self, tokens: u32) -> u32 {
         tokens.div_ceil(self.cfg.block_size.max(1))
+    }
+
+    /// Gives the engine a KV cache to write.
+    pub fn with_kv(mut self, kv: HostKvCache) -> SimEngine {
+        self.scratch = vec![0; self.cfg.token_size_bytes() as usize];
+        self.kv = Some(kv);
+        self
+    }
+
+    /// Writes the KV bytes of positions `from..to` of `r` in every layer.
+    fn write_kv(kv: &mut Option<HostKvCache>, cfg: &SimConfig, r: &SimRequest, from: u32, to: u32) {
+        let Some(kv) = kv.as_mut() else { return };
+        let bs = cfg.block_size;
+        for pos in from..to {
+            let Some(&block) = r.blocks.get((pos / bs) as usize) else {
+                return;
+            };
+            for layer in 0..cfg.layers {
+                if let Some(slot) = kv.token_mut(layer, u64::from(block), u64::from(pos % bs)) {
+                    fill_token_kv(r.seed, u64::from(pos), layer, slot);
+                }
+            }
+        }
+    }
+
+    /// Checks that every token of `r` has exactly its deterministic KV bytes in every layer.
+    pub fn verify_kv(&mut self, r: &SimRequest) -> Result<(), String> {
+        let Some(kv) = self.kv.as_mut() else {
+            return Err("no KV cache".into());
+        };
+        let bs = self.cfg.block_size;
+        let mut expect = std::mem::take(&mut self.scratch);
+        let mut result = Ok(());
+        'outer: for pos in 0..r.tokens() {
+            let block = r.blocks[(pos / bs) as usize];
+            for layer in 0..self.cfg.layers {
+                fill_token_kv(r.seed, u64::from(pos), layer, &mut expect);
+                let got = kv
+                    .token_mut(layer, u64::from(block), u64::from(pos % bs))
+                    .map(|s| *s == expect[..]);
+                if got != Some(true) {
+                    result = Err(format!(
+                        "{}: KV of token {pos} in layer {layer} (block {block}) differs",
+                        r.id
+                    ));
+                    break 'outer;
+                }
+            }
+        }
+        self.scratch = expect;
+        result
     }
 
     fn free_blocks(&self) -> u32 {
@@ -131,6 +238,9 @@ impl SimEngine {
         if self.admitted < self.cfg.requests {
             let prompt = 1 + (self.rng.next_u64() % u64::from(self.cfg.max_prompt.max(1))) as u32;
             self.waiting.push_back(SimRequest {
+                seed: request_seed(&format!("sim-{}-{}", self.cfg.seed, self.admitted)),
+                last_token: 0,
+                digest: 0,
                 id: format!("sim-{}-{}", self.cfg.seed, self.admitted),
                 prompt,
                 output: 0,
@@ -149,6 +259,8 @@ impl SimEngine {
             let mut r = self.waiting.pop_front().expect("front exists");
             let at = self.free.len() - need;
             r.blocks = self.free.split_off(at);
+            // Prefill (or recompute after preemption): every position gets its KV.
+            Self::write_kv(&mut self.kv, &self.cfg, &r, 0, r.tokens());
             self.running.push(r);
         }
         let mut i = 0;
@@ -166,7 +278,12 @@ impl SimEngine {
                 };
                 self.running[i].blocks.push(b);
             }
-            self.running[i].output += 1;
+            let r = &mut self.running[i];
+            r.last_token = next_token(r.seed, r.output, r.last_token);
+            r.digest = mix(r.digest, u64::from(r.last_token));
+            r.output += 1;
+            let pos = r.tokens() - 1;
+            Self::write_kv(&mut self.kv, &self.cfg, &self.running[i], pos, pos + 1);
             if self.running[i].output >= self.cfg.max_tokens {
                 let mut done = self.running.swap_remove(i);
                 self.free.append(&mut done.blocks);
@@ -253,10 +370,37 @@ impl SimEngine {
 /// `cfg.update_steps` steps.
 pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
     let mut endpoint = EngineEndpoint::create_at(&cfg.segment)?;
+    let mut kv_path = cfg.segment.clone().into_os_string();
+    kv_path.push("-kv");
+    let kv = HostKvCache::create(
+        std::path::Path::new(&kv_path),
+        cfg.layers,
+        u64::from(cfg.num_blocks),
+        cfg.block_size_bytes(),
+        cfg.token_size_bytes(),
+    )
+    .map_err(|e| SegmentError::Io {
+        op: "create KV cache",
+        path: kv_path.clone().into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    for region in kv.regions().map_err(|e| SegmentError::Io {
+        op: "register KV cache",
+        path: kv_path.clone().into(),
+        source: std::io::Error::other(e.to_string()),
+    })? {
+        endpoint
+            .register_kv_region(&region)
+            .map_err(|e| SegmentError::Io {
+                op: "register KV cache",
+                path: kv_path.clone().into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+    }
     let update_steps = cfg.update_steps.max(1);
     let step = cfg.step;
     let push_mode = cfg.push;
-    let mut engine = SimEngine::new(cfg);
+    let mut engine = SimEngine::new(cfg).with_kv(kv);
     let mut next = Instant::now();
     let mut n: u64 = 0;
     let mut bad_commands = 0u64;
@@ -340,6 +484,9 @@ mod tests {
             max_prompt: 100,
             update_steps: 1,
             push: true,
+            layers: 2,
+            kv_heads: 1,
+            head_size: 4,
         }
     }
 
@@ -382,6 +529,50 @@ mod tests {
             (0, 0, 0)
         );
         assert_eq!(s.num_total_gpu_tokens, 320);
+    }
+
+    #[test]
+    fn kv_bytes_survive_preemption_and_verify() {
+        let path = std::env::temp_dir().join(format!("llumlet-sim-kv-{}", std::process::id()));
+        let c = cfg();
+        let kv = HostKvCache::create(
+            &path,
+            c.layers,
+            u64::from(c.num_blocks),
+            c.block_size_bytes(),
+            c.token_size_bytes(),
+        )
+        .unwrap();
+        let mut e = SimEngine::new(c).with_kv(kv);
+        let mut corrupted_once = false;
+        for step in 0..300 {
+            e.step();
+            if step % 10 == 0 {
+                let running = e.running().to_vec();
+                for r in &running {
+                    e.verify_kv(r).unwrap();
+                }
+                if let (false, Some(r)) = (corrupted_once, running.first()) {
+                    // Flip one byte of a running request: verification notices; flip it back.
+                    e.kv.as_mut()
+                        .unwrap()
+                        .token_mut(1, u64::from(r.blocks[0]), 0)
+                        .unwrap()[3] ^= 1;
+                    assert!(e.verify_kv(r).unwrap_err().contains("token 0 in layer 1"));
+                    e.kv.as_mut()
+                        .unwrap()
+                        .token_mut(1, u64::from(r.blocks[0]), 0)
+                        .unwrap()[3] ^= 1;
+                    e.verify_kv(r).unwrap();
+                    corrupted_once = true;
+                }
+            }
+        }
+        assert!(corrupted_once);
+        assert!(
+            e.preempted() > 0,
+            "recompute after preemption rewrote the KV bytes"
+        );
     }
 
     #[test]

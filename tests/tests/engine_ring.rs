@@ -217,6 +217,28 @@ fn request_table_is_visible_across_processes() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
+    // The KV cache, found through the registry, mapped in this process.
+    use llumlet_dataplane::kv::MappedRegion;
+    use llumlet_dataplane::sim::{fill_token_kv, request_seed};
+    let regions: Vec<MappedRegion> = seg
+        .kv()
+        .regions()
+        .into_iter()
+        .map(|r| MappedRegion::map(&r.unwrap()).unwrap())
+        .collect();
+    assert_eq!(regions.len(), 4, "one region per layer");
+    let (block_bytes, token_bytes) = (
+        regions[0].region().block_size_bytes as usize,
+        regions[0].region().token_size_bytes as usize,
+    );
+    assert_eq!(
+        (block_bytes, token_bytes),
+        (16 * 512, 512),
+        "2 (K,V) × 2 heads × 64 × fp16, 16 tokens a block"
+    );
+    let mut block_buf = vec![0u8; block_bytes];
+    let mut expect = vec![0u8; token_bytes];
+    let mut verified_tokens = 0u64;
     let mut blocks = Vec::new();
     let mut last_outputs = HashMap::new();
     for _ in 0..20 {
@@ -239,6 +261,21 @@ fn request_table_is_visible_across_processes() {
                     assert!(*b < 1024);
                     assert!(seen_blocks.insert(*b), "block {b} held by two requests");
                 }
+                // Every token's KV bytes in every layer are the deterministic ones.
+                let seed = request_seed(&id);
+                for pos in 0..(r.prompt_tokens + r.output_tokens) {
+                    let block = blocks[(pos / 16) as usize];
+                    for (layer, region) in regions.iter().enumerate() {
+                        assert!(region.read_block(u64::from(block), &mut block_buf));
+                        fill_token_kv(seed, u64::from(pos), layer as u32, &mut expect);
+                        let at = (pos % 16) as usize * token_bytes;
+                        assert!(
+                            block_buf[at..at + token_bytes] == expect[..],
+                            "{id}: KV of token {pos}, layer {layer} differs"
+                        );
+                        verified_tokens += 1;
+                    }
+                }
                 let prev = last_outputs.insert(id, r.output_tokens).unwrap_or(0);
                 assert!(r.output_tokens >= prev, "output only grows");
             }
@@ -248,5 +285,9 @@ fn request_table_is_visible_across_processes() {
     }
     assert_eq!(last_outputs.len(), 4, "all four requests ran");
     assert!(last_outputs.values().all(|o| *o > 0));
+    assert!(
+        verified_tokens > 1000,
+        "checked {verified_tokens} token slots"
+    );
     drop(eng);
 }
