@@ -684,3 +684,55 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
     }
 }
+
+#[cfg(test)]
+mod garbage_tests {
+    use super::*;
+    use crate::sim::SplitMix64;
+
+    /// The stable-toolchain companion of the `segment_attach` fuzz target: random files, and
+    /// valid segments with random header words, attach as a precise state and never panic.
+    #[test]
+    fn random_bytes_never_panic() {
+        let p = std::env::temp_dir().join(format!("llumlet-seg-garbage-{}", std::process::id()));
+        let mut rng = SplitMix64(42);
+        for i in 0..200 {
+            let len = (rng.next_u64() % (2 * size_of::<Header>() as u64)) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            std::fs::write(&p, &bytes).unwrap();
+            let state = ControlSegment::attach(&p).unwrap();
+            assert!(
+                !matches!(state, Attach::Ready(_) | Attach::NotThere),
+                "case {i}: {state:?}"
+            );
+        }
+        // A real segment with one header word scrambled at a time.
+        std::fs::remove_file(&p).unwrap();
+        let seg = ControlSegment::create(&p).unwrap();
+        let words = size_of::<Header>() / 8;
+        for w in 0..words {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut old = [0u8; 8];
+            f.seek(SeekFrom::Start((w * 8) as u64)).unwrap();
+            f.read_exact(&mut old).unwrap();
+            f.seek(SeekFrom::Start((w * 8) as u64)).unwrap();
+            f.write_all(&rng.next_u64().to_le_bytes()).unwrap();
+            if let Attach::Ready(s) = ControlSegment::attach(&p).unwrap() {
+                // Only the generation, pid and heartbeat words may change and still attach.
+                let _ = crate::status_ring::read_newest(s.status());
+            }
+            f.seek(SeekFrom::Start((w * 8) as u64)).unwrap();
+            f.write_all(&old).unwrap();
+        }
+        assert!(matches!(
+            ControlSegment::attach(&p).unwrap(),
+            Attach::Ready(_)
+        ));
+        drop(seg);
+    }
+}

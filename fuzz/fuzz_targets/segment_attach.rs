@@ -1,0 +1,17 @@
+//! Any file where a control segment is expected attaches as a precise state (not ready,
+//! incompatible, or ready), never a panic; a ready one can be read.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use llumlet_dataplane::segment::{Attach, ControlSegment};
+
+fuzz_target!(|data: &[u8]| {
+    let path = std::env::temp_dir().join(format!("llumlet-fuzz-seg-{}", std::process::id()));
+    std::fs::write(&path, data).unwrap();
+    if let Ok(Attach::Ready(seg)) = ControlSegment::attach(&path) {
+        let _ = llumlet_dataplane::status_ring::read_newest(seg.status());
+        let _ = seg.kv().regions();
+        let _ = llumlet_dataplane::request_table::read_request(seg.requests(), 0, &mut Vec::new());
+    }
+    let _ = std::fs::remove_file(&path);
+});
