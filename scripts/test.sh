@@ -29,4 +29,6 @@ echo "== cargo build (binaries, and the C library the FFI tests link)"
 cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== loom models of the seqlock and the command queue (separate target dir: other cfg)"
+RUSTFLAGS="--cfg loom" cargo test -p llumlet-dataplane --lib --locked --target-dir target/loom loom_
 echo "== all checks passed"

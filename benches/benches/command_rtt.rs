@@ -25,7 +25,13 @@ fn echo(path: PathBuf, tcp_port: u16) {
     while Instant::now() < deadline {
         match engine.poll_command() {
             Ok(Some(Command::StatusRequest { seq })) => {
-                while engine.send(&Command::StatusPublished { seq, publish_seq: 0 }).is_err() {}
+                while engine
+                    .send(&Command::StatusPublished {
+                        seq,
+                        publish_seq: 0,
+                    })
+                    .is_err()
+                {}
             }
             Ok(Some(_)) | Ok(None) => {}
             Err(_) => return,
@@ -40,7 +46,10 @@ fn echo(path: PathBuf, tcp_port: u16) {
 
 fn main() {
     if let Ok(p) = std::env::var(ECHO_ENV) {
-        let port: u16 = std::env::var("LLUMLET_BENCH_ECHO_TCP").unwrap().parse().unwrap();
+        let port: u16 = std::env::var("LLUMLET_BENCH_ECHO_TCP")
+            .unwrap()
+            .parse()
+            .unwrap();
         echo(PathBuf::from(p), port);
         return;
     }
@@ -65,7 +74,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     let mut g = c.benchmark_group("command_queue");
     let empty = llumlet_dataplane::command::QueueMem::new_boxed();
-    g.bench_function("empty_poll", |b| b.iter(|| black_box(pop(black_box(&empty)).unwrap())));
+    g.bench_function("empty_poll", |b| {
+        b.iter(|| black_box(pop(black_box(&empty)).unwrap()))
+    });
     let mut seq = 0u64;
     g.bench_function("round_trip_two_processes", |b| {
         b.iter(|| {

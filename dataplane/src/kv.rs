@@ -6,9 +6,9 @@
 //! Entries are append-only: the engine fills an entry, then publishes it by raising `count`
 //! (Release); a reader loads `count` (Acquire) and reads only entries below it.
 
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 

@@ -19,3 +19,4 @@ pub mod segment;
 pub mod seqlock;
 pub mod sim;
 pub mod status_ring;
+mod sync;

@@ -13,7 +13,7 @@
 //! A decoding step that fills a block appends one entry and bumps the counts: a few stores, not
 //! a rewrite of the whole table. A reader copies the header, then only `num_blocks` entries.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 

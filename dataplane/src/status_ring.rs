@@ -16,7 +16,7 @@
 //! copying), then advances `head`. Reading the newest record copies the slot `head - 1` through
 //! atomic loads and re-checks its sequence: a torn copy is never returned.
 
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::{fence, AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
