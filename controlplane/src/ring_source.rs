@@ -133,6 +133,7 @@ impl RingSource {
                 self.note(st, Seen::Attached, || {
                     tracing::info!(path = %self.path.display(), generation = format!("{generation:#x}"), engine_pid = pid, "attached to the engine's status ring")
                 });
+                map_kv_regions(&seg);
                 st.last_seq = 0;
                 st.pending = None;
                 st.last_new = Instant::now();
@@ -205,6 +206,34 @@ impl StatusSource for RingSource {
     fn engine_failed(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut st.failed)
+    }
+}
+
+/// Maps the engine's host KV regions, checking each against its segment, and says what it
+/// found. (The migration data plane keeps these mappings; here they prove the registry usable.)
+fn map_kv_regions(seg: &ControlSegment) {
+    use llumlet_dataplane::kv::{KvError, MappedRegion};
+    let mut bytes = 0u64;
+    let mut host = 0;
+    for (i, region) in seg.kv().regions().into_iter().enumerate() {
+        match region.and_then(|r| MappedRegion::map(&r)) {
+            Ok(m) => {
+                host += 1;
+                bytes += m.region().len().unwrap_or(0);
+            }
+            Err(KvError::NotHost(layer)) => tracing::info!(
+                layer,
+                "GPU KV region registered (opened by the CUDA transport)"
+            ),
+            Err(e) => tracing::warn!(region = i, error = %e, "cannot use the engine's KV region"),
+        }
+    }
+    if host > 0 {
+        tracing::info!(
+            regions = host,
+            mib = bytes >> 20,
+            "mapped the engine's host KV cache"
+        );
     }
 }
 

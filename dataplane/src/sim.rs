@@ -84,6 +84,17 @@ pub fn fill_token_kv(seed: u64, pos: u64, layer: u32, out: &mut [u8]) {
     }
 }
 
+/// The digest of the first `n` output tokens of the request with `seed`: what an unmigrated
+/// run produces, to compare with [`SimRequest::digest`].
+pub fn expected_digest(seed: u64, n: u32) -> u64 {
+    let (mut last, mut digest) = (0u32, 0u64);
+    for k in 0..n {
+        last = next_token(seed, k, last);
+        digest = mix(digest, u64::from(last));
+    }
+    digest
+}
+
 /// Output token `k` of a request, given the previous token.
 pub fn next_token(seed: u64, k: u32, prev: u32) -> u32 {
     (mix(mix(seed, u64::from(k)), u64::from(prev)) % 32_000) as u32
@@ -196,6 +207,18 @@ impl SimEngine {
                     fill_token_kv(r.seed, u64::from(pos), layer, slot);
                 }
             }
+        }
+    }
+
+    /// Checks that `r`'s output token stream is exactly an unmigrated run's.
+    pub fn verify_tokens(r: &SimRequest) -> Result<(), String> {
+        if r.digest == expected_digest(r.seed, r.output) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: token stream of {} tokens differs",
+                r.id, r.output
+            ))
         }
     }
 
@@ -551,6 +574,7 @@ mod tests {
                 let running = e.running().to_vec();
                 for r in &running {
                     e.verify_kv(r).unwrap();
+                    SimEngine::verify_tokens(r).unwrap();
                 }
                 if let (false, Some(r)) = (corrupted_once, running.first()) {
                     // Flip one byte of a running request: verification notices; flip it back.
@@ -564,6 +588,9 @@ mod tests {
                         .token_mut(1, u64::from(r.blocks[0]), 0)
                         .unwrap()[3] ^= 1;
                     e.verify_kv(r).unwrap();
+                    let mut tampered = r.clone();
+                    tampered.digest ^= 1;
+                    assert!(SimEngine::verify_tokens(&tampered).is_err());
                     corrupted_once = true;
                 }
             }

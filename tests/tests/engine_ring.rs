@@ -122,6 +122,13 @@ fn sim_engine_status_reaches_the_cms_and_engine_faults_are_reported() {
     assert!(llumlet2
         .stderr()
         .contains("attached to the engine's status ring"));
+    assert!(
+        llumlet2
+            .stderr()
+            .contains("mapped the engine's host KV cache regions=4"),
+        "{}",
+        llumlet2.stderr()
+    );
 
     eng2.signal(libc::SIGTERM);
     assert_eq!(eng2.wait(Duration::from_secs(5)).code(), Some(0));
