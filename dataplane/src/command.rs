@@ -407,7 +407,7 @@ mod tests {
         ));
         // Any words decode to a command or a typed error, never a panic.
         let mut rng = crate::sim::SplitMix64(1);
-        for _ in 0..100_000 {
+        for _ in 0..if cfg!(miri) { 200 } else { 100_000 } {
             let mut w = [0u64; MESSAGE_WORDS];
             for x in &mut w {
                 *x = rng.next_u64();
@@ -420,7 +420,7 @@ mod tests {
     #[test]
     fn spsc_stress_keeps_order_across_threads() {
         let q = QueueMem::new_boxed();
-        let n: u64 = 200_000;
+        let n: u64 = if cfg!(miri) { 300 } else { 200_000 };
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut i = 0;

@@ -433,6 +433,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn register_read_map() {
         let path = std::env::temp_dir().join(format!("llumlet-kv-test-{}", std::process::id()));
         std::fs::write(&path, vec![7u8; 4096 + 10 * 1024]).unwrap();

@@ -578,6 +578,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn create_attach_publish_read() {
         let p = tmp("basic");
         assert!(matches!(
@@ -615,6 +616,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn bad_segments_are_precise_errors() {
         let p = tmp("bad");
         std::fs::write(&p, b"").unwrap();
@@ -661,6 +663,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn stale_segment_of_a_dead_writer_is_replaced() {
         let p = tmp("stale");
         let seg = ControlSegment::create(&p).unwrap();
@@ -694,6 +697,7 @@ mod garbage_tests {
     /// The stable-toolchain companion of the `segment_attach` fuzz target: random files, and
     /// valid segments with random header words, attach as a precise state and never panic.
     #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn random_bytes_never_panic() {
         let p = std::env::temp_dir().join(format!("llumlet-seg-garbage-{}", std::process::id()));
         let mut rng = SplitMix64(42);

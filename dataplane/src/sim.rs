@@ -555,6 +555,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn kv_bytes_survive_preemption_and_verify() {
         let path = std::env::temp_dir().join(format!("llumlet-sim-kv-{}", std::process::id()));
         let c = cfg();
