@@ -428,8 +428,12 @@ mod tests {
                         w.progress(&mem, slot, RequestState::Running, i + 1, &[b])
                             .unwrap();
                         // A real engine writes once per step; leave readers some room.
-                        for _ in 0..200 {
-                            std::hint::spin_loop();
+                        if cfg!(miri) {
+                            std::thread::yield_now();
+                        } else {
+                            for _ in 0..200 {
+                                std::hint::spin_loop();
+                            }
                         }
                     }
                     w.remove(&mem, slot).unwrap();
@@ -441,6 +445,9 @@ mod tests {
                 let mut seen = 0u64;
                 while !done.load(Ordering::Acquire) {
                     // Busy: the writer kept the slot through every retry; try again.
+                    if cfg!(miri) {
+                        std::thread::yield_now();
+                    }
                     if let Ok(Some(r)) = read_request(&mem, 0, &mut blocks) {
                         assert_eq!(r.output_tokens, r.num_blocks, "counts written together");
                         assert_eq!(blocks.len(), r.num_blocks as usize);

@@ -371,6 +371,9 @@ mod tests {
                     let mut reads = 0u64;
                     let mut last = 0;
                     while !done.load(Ordering::Acquire) {
+                        if cfg!(miri) {
+                            std::thread::yield_now();
+                        }
                         let Ok(Some(r)) = read_newest(&mem) else {
                             continue;
                         };
