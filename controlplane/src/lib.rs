@@ -21,6 +21,7 @@ pub mod migrate;
 pub mod net;
 pub mod pyrepr;
 pub mod ring_source;
+pub mod selection;
 pub mod service;
 pub mod status;
 mod sys;
