@@ -20,7 +20,8 @@ use crate::metrics::Metrics;
 use crate::migrate::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
 use crate::status::{wall_ms, MigrationLoad, PushedStatus, StatusReporter, StatusSource, Tick};
-use crate::sys::{parent_pid_now, pid_alive};
+use crate::sys::parent_pid_now;
+use llumlet_dataplane::segment::pid_alive;
 
 /// Registration attempts at start (upstream: 3, 5 s apart).
 const REGISTER_ATTEMPTS: u32 = 3;
