@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::cms::Cms;
 use crate::config::{Config, PortChoice};
 use crate::engine::Engine;
+use crate::kv_transfer::Connector;
 use crate::metrics::Metrics;
 use crate::migrate::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
@@ -95,7 +96,12 @@ pub fn metadata(config: &Config, llumlet_port: u16, created: f64) -> InstanceMet
         ip_kvs: ip,
         api_server_port: i32::from(config.api_server_port),
         llumlet_port: i32::from(llumlet_port),
-        kvt_port: 0,
+        kvt_port: match config.kv_transfer.as_ref().map(|k| &k.connector) {
+            Some(Connector::Hybrid { rpc_port, .. }) => i32::from(*rpc_port),
+            // Mooncake (and upstream SGLang): the transfer endpoint is the llumlet itself.
+            Some(Connector::Mooncake) => i32::from(llumlet_port),
+            None => 0,
+        },
         node_id: String::new(),
         data_parallel_size: config.data_parallel_size,
         tensor_parallel_size: config.tensor_parallel_size,
@@ -105,7 +111,10 @@ pub fn metadata(config: &Config, llumlet_port: u16, created: f64) -> InstanceMet
         dp_local_rank: config.dp_local_rank,
         utc_create: created,
         utc_update: created,
-        ip_kvt: String::new(),
+        ip_kvt: match config.kv_transfer.as_ref().map(|k| &k.connector) {
+            Some(Connector::Hybrid { .. }) => config.host_ip.to_string(),
+            _ => String::new(),
+        },
         block_size: config.block_size,
         max_num_batched_tokens: config.max_num_batched_tokens,
     }

@@ -126,6 +126,8 @@ pub struct Config {
     pub api_server_port: u16,
     /// gRPC port to bind.
     pub rpc_port: PortChoice,
+    /// The parsed `LLUMLET_KV_TRANSFER_CONFIG`, if given.
+    pub kv_transfer: Option<crate::kv_transfer::KvTransferConfig>,
     /// The engine's control segment.
     pub engine_shm: std::path::PathBuf,
     /// Prometheus endpoint port, if any (0: any free port).
@@ -358,8 +360,20 @@ impl Config {
             base_id
         };
 
+        let kv_transfer = match r.optional(env::KV_TRANSFER_CONFIG) {
+            Some(json) => Some(crate::kv_transfer::KvTransferConfig::parse(&json).map_err(
+                |rule| {
+                    let shown: String = json.chars().take(80).collect();
+                    err(env::KV_TRANSFER_CONFIG, &shown, rule)
+                },
+            )?),
+            None => None,
+        };
         let instance_type = match r.string(env::INSTANCE_TYPE).trim() {
-            "" | "neutral" => InstanceType::Neutral,
+            "" => kv_transfer
+                .as_ref()
+                .map_or(InstanceType::Neutral, |k| k.instance_type()),
+            "neutral" => InstanceType::Neutral,
             "prefill" => InstanceType::Prefill,
             "decode" => InstanceType::Decode,
             other => {
@@ -440,7 +454,9 @@ impl Config {
         };
 
         let migration = MigrationLimits {
-            enabled: r.boolean(env::ENABLE_MIGRATION)?,
+            // HybridConnector with backend `kvt` does PD transfer only: no migration.
+            enabled: r.boolean(env::ENABLE_MIGRATION)?
+                && kv_transfer.as_ref().is_none_or(|k| k.migration_capable()),
             detailed: r.boolean(env::DETAILED_MIG_STATUS)?,
             max_req_in: r.i32_min(env::MAX_REQ_MIG_IN, 0)?,
             max_req_out: r.i32_min(env::MAX_REQ_MIG_OUT, 0)?,
@@ -502,6 +518,7 @@ impl Config {
             host_ip,
             api_server_port: r.port(env::API_SERVER_PORT)?,
             rpc_port,
+            kv_transfer,
             engine_shm,
             metrics_port,
             parent_pid,
@@ -663,6 +680,41 @@ mod tests {
             assert_eq!(&e.var, var, "{e}");
             assert!(!e.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn kv_transfer_config_sets_type_and_migration() {
+        let hybrid = |backend: &str, role: &str| {
+            format!(
+                r#"{{"kv_connector":"HybridConnector","kv_role":"{role}","kv_connector_extra_config":{{"backend":"{backend}","naming_url":"file:/tmp/n","kvt_inst_id":"t","rpc_port":"29876"}}}}"#
+            )
+        };
+        let c = with(&[(env::KV_TRANSFER_CONFIG, &hybrid("kvt", "kv_producer"))]).unwrap();
+        assert_eq!(c.instance_type, InstanceType::Prefill);
+        assert!(!c.migration.enabled);
+        let c = with(&[(
+            env::KV_TRANSFER_CONFIG,
+            &hybrid("kvt+migration", "kv_consumer"),
+        )])
+        .unwrap();
+        assert_eq!(c.instance_type, InstanceType::Decode);
+        assert!(c.migration.enabled);
+        let c = with(&[
+            (
+                env::KV_TRANSFER_CONFIG,
+                &hybrid("kvt+migration", "kv_consumer"),
+            ),
+            (env::INSTANCE_TYPE, "neutral"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.instance_type,
+            InstanceType::Neutral,
+            "an explicit type wins"
+        );
+        let e = with(&[(env::KV_TRANSFER_CONFIG, "{not json")]).unwrap_err();
+        assert_eq!(e.var, env::KV_TRANSFER_CONFIG);
+        assert!(e.rule.contains("not valid JSON"), "{e}");
     }
 
     #[test]

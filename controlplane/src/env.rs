@@ -56,6 +56,8 @@ vars! {
         "gRPC port of the `llumlet.Llumlet` service: 1024-65535, or -1 to pick a free port.";
     ENGINE_SHM = "LLUMLET_ENGINE_SHM", None, Llumlet,
         "The engine's control segment: a name under /dev/shm or an absolute path; unset: `llumlet-ctl-<instance id>`.";
+    KV_TRANSFER_CONFIG = "LLUMLET_KV_TRANSFER_CONFIG", None, Llumlet,
+        "The engine's `--kv-transfer-config` JSON (HybridConnector or MooncakeConnector): sets the instance type from `kv_role`, `kvt_port`, and with HybridConnector backend `kvt` turns migration off.";
     METRICS_PORT = "LLUMLET_METRICS_PORT", None, Llumlet,
         "Port of the Prometheus `/metrics` endpoint: 1-65535, 0 for a free port; unset: no endpoint.";
     PARENT_PID = "LLUMLET_PARENT_PID", None, Llumlet,

@@ -15,6 +15,7 @@ pub mod cms;
 pub mod config;
 pub mod engine;
 pub mod env;
+pub mod kv_transfer;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;

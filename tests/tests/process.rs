@@ -292,6 +292,11 @@ fn invalid_configuration_never_registers() {
         ("LLUMNIX_INSTANCE_TYPE", "gpu", "prefill, decode, neutral"),
         ("LLUMNIX_VLLM_API_SERVER_PORT", "", "required"),
         ("LLUMLET_INSTANCE_ID", "", "required"),
+        (
+            "LLUMLET_KV_TRANSFER_CONFIG",
+            r#"{"kv_connector": "P2p", "kv_role": "kv_both"}"#,
+            "must be HybridConnector or MooncakeConnector",
+        ),
     ];
     for (var, value, rule) in cases {
         let mut env = base_env(&redis, "inst-bad", free_port());
@@ -350,4 +355,23 @@ async fn metrics_endpoint_counts_pushes_and_rpcs() {
         body.contains("llumlet_metadata_pushes_total 1")
             || body.contains("llumlet_metadata_pushes_total 2")
     );
+}
+
+#[test]
+fn kv_transfer_config_shapes_the_metadata() {
+    let redis = RedisServer::start();
+    let mut env = base_env(&redis, "inst-kvt", free_port());
+    env.insert(
+        "LLUMLET_KV_TRANSFER_CONFIG".into(),
+        r#"{"kv_connector": "HybridConnector", "kv_role": "kv_consumer", "kv_connector_extra_config":
+            {"backend": "kvt+migration", "naming_url": "file:/tmp/naming", "kvt_inst_id": "d0", "rpc_port": "29876"}}"#
+            .into(),
+    );
+    let _p = LlumletProcess::spawn(&env);
+    let meta = redis.wait_for(&format!("{META}inst-kvt"), Duration::from_secs(10), |b| {
+        b.map(|b| InstanceMetadata::decode(b).unwrap())
+    });
+    assert_eq!(meta.instance_type, "decode", "from kv_role");
+    assert_eq!(meta.kvt_port, 29876);
+    assert_eq!(meta.ip_kvt, "127.0.0.1");
 }
