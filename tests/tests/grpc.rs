@@ -267,7 +267,9 @@ async fn migrate_validation_and_outcomes() {
 async fn concurrent_migrates_cannot_share_a_slot() {
     let mut s = setup(&[("LLUMNIX_MAX_REQ_MIG_OUT", "1")]).await;
     push_and_wait(&mut s, 1).await;
-    *s.migrator.delay.lock().unwrap() = Duration::from_millis(500);
+    // Long enough that the second call arrives while the first still holds the slot, even on
+    // a loaded machine.
+    *s.migrator.delay.lock().unwrap() = Duration::from_millis(1500);
     let (mut c1, mut c2) = (s.client.clone(), s.client.clone());
     let a = tokio::spawn(async move {
         c1.migrate(migrate("NUM_REQ", Some(MigrationValue::NumReqs(1))))
