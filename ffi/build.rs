@@ -5,6 +5,8 @@ fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     println!("cargo:rerun-if-changed=src/lib.rs");
     println!("cargo:rerun-if-changed=cbindgen.toml");
+    // The C struct llumlet_status is the data plane's StatusCounters.
+    println!("cargo:rerun-if-changed=../dataplane/src/status_ring.rs");
     let config =
         cbindgen::Config::from_file(format!("{dir}/cbindgen.toml")).expect("ffi/cbindgen.toml");
     let bindings = match cbindgen::Builder::new()

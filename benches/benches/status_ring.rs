@@ -12,9 +12,9 @@ use llumlet_dataplane::status_ring::{read_newest, StatusRecord};
 
 fn record() -> StatusRecord {
     let mut r = StatusRecord::zeroed();
-    r.num_running_requests = 64;
-    r.num_waiting_requests = 8;
-    r.num_total_gpu_tokens = 1 << 20;
+    r.counters.num_running_requests = 64;
+    r.counters.num_waiting_requests = 8;
+    r.counters.num_total_gpu_tokens = 1 << 20;
     let ids: Vec<String> = (0..8).map(|i| format!("chatcmpl-{i:032}")).collect();
     r.set_waiting_ids(ids.iter().map(String::as_str)).unwrap();
     r

@@ -243,44 +243,57 @@ pub fn to_instance_status(r: &StatusRecord) -> InstanceStatus {
         instance_id: String::new(),
         schedulable: true,
         timestamp_ms: 0,
-        step_id: r.step_id,
-        update_id: r.update_id,
+        step_id: r.counters.step_id,
+        update_id: r.counters.update_id,
         recent_waiting_requests: r.recent_waiting_ids().map(str::to_string).collect(),
         waiting_requests: r.waiting_ids().map(str::to_string).collect(),
         hybrid_scheduler_waiting_to_decode_requests_num: r
+            .counters
             .hybrid_scheduler_waiting_to_decode_requests_num,
-        scheduler_waiting_to_decode_requests_num: r.scheduler_waiting_to_decode_requests_num,
-        num_waiting_requests: r.num_waiting_requests,
-        scheduler_running_to_decode_requests_num: r.scheduler_running_to_decode_requests_num,
-        num_running_requests: r.num_running_requests,
-        num_loading_requests: r.num_loading_requests,
-        num_total_gpu_tokens: r.num_total_gpu_tokens,
-        num_used_gpu_tokens: r.num_used_gpu_tokens,
+        scheduler_waiting_to_decode_requests_num: r
+            .counters
+            .scheduler_waiting_to_decode_requests_num,
+        num_waiting_requests: r.counters.num_waiting_requests,
+        scheduler_running_to_decode_requests_num: r
+            .counters
+            .scheduler_running_to_decode_requests_num,
+        num_running_requests: r.counters.num_running_requests,
+        num_loading_requests: r.counters.num_loading_requests,
+        num_total_gpu_tokens: r.counters.num_total_gpu_tokens,
+        num_used_gpu_tokens: r.counters.num_used_gpu_tokens,
         num_uncomputed_tokens_hybrid_scheduler_waiting_prefills: r
+            .counters
             .num_uncomputed_tokens_hybrid_scheduler_waiting_prefills,
         num_unallocated_tokens_hybrid_scheduler_waiting_decodes: r
+            .counters
             .num_unallocated_tokens_hybrid_scheduler_waiting_decodes,
         hybrid_scheduler_waiting_to_decode_tokens_num: r
+            .counters
             .hybrid_scheduler_waiting_to_decode_tokens_num,
         num_uncomputed_tokens_scheduler_waiting_prefills: r
+            .counters
             .num_uncomputed_tokens_scheduler_waiting_prefills,
-        scheduler_waiting_to_decode_tokens_num: r.scheduler_waiting_to_decode_tokens_num,
+        scheduler_waiting_to_decode_tokens_num: r.counters.scheduler_waiting_to_decode_tokens_num,
         num_uncomputed_tokens_scheduler_running_prefills: r
+            .counters
             .num_uncomputed_tokens_scheduler_running_prefills,
         num_unallocated_tokens_scheduler_running_prefills: r
+            .counters
             .num_unallocated_tokens_scheduler_running_prefills,
-        scheduler_running_to_decode_tokens_num: r.scheduler_running_to_decode_tokens_num,
-        num_tokens_loading_requests: r.num_tokens_loading_requests,
-        num_uncomputed_tokens_all_waiting_prefills: r.num_uncomputed_tokens_all_waiting_prefills,
-        num_migrate_in_reqs: r.num_migrate_in_reqs,
-        num_migrate_out_reqs: r.num_migrate_out_reqs,
-        num_migrate_in_tokens: r.num_migrate_in_tokens,
-        num_migrate_out_tokens: r.num_migrate_out_tokens,
-        kv_cache_usage_ratio_migrate_in: r.kv_cache_usage_ratio_migrate_in,
-        kv_cache_usage_ratio_migrate_out: r.kv_cache_usage_ratio_migrate_out,
-        profiling_id: r.profiling_id,
-        step_duration: r.step_duration,
-        num_scheduled_prefill_tokens: r.num_scheduled_prefill_tokens,
+        scheduler_running_to_decode_tokens_num: r.counters.scheduler_running_to_decode_tokens_num,
+        num_tokens_loading_requests: r.counters.num_tokens_loading_requests,
+        num_uncomputed_tokens_all_waiting_prefills: r
+            .counters
+            .num_uncomputed_tokens_all_waiting_prefills,
+        num_migrate_in_reqs: r.counters.num_migrate_in_reqs,
+        num_migrate_out_reqs: r.counters.num_migrate_out_reqs,
+        num_migrate_in_tokens: r.counters.num_migrate_in_tokens,
+        num_migrate_out_tokens: r.counters.num_migrate_out_tokens,
+        kv_cache_usage_ratio_migrate_in: r.counters.kv_cache_usage_ratio_migrate_in,
+        kv_cache_usage_ratio_migrate_out: r.counters.kv_cache_usage_ratio_migrate_out,
+        profiling_id: r.counters.profiling_id,
+        step_duration: r.counters.step_duration,
+        num_scheduled_prefill_tokens: r.counters.num_scheduled_prefill_tokens,
         ..Default::default()
     }
 }

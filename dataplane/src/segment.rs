@@ -37,7 +37,7 @@ use crate::command::{QueueMem, MESSAGE_WORDS, QUEUE_CAPACITY};
 use crate::kv::{KvRegistryMem, HANDLE_BYTES, MAX_KV_REGIONS};
 use crate::request_table::{RequestTableMem, MAX_BLOCKS_PER_REQUEST, MAX_REQUESTS};
 use crate::status_ring::{
-    StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
+    StatusCounters, StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
 };
 
 /// `LLUMLETC`, little-endian.
@@ -104,7 +104,8 @@ pub const LAYOUT_HASH: u64 = {
         STATUS_SLOTS as u64,
         MAX_REQUEST_IDS as u64,
         REQUEST_ID_BYTES as u64,
-        offset_of!(StatusRecord, kv_cache_usage_ratio_migrate_in) as u64,
+        offset_of!(StatusRecord, counters) as u64,
+        offset_of!(StatusCounters, kv_cache_usage_ratio_migrate_in) as u64,
         offset_of!(StatusRecord, waiting_ids) as u64,
         offset_of!(ControlLayout, status) as u64,
         offset_of!(ControlLayout, to_engine) as u64,
@@ -596,12 +597,13 @@ mod tests {
         assert!(reader.writer_alive());
         let mut w = StatusWriter::new(seg.status());
         let mut r = StatusRecord::zeroed();
-        r.num_running_requests = 5;
+        r.counters.num_running_requests = 5;
         w.publish(seg.status(), &r);
         assert_eq!(
             read_newest(reader.status())
                 .unwrap()
                 .unwrap()
+                .counters
                 .num_running_requests,
             5
         );

@@ -353,21 +353,21 @@ impl SimEngine {
         self.update_id = self.update_id.wrapping_add(1);
         let mut r = StatusRecord::zeroed();
         r.monotonic_ns = crate::segment::monotonic_ns();
-        r.step_id = self.step_id as i32;
-        r.update_id = self.update_id as i32;
-        r.num_running_requests = self.running.len() as i32;
-        r.scheduler_running_to_decode_requests_num = self.running.len() as i32;
-        r.scheduler_running_to_decode_tokens_num =
+        r.counters.step_id = self.step_id as i32;
+        r.counters.update_id = self.update_id as i32;
+        r.counters.num_running_requests = self.running.len() as i32;
+        r.counters.scheduler_running_to_decode_requests_num = self.running.len() as i32;
+        r.counters.scheduler_running_to_decode_tokens_num =
             self.running.iter().map(|q| q.tokens() as i32).sum();
-        r.num_waiting_requests = self.waiting.len() as i32;
-        r.num_uncomputed_tokens_all_waiting_prefills =
+        r.counters.num_waiting_requests = self.waiting.len() as i32;
+        r.counters.num_uncomputed_tokens_all_waiting_prefills =
             self.waiting.iter().map(|q| q.tokens() as i32).sum();
-        r.num_uncomputed_tokens_scheduler_waiting_prefills =
-            r.num_uncomputed_tokens_all_waiting_prefills;
-        r.num_total_gpu_tokens = (self.cfg.num_blocks * self.cfg.block_size) as i32;
-        r.num_used_gpu_tokens =
+        r.counters.num_uncomputed_tokens_scheduler_waiting_prefills =
+            r.counters.num_uncomputed_tokens_all_waiting_prefills;
+        r.counters.num_total_gpu_tokens = (self.cfg.num_blocks * self.cfg.block_size) as i32;
+        r.counters.num_used_gpu_tokens =
             ((self.cfg.num_blocks - self.free_blocks()) * self.cfg.block_size) as i32;
-        r.profiling_id = -1;
+        r.counters.profiling_id = -1;
         // Ids are at most 63 bytes by construction ("sim-<u64>-<u32>").
         let _ = r.set_waiting_ids(self.waiting.iter().map(|q| q.id.as_str()));
         r
@@ -545,13 +545,13 @@ mod tests {
         let s = e.status();
         assert_eq!(
             (
-                s.num_running_requests,
-                s.num_waiting_requests,
-                s.num_used_gpu_tokens
+                s.counters.num_running_requests,
+                s.counters.num_waiting_requests,
+                s.counters.num_used_gpu_tokens
             ),
             (0, 0, 0)
         );
-        assert_eq!(s.num_total_gpu_tokens, 320);
+        assert_eq!(s.counters.num_total_gpu_tokens, 320);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::sync::{fence, AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::seqlock::{read_words, write_words};
+use crate::seqlock::{begin_write, end_write, read_words};
 
 /// Request ids carried per list in a record; more are cut off (see [`StatusRecord`]).
 pub const MAX_REQUEST_IDS: usize = 8;
@@ -63,18 +63,11 @@ impl RequestId {
     }
 }
 
-/// One engine status: every numeric field of `cms.InstanceStatus`, plus the step id, the update
-/// id and up to [`MAX_REQUEST_IDS`] ids of each request-id list.
-///
-/// Beyond [`MAX_REQUEST_IDS`] ids, the first ones are carried and `n_*_total` says how many there
-/// were; the request counts (`num_waiting_requests`, ...) are always exact.
+/// The numeric fields of an engine status, as the engine produces them (the C ABI's
+/// `llumlet_status` is this struct).
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-pub struct StatusRecord {
-    /// Set by the ring: 1 for the first record published, then 2, 3, ...
-    pub publish_seq: u64,
-    /// The engine's `CLOCK_MONOTONIC` time of the status, in ns.
-    pub monotonic_ns: u64,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct StatusCounters {
     pub step_id: i32,
     pub update_id: i32,
     pub hybrid_scheduler_waiting_to_decode_requests_num: i32,
@@ -104,6 +97,22 @@ pub struct StatusRecord {
     pub kv_cache_usage_ratio_migrate_in: f64,
     pub kv_cache_usage_ratio_migrate_out: f64,
     pub step_duration: f64,
+}
+
+/// One engine status: every numeric field of `cms.InstanceStatus`, plus the step id, the update
+/// id and up to [`MAX_REQUEST_IDS`] ids of each request-id list.
+///
+/// Beyond [`MAX_REQUEST_IDS`] ids, the first ones are carried and `n_*_total` says how many there
+/// were; the request counts (`num_waiting_requests`, ...) are always exact.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct StatusRecord {
+    /// Set by the ring: 1 for the first record published, then 2, 3, ...
+    pub publish_seq: u64,
+    /// The engine's `CLOCK_MONOTONIC` time of the status, in ns.
+    pub monotonic_ns: u64,
+    /// Every numeric field of the engine's status.
+    pub counters: StatusCounters,
     /// Ids carried in `waiting_ids` (at most [`MAX_REQUEST_IDS`]).
     pub n_waiting_ids: u32,
     /// Ids the engine had in its waiting list.
@@ -236,9 +245,15 @@ impl StatusWriter {
         let seq = self.next;
         self.next += 1;
         let slot = &mem.slots[(seq % STATUS_SLOTS as u64) as usize];
-        let mut words: [u64; STATUS_WORDS] = bytemuck::cast(*record);
-        words[0] = seq;
-        write_words(&slot.seq, &slot.words, &words);
+        // Stored straight from the record (no intermediate copy), its first word replaced by
+        // the sequence.
+        let words: &[u64; STATUS_WORDS] = bytemuck::cast_ref(record);
+        let odd = begin_write(&slot.seq);
+        slot.words[0].store(seq, Ordering::Relaxed);
+        for (d, w) in slot.words[1..].iter().zip(&words[1..]) {
+            d.store(*w, Ordering::Relaxed);
+        }
+        end_write(&slot.seq, odd);
         // Pairs with the Acquire load in `read_newest`/`published`: a reader that sees this head
         // sees the slot's final sequence.
         mem.head.store(seq, Ordering::Release);
@@ -283,9 +298,9 @@ mod tests {
 
     fn record(seed: i32) -> StatusRecord {
         let mut r = StatusRecord::zeroed();
-        r.update_id = seed;
-        r.num_running_requests = seed * 2;
-        r.step_duration = f64::from(seed) / 2.0;
+        r.counters.update_id = seed;
+        r.counters.num_running_requests = seed * 2;
+        r.counters.step_duration = f64::from(seed) / 2.0;
         r
     }
 
@@ -298,10 +313,14 @@ mod tests {
             w.publish(&mem, &record(i));
             let r = read_newest(&mem).unwrap().unwrap();
             assert_eq!(
-                (r.publish_seq, r.update_id, r.num_running_requests),
+                (
+                    r.publish_seq,
+                    r.counters.update_id,
+                    r.counters.num_running_requests
+                ),
                 (i as u64, i, 2 * i)
             );
-            assert_eq!(r.step_duration, f64::from(i) / 2.0);
+            assert_eq!(r.counters.step_duration, f64::from(i) / 2.0);
         }
         assert_eq!(mem.published(), 10);
         // A new writer (engine restarted in place) continues the sequence.

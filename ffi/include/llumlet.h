@@ -125,7 +125,8 @@
 typedef struct llumlet_engine llumlet_engine;
 
 /**
- * The engine's status: every numeric field of `cms.InstanceStatus` the engine produces.
+ * The numeric fields of an engine status, as the engine produces them (the C ABI's
+ * `llumlet_status` is this struct).
  */
 typedef struct llumlet_status {
   int32_t step_id;
@@ -227,7 +228,7 @@ int32_t llumlet_engine_set_waiting_ids(struct llumlet_engine *engine,
  * Publishes a status into the ring. Allocates nothing and takes no lock.
  *
  * # Safety
- * `engine` is a live engine; `status` is NULL or points to a readable `LlumletStatus`.
+ * `engine` is a live engine; `status` is NULL or points to a readable `llumlet_status`.
  */
 int32_t llumlet_engine_publish(struct llumlet_engine *engine, const struct llumlet_status *status);
 

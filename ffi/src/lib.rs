@@ -17,6 +17,7 @@ use llumlet_dataplane::command::{Command, QueueError};
 use llumlet_dataplane::engine::{EngineEndpoint, PollError};
 use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
 use llumlet_dataplane::segment::{segment_name, segment_path};
+pub use llumlet_dataplane::status_ring::StatusCounters;
 use llumlet_dataplane::status_ring::StatusRecord;
 
 /// Success.
@@ -78,41 +79,6 @@ pub struct LlumletCommand {
     pub id: u64,
     /// First argument (see the kind).
     pub a: u64,
-}
-
-/// The engine's status: every numeric field of `cms.InstanceStatus` the engine produces.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LlumletStatus {
-    pub step_id: i32,
-    pub update_id: i32,
-    pub hybrid_scheduler_waiting_to_decode_requests_num: i32,
-    pub scheduler_waiting_to_decode_requests_num: i32,
-    pub num_waiting_requests: i32,
-    pub scheduler_running_to_decode_requests_num: i32,
-    pub num_running_requests: i32,
-    pub num_loading_requests: i32,
-    pub num_total_gpu_tokens: i32,
-    pub num_used_gpu_tokens: i32,
-    pub num_uncomputed_tokens_hybrid_scheduler_waiting_prefills: i32,
-    pub num_unallocated_tokens_hybrid_scheduler_waiting_decodes: i32,
-    pub hybrid_scheduler_waiting_to_decode_tokens_num: i32,
-    pub num_uncomputed_tokens_scheduler_waiting_prefills: i32,
-    pub scheduler_waiting_to_decode_tokens_num: i32,
-    pub num_uncomputed_tokens_scheduler_running_prefills: i32,
-    pub num_unallocated_tokens_scheduler_running_prefills: i32,
-    pub scheduler_running_to_decode_tokens_num: i32,
-    pub num_tokens_loading_requests: i32,
-    pub num_uncomputed_tokens_all_waiting_prefills: i32,
-    pub num_migrate_in_reqs: i32,
-    pub num_migrate_out_reqs: i32,
-    pub num_migrate_in_tokens: i32,
-    pub num_migrate_out_tokens: i32,
-    pub profiling_id: i32,
-    pub num_scheduled_prefill_tokens: i32,
-    pub kv_cache_usage_ratio_migrate_in: f64,
-    pub kv_cache_usage_ratio_migrate_out: f64,
-    pub step_duration: f64,
 }
 
 /// An engine's endpoint (opaque to C).
@@ -302,55 +268,19 @@ pub unsafe extern "C" fn llumlet_engine_set_waiting_ids(
 /// Publishes a status into the ring. Allocates nothing and takes no lock.
 ///
 /// # Safety
-/// `engine` is a live engine; `status` is NULL or points to a readable `LlumletStatus`.
+/// `engine` is a live engine; `status` is NULL or points to a readable `llumlet_status`.
 #[no_mangle]
 pub unsafe extern "C" fn llumlet_engine_publish(
     engine: *mut LlumletEngine,
-    status: *const LlumletStatus,
+    status: *const StatusCounters,
 ) -> i32 {
     boundary(|| {
         // SAFETY: forwarded caller contract.
         let e = unsafe { engine_arg(engine) }?;
         // SAFETY: a non-NULL `status` is readable per the caller's contract.
         let s = unsafe { status.as_ref() }.ok_or_else(|| null("status"))?;
-        let r = &mut e.record;
-        r.monotonic_ns = llumlet_dataplane::segment::monotonic_ns();
-        r.step_id = s.step_id;
-        r.update_id = s.update_id;
-        r.hybrid_scheduler_waiting_to_decode_requests_num =
-            s.hybrid_scheduler_waiting_to_decode_requests_num;
-        r.scheduler_waiting_to_decode_requests_num = s.scheduler_waiting_to_decode_requests_num;
-        r.num_waiting_requests = s.num_waiting_requests;
-        r.scheduler_running_to_decode_requests_num = s.scheduler_running_to_decode_requests_num;
-        r.num_running_requests = s.num_running_requests;
-        r.num_loading_requests = s.num_loading_requests;
-        r.num_total_gpu_tokens = s.num_total_gpu_tokens;
-        r.num_used_gpu_tokens = s.num_used_gpu_tokens;
-        r.num_uncomputed_tokens_hybrid_scheduler_waiting_prefills =
-            s.num_uncomputed_tokens_hybrid_scheduler_waiting_prefills;
-        r.num_unallocated_tokens_hybrid_scheduler_waiting_decodes =
-            s.num_unallocated_tokens_hybrid_scheduler_waiting_decodes;
-        r.hybrid_scheduler_waiting_to_decode_tokens_num =
-            s.hybrid_scheduler_waiting_to_decode_tokens_num;
-        r.num_uncomputed_tokens_scheduler_waiting_prefills =
-            s.num_uncomputed_tokens_scheduler_waiting_prefills;
-        r.scheduler_waiting_to_decode_tokens_num = s.scheduler_waiting_to_decode_tokens_num;
-        r.num_uncomputed_tokens_scheduler_running_prefills =
-            s.num_uncomputed_tokens_scheduler_running_prefills;
-        r.num_unallocated_tokens_scheduler_running_prefills =
-            s.num_unallocated_tokens_scheduler_running_prefills;
-        r.scheduler_running_to_decode_tokens_num = s.scheduler_running_to_decode_tokens_num;
-        r.num_tokens_loading_requests = s.num_tokens_loading_requests;
-        r.num_uncomputed_tokens_all_waiting_prefills = s.num_uncomputed_tokens_all_waiting_prefills;
-        r.num_migrate_in_reqs = s.num_migrate_in_reqs;
-        r.num_migrate_out_reqs = s.num_migrate_out_reqs;
-        r.num_migrate_in_tokens = s.num_migrate_in_tokens;
-        r.num_migrate_out_tokens = s.num_migrate_out_tokens;
-        r.profiling_id = s.profiling_id;
-        r.num_scheduled_prefill_tokens = s.num_scheduled_prefill_tokens;
-        r.kv_cache_usage_ratio_migrate_in = s.kv_cache_usage_ratio_migrate_in;
-        r.kv_cache_usage_ratio_migrate_out = s.kv_cache_usage_ratio_migrate_out;
-        r.step_duration = s.step_duration;
+        e.record.monotonic_ns = llumlet_dataplane::segment::monotonic_ns();
+        e.record.counters = *s;
         let record = e.record;
         e.endpoint.publish(&record);
         Ok(LLUMLET_OK)
@@ -626,7 +556,7 @@ mod tests {
             );
             assert_eq!(llumlet_engine_publish(e, ptr::null()), LLUMLET_ERR_NULL);
             assert_eq!(
-                llumlet_engine_publish(e, &LlumletStatus::default()),
+                llumlet_engine_publish(e, &StatusCounters::default()),
                 LLUMLET_OK
             );
             let mut slot = 0;
