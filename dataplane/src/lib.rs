@@ -7,6 +7,8 @@
 //! - [`seqlock`]: the atomic-word copy both sides use;
 //! - [`command`]: the two SPSC command queues and the command codec;
 //! - [`engine`]: the engine's endpoint (create the segment, publish);
+//! - [`mailbox`]: per-migration files for request ids and serialized request state;
+//! - [`runs`]: block pairs to coalesced copy runs, and stage deltas;
 //! - [`sim`]: the simulated decode engine.
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
@@ -14,7 +16,9 @@
 pub mod command;
 pub mod engine;
 pub mod kv;
+pub mod mailbox;
 pub mod request_table;
+pub mod runs;
 pub mod segment;
 pub mod seqlock;
 pub mod sim;

@@ -40,6 +40,8 @@ pub enum RequestState {
     Running = 3,
     /// Suspended for migration.
     Suspended = 4,
+    /// Blocks reserved for a request migrating in; not running here yet.
+    MigratingIn = 5,
 }
 
 impl RequestState {
@@ -50,6 +52,7 @@ impl RequestState {
             2 => RequestState::Prefill,
             3 => RequestState::Running,
             4 => RequestState::Suspended,
+            5 => RequestState::MigratingIn,
             _ => return None,
         })
     }

@@ -123,6 +123,64 @@ pub struct SimRequest {
     pub last_token: u32,
     /// A digest of the output token stream.
     pub digest: u64,
+    /// The migration moving it out, between `MigrateOutBegin` and its end.
+    pub migration: Option<u64>,
+    /// Arrived by migration (checked on arrival and when it finishes).
+    pub migrated_in: bool,
+}
+
+/// A request's state as the simulated engine serializes it for migration (its mailbox state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimState {
+    /// Prompt tokens.
+    pub prompt: u32,
+    /// Output tokens so far.
+    pub output: u32,
+    /// The last output token.
+    pub last_token: u32,
+    /// Digest of the output stream.
+    pub digest: u64,
+    /// Waiting (no KV to keep) rather than running.
+    pub waiting: bool,
+}
+
+impl SimState {
+    const BYTES: usize = 21;
+
+    /// Its bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::BYTES);
+        v.extend_from_slice(&self.prompt.to_le_bytes());
+        v.extend_from_slice(&self.output.to_le_bytes());
+        v.extend_from_slice(&self.last_token.to_le_bytes());
+        v.extend_from_slice(&self.digest.to_le_bytes());
+        v.push(u8::from(self.waiting));
+        v
+    }
+
+    /// Decodes bytes from a mailbox.
+    pub fn decode(b: &[u8]) -> Option<SimState> {
+        if b.len() != Self::BYTES || b[20] > 1 {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        Some(SimState {
+            prompt: u32_at(0),
+            output: u32_at(4),
+            last_token: u32_at(8),
+            digest: u64::from_le_bytes(b[12..20].try_into().expect("8 bytes")),
+            waiting: b[20] == 1,
+        })
+    }
+}
+
+/// Blocks reserved for a request migrating in.
+#[derive(Debug)]
+struct Incoming {
+    migration: u64,
+    id: String,
+    blocks: Vec<u32>,
+    slot: u32,
 }
 
 impl SimRequest {
@@ -161,12 +219,24 @@ pub struct SimEngine {
     preempted: u32,
     kv: Option<HostKvCache>,
     scratch: Vec<u8>,
+    /// Requests suspended for migration (blocks kept, not stepped), with whether they were
+    /// waiting.
+    suspended: Vec<(SimRequest, bool)>,
+    incoming: Vec<Incoming>,
+    /// Migrations committed in, so a late `MigrateInAbort` is refused (newest last, bounded).
+    committed_in: VecDeque<u64>,
+    next_arrival: u64,
+    /// Where mailboxes live (beside the control segment).
+    segment: PathBuf,
+    /// Lines reporting migrations and finished migrated requests (drained by `run`).
+    pub events: Vec<String>,
 }
 
 impl SimEngine {
     /// An engine with an empty cache.
     pub fn new(cfg: SimConfig) -> SimEngine {
-        SimEngine {
+        let segment = cfg.segment.clone();
+        let mut e = SimEngine {
             rng: SplitMix64(cfg.seed),
             free: (0..cfg.num_blocks).rev().collect(),
             finished_slots: Vec::new(),
@@ -180,7 +250,15 @@ impl SimEngine {
             preempted: 0,
             kv: None,
             scratch: Vec::new(),
-        }
+            suspended: Vec::new(),
+            incoming: Vec::new(),
+            committed_in: VecDeque::new(),
+            next_arrival: 0,
+            segment: PathBuf::new(),
+            events: Vec::new(),
+        };
+        e.segment = segment;
+        e
     }
 
     fn blocks_for(&self, tokens: u32) -> u32 {
@@ -268,11 +346,14 @@ impl SimEngine {
                 prompt,
                 output: 0,
                 blocks: Vec::new(),
-                arrival: u64::from(self.admitted),
+                arrival: self.next_arrival,
                 slot: None,
                 published_blocks: 0,
+                migration: None,
+                migrated_in: false,
             });
             self.admitted += 1;
+            self.next_arrival += 1;
         }
         while let Some(front) = self.waiting.front() {
             let need = self.blocks_for(front.tokens() + 1) as usize;
@@ -291,9 +372,17 @@ impl SimEngine {
             let need = self.blocks_for(self.running[i].tokens() + 1) as usize;
             if need > self.running[i].blocks.len() {
                 let Some(b) = self.free.pop() else {
-                    // Preempt the youngest running request (recompute later, as vLLM does):
-                    // its blocks go back, it returns to the front of the waiting queue.
-                    let mut victim = self.running.pop().expect("request i is running");
+                    // Preempt the youngest running request not being migrated (recompute
+                    // later, as vLLM does): its blocks go back, it returns to the front of the
+                    // waiting queue. With no such victim, this request waits a step.
+                    let Some(v) = self.running.iter().rposition(|r| r.migration.is_none()) else {
+                        i += 1;
+                        continue;
+                    };
+                    let mut victim = self.running.remove(v);
+                    if v < i {
+                        i -= 1;
+                    }
                     self.free.append(&mut victim.blocks);
                     self.waiting.push_front(victim);
                     self.preempted += 1;
@@ -308,7 +397,18 @@ impl SimEngine {
             let pos = r.tokens() - 1;
             Self::write_kv(&mut self.kv, &self.cfg, &self.running[i], pos, pos + 1);
             if self.running[i].output >= self.cfg.max_tokens {
-                let mut done = self.running.swap_remove(i);
+                let mut done = self.running.remove(i);
+                if done.migrated_in {
+                    let ok = Self::verify_tokens(&done).is_ok();
+                    self.events.push(format!(
+                        "finished {} output={} migrated_in=true tokens={}",
+                        done.id,
+                        done.output,
+                        if ok { "ok" } else { "BAD" }
+                    ));
+                } else {
+                    self.events.push(format!("finished {} output={}", done.id, done.output));
+                }
                 self.free.append(&mut done.blocks);
                 self.finished_slots.extend(done.slot);
                 self.finished += 1;
@@ -346,6 +446,268 @@ impl SimEngine {
             r.published_blocks = r.blocks.len();
         }
         Ok(())
+    }
+
+    fn find_out(&mut self, slot: u32, migration: Option<u64>) -> Option<(bool, usize)> {
+        let m = |r: &SimRequest| r.slot == Some(slot) && r.migration == migration;
+        if let Some(i) = self.running.iter().position(m) {
+            return Some((false, i));
+        }
+        self.waiting.iter().position(m).map(|i| (true, i))
+    }
+
+    fn take_out(&mut self, waiting: bool, i: usize) -> SimRequest {
+        if waiting {
+            self.waiting.remove(i).expect("index from position")
+        } else {
+            self.running.remove(i)
+        }
+    }
+
+    fn reply(id: u64, ok: bool, value: u64) -> Command {
+        Command::Reply { id, ok, value }
+    }
+
+    /// Carries out a migration or abort command; returns the reply. Status requests are
+    /// answered by the caller (they need the endpoint's ring).
+    pub fn handle(&mut self, cmd: Command, endpoint: &mut EngineEndpoint) -> Option<Command> {
+        Some(match cmd {
+            Command::StatusRequest { .. } | Command::StatusPublished { .. } | Command::Reply { .. } => {
+                return None
+            }
+            Command::MigrateOutBegin { migration, slot } => {
+                match self.find_out(slot, None) {
+                    Some((w, i)) => {
+                        let r = if w { &mut self.waiting[i] } else { &mut self.running[i] };
+                        r.migration = Some(migration);
+                        Self::reply(migration, true, u64::from(r.tokens()))
+                    }
+                    None => Self::reply(migration, false, 0),
+                }
+            }
+            Command::MigrateOutSuspend { migration, slot } => {
+                if self.suspended.iter().any(|(r, _)| r.migration == Some(migration)) {
+                    return Some(Self::reply(migration, true, 0));
+                }
+                let Some((waiting, i)) = self.find_out(slot, Some(migration)) else {
+                    return Some(Self::reply(migration, false, 0));
+                };
+                let r = self.take_out(waiting, i);
+                let state = SimState {
+                    prompt: r.prompt,
+                    output: r.output,
+                    last_token: r.last_token,
+                    digest: r.digest,
+                    waiting,
+                };
+                let mail = crate::mailbox::Mail {
+                    request_id: r.id.clone(),
+                    state: state.encode(),
+                };
+                let ok = mail
+                    .write(&crate::mailbox::path(&self.segment, migration))
+                    .is_ok();
+                let _ = endpoint.request_progress(slot, RequestState::Suspended, r.output, &r.blocks[r.published_blocks.min(r.blocks.len())..]);
+                let mut r = r;
+                r.published_blocks = r.blocks.len();
+                let tokens = u64::from(r.tokens());
+                self.suspended.push((r, waiting));
+                if !ok {
+                    // Cannot hand the state over: resume at once and refuse.
+                    self.resume(migration);
+                }
+                Self::reply(migration, ok, tokens)
+            }
+            Command::MigrateOutCommit { migration, .. } => {
+                let Some(i) = self.suspended.iter().position(|(r, _)| r.migration == Some(migration)) else {
+                    return Some(Self::reply(migration, false, 0));
+                };
+                let (mut r, _) = self.suspended.remove(i);
+                self.free.append(&mut r.blocks);
+                if let Some(slot) = r.slot {
+                    let _ = endpoint.remove_request(slot);
+                }
+                crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
+                self.events.push(format!("migrated-out {} output={}", r.id, r.output));
+                Self::reply(migration, true, 0)
+            }
+            Command::MigrateOutAbort { migration, slot } => {
+                crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
+                if self.resume(migration) {
+                    return Some(Self::reply(migration, true, 0));
+                }
+                match self.find_out(slot, Some(migration)) {
+                    Some((w, i)) => {
+                        let r = if w { &mut self.waiting[i] } else { &mut self.running[i] };
+                        r.migration = None;
+                        Self::reply(migration, true, 0)
+                    }
+                    None => Self::reply(migration, false, 0),
+                }
+            }
+            Command::ReserveBlocks { migration, blocks } => self.reserve(migration, blocks, endpoint),
+            Command::MigrateInCommit { migration } => self.commit_in(migration, endpoint),
+            Command::MigrateInAbort { migration } => {
+                crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
+                if self.committed_in.contains(&migration) {
+                    return Some(Self::reply(migration, false, 0));
+                }
+                if let Some(i) = self.incoming.iter().position(|x| x.migration == migration) {
+                    let mut inc = self.incoming.remove(i);
+                    self.free.append(&mut inc.blocks);
+                    let _ = endpoint.remove_request(inc.slot);
+                }
+                Self::reply(migration, true, 0)
+            }
+            Command::Abort { id, slot } => {
+                match self.find_any(slot) {
+                    Some(mut r) => {
+                        self.free.append(&mut r.blocks);
+                        let _ = endpoint.remove_request(slot);
+                        self.events.push(format!("aborted {}", r.id));
+                        Self::reply(id, true, 0)
+                    }
+                    None => Self::reply(id, false, 0),
+                }
+            }
+        })
+    }
+
+    /// Takes a live request (running, waiting or suspended) out of the engine by table slot.
+    fn find_any(&mut self, slot: u32) -> Option<SimRequest> {
+        if let Some(i) = self.running.iter().position(|r| r.slot == Some(slot)) {
+            return Some(self.running.remove(i));
+        }
+        if let Some(i) = self.waiting.iter().position(|r| r.slot == Some(slot)) {
+            return self.waiting.remove(i);
+        }
+        let i = self.suspended.iter().position(|(r, _)| r.slot == Some(slot))?;
+        Some(self.suspended.remove(i).0)
+    }
+
+    /// Puts a suspended request back where it was; whether there was one.
+    fn resume(&mut self, migration: u64) -> bool {
+        let Some(i) = self.suspended.iter().position(|(r, _)| r.migration == Some(migration)) else {
+            return false;
+        };
+        let (mut r, waiting) = self.suspended.remove(i);
+        r.migration = None;
+        if waiting {
+            self.waiting.push_front(r);
+        } else {
+            self.running.push(r);
+        }
+        true
+    }
+
+    fn reserve(&mut self, migration: u64, blocks: u32, endpoint: &mut EngineEndpoint) -> Command {
+        let fail = Self::reply(migration, false, 0);
+        let idx = match self.incoming.iter().position(|x| x.migration == migration) {
+            Some(i) => i,
+            None => {
+                let Ok(mail) = crate::mailbox::Mail::read(&crate::mailbox::path(&self.segment, migration)) else {
+                    return fail;
+                };
+                let known = |r: &SimRequest| r.id == mail.request_id;
+                if self.running.iter().any(known)
+                    || self.waiting.iter().any(known)
+                    || self.suspended.iter().any(|(r, _)| known(r))
+                    || self.incoming.iter().any(|x| x.id == mail.request_id)
+                {
+                    // The same request twice on one instance: refuse.
+                    return fail;
+                }
+                let info = RequestInfo {
+                    id: &mail.request_id,
+                    state: RequestState::MigratingIn,
+                    arrival: self.next_arrival,
+                    prompt_tokens: 0,
+                    output_tokens: 0,
+                };
+                let Ok(slot) = endpoint.add_request(&info, &[]) else {
+                    return fail;
+                };
+                self.incoming.push(Incoming {
+                    migration,
+                    id: mail.request_id,
+                    blocks: Vec::new(),
+                    slot,
+                });
+                self.incoming.len() - 1
+            }
+        };
+        let inc = &mut self.incoming[idx];
+        let need = (blocks as usize).saturating_sub(inc.blocks.len());
+        if need > self.free.len() {
+            return Self::reply(migration, false, inc.blocks.len() as u64);
+        }
+        let at = self.free.len() - need;
+        inc.blocks.extend(self.free.split_off(at));
+        if endpoint.set_request_blocks(inc.slot, &inc.blocks).is_err() {
+            return fail;
+        }
+        Self::reply(migration, true, u64::from(inc.slot))
+    }
+
+    fn commit_in(&mut self, migration: u64, endpoint: &mut EngineEndpoint) -> Command {
+        let fail = Self::reply(migration, false, 0);
+        if self.committed_in.contains(&migration) {
+            return Self::reply(migration, true, 0);
+        }
+        let Some(i) = self.incoming.iter().position(|x| x.migration == migration) else {
+            return fail;
+        };
+        let path = crate::mailbox::path(&self.segment, migration);
+        let Some((mail, st)) = crate::mailbox::Mail::read(&path)
+            .ok()
+            .and_then(|m| SimState::decode(&m.state).map(|s| (m, s)))
+        else {
+            return fail;
+        };
+        if mail.request_id != self.incoming[i].id {
+            return fail;
+        }
+        let inc = self.incoming.remove(i);
+        crate::mailbox::remove(&path);
+        let mut r = SimRequest {
+            seed: request_seed(&inc.id),
+            id: inc.id,
+            prompt: st.prompt,
+            output: st.output,
+            blocks: inc.blocks,
+            arrival: self.next_arrival,
+            slot: Some(inc.slot),
+            published_blocks: 0,
+            last_token: st.last_token,
+            digest: st.digest,
+            migration: None,
+            migrated_in: true,
+        };
+        self.next_arrival += 1;
+        let keep = if st.waiting { 0 } else { self.blocks_for(r.tokens()) as usize };
+        if keep > r.blocks.len() {
+            // Fewer blocks than the state needs: the source sent too little. Refuse.
+            let inc = Incoming { migration, id: r.id, blocks: r.blocks, slot: inc.slot };
+            self.incoming.push(inc);
+            return fail;
+        }
+        let mut extra = r.blocks.split_off(keep);
+        self.free.append(&mut extra);
+        let _ = endpoint.set_request_blocks(inc.slot, &r.blocks);
+        r.published_blocks = r.blocks.len();
+        let kv = if st.waiting { "none" } else if self.verify_kv(&r).is_ok() { "ok" } else { "BAD" };
+        let tokens = if Self::verify_tokens(&r).is_ok() { "ok" } else { "BAD" };
+        self.events.push(format!("migrated-in {} output={} kv={kv} tokens={tokens}", r.id, r.output));
+        if st.waiting {
+            self.waiting.push_back(r);
+        } else {
+            self.running.push(r);
+        }
+        self.committed_in.push_back(migration);
+        if self.committed_in.len() > 1024 {
+            self.committed_in.pop_front();
+        }
+        Self::reply(migration, true, 0)
     }
 
     /// The status record of the current state.
@@ -441,23 +803,11 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
                     let _ = endpoint.send(&Command::StatusPublished { seq, publish_seq });
                 }
                 Ok(Some(cmd)) => {
-                    // Migration commands come with the live-migration protocol.
-                    let id = match cmd {
-                        Command::Abort { id, .. } => id,
-                        Command::MigrateOutBegin { migration, .. }
-                        | Command::MigrateOutSuspend { migration, .. }
-                        | Command::MigrateOutCommit { migration, .. }
-                        | Command::MigrateOutAbort { migration, .. }
-                        | Command::ReserveBlocks { migration, .. }
-                        | Command::MigrateInCommit { migration }
-                        | Command::MigrateInAbort { migration } => migration,
-                        _ => 0,
-                    };
-                    let _ = endpoint.send(&Command::Reply {
-                        id,
-                        ok: false,
-                        value: 0,
-                    });
+                    if let Some(reply) = engine.handle(cmd, &mut endpoint) {
+                        // A full reply queue means the llumlet is not reading; it times the
+                        // command out and resolves it by the protocol's rules.
+                        let _ = endpoint.send(&reply);
+                    }
                 }
                 Err(e) => {
                     bad_commands += 1;
@@ -474,6 +824,9 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
             if table_errors == 1 {
                 eprintln!("sim-engine: request table: {e}");
             }
+        }
+        for line in engine.events.drain(..) {
+            println!("sim-engine: {line}");
         }
         n += 1;
         if push_mode && n.is_multiple_of(u64::from(update_steps)) {

@@ -15,7 +15,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 OK = 0
 CMD_STATUS_REQUEST = 1
 CMD_STATUS_PUBLISHED = 2
-REQ_WAITING, REQ_PREFILL, REQ_RUNNING, REQ_SUSPENDED = 1, 2, 3, 4
+REQ_WAITING, REQ_PREFILL, REQ_RUNNING, REQ_SUSPENDED, REQ_MIGRATING_IN = 1, 2, 3, 4, 5
 
 _INT_FIELDS = [
     "step_id", "update_id", "hybrid_scheduler_waiting_to_decode_requests_num",

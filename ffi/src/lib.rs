@@ -66,6 +66,8 @@ pub const LLUMLET_REQ_PREFILL: u32 = 2;
 pub const LLUMLET_REQ_RUNNING: u32 = 3;
 /// Suspended for migration.
 pub const LLUMLET_REQ_SUSPENDED: u32 = 4;
+/// Blocks reserved for a request migrating in.
+pub const LLUMLET_REQ_MIGRATING_IN: u32 = 5;
 
 /// A command or reply, flattened for C.
 #[repr(C)]
@@ -164,6 +166,7 @@ fn state_arg(s: u32) -> Result<RequestState, Failure> {
         LLUMLET_REQ_PREFILL => RequestState::Prefill,
         LLUMLET_REQ_RUNNING => RequestState::Running,
         LLUMLET_REQ_SUSPENDED => RequestState::Suspended,
+        LLUMLET_REQ_MIGRATING_IN => RequestState::MigratingIn,
         other => {
             return Err((
                 LLUMLET_ERR_INVALID,
