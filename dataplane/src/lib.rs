@@ -9,7 +9,8 @@
 //! - [`engine`]: the engine's endpoint (create the segment, publish);
 //! - [`mailbox`]: per-migration files for request ids and serialized request state;
 //! - [`runs`]: block pairs to coalesced copy runs, and stage deltas;
-//! - [`sim`]: the simulated decode engine.
+//! - [`sim`]: the simulated decode engine;
+//! - [`transport`]: the KV transports (shm, tcp) and the transfer connection's frames.
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
 
@@ -24,3 +25,4 @@ pub mod seqlock;
 pub mod sim;
 pub mod status_ring;
 mod sync;
+pub mod transport;

@@ -191,7 +191,10 @@ mod tests {
         ));
         let mut bad = b.clone();
         bad[0] ^= 1;
-        assert!(matches!(Mail::decode(&bad), Err(MailError::Malformed("bad magic"))));
+        assert!(matches!(
+            Mail::decode(&bad),
+            Err(MailError::Malformed("bad magic"))
+        ));
         let mut huge = b.clone();
         huge[8..12].copy_from_slice(&1000u32.to_le_bytes());
         assert!(Mail::decode(&huge).is_err());

@@ -54,7 +54,12 @@ pub fn blocks(runs: &[BlockRun]) -> u64 {
 /// Which table positions a stage must copy: those whose block changed since the last stage
 /// (`copied` holds the source block copied at each position), every position beyond, and the
 /// last position copied before if it was not full then (tokens are appended in place).
-pub fn delta_positions(copied: &[u32], copied_tokens: u64, now: &[u32], block_tokens: u32) -> Vec<usize> {
+pub fn delta_positions(
+    copied: &[u32],
+    copied_tokens: u64,
+    now: &[u32],
+    block_tokens: u32,
+) -> Vec<usize> {
     let bt = u64::from(block_tokens.max(1));
     // Positions up to `full` were complete when copied; later ones may have grown since.
     let full = (copied_tokens / bt) as usize;
@@ -76,10 +81,26 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                BlockRun { src: 4, dst: 7, len: 3 },
-                BlockRun { src: 9, dst: 10, len: 1 },
-                BlockRun { src: 10, dst: 20, len: 1 },
-                BlockRun { src: 2, dst: 21, len: 1 },
+                BlockRun {
+                    src: 4,
+                    dst: 7,
+                    len: 3
+                },
+                BlockRun {
+                    src: 9,
+                    dst: 10,
+                    len: 1
+                },
+                BlockRun {
+                    src: 10,
+                    dst: 20,
+                    len: 1
+                },
+                BlockRun {
+                    src: 2,
+                    dst: 21,
+                    len: 1
+                },
             ]
         );
         assert_eq!(blocks(&out), 6);
@@ -87,7 +108,18 @@ mod tests {
         coalesce(&src, &dst, [0, 2, 7], &mut out);
         assert_eq!(
             out,
-            vec![BlockRun { src: 4, dst: 7, len: 1 }, BlockRun { src: 6, dst: 9, len: 1 }],
+            vec![
+                BlockRun {
+                    src: 4,
+                    dst: 7,
+                    len: 1
+                },
+                BlockRun {
+                    src: 6,
+                    dst: 9,
+                    len: 1
+                }
+            ],
             "a gap breaks a run; positions beyond the tables are ignored"
         );
         out.clear();

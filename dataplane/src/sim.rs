@@ -407,7 +407,8 @@ impl SimEngine {
                         if ok { "ok" } else { "BAD" }
                     ));
                 } else {
-                    self.events.push(format!("finished {} output={}", done.id, done.output));
+                    self.events
+                        .push(format!("finished {} output={}", done.id, done.output));
                 }
                 self.free.append(&mut done.blocks);
                 self.finished_slots.extend(done.slot);
@@ -472,21 +473,27 @@ impl SimEngine {
     /// answered by the caller (they need the endpoint's ring).
     pub fn handle(&mut self, cmd: Command, endpoint: &mut EngineEndpoint) -> Option<Command> {
         Some(match cmd {
-            Command::StatusRequest { .. } | Command::StatusPublished { .. } | Command::Reply { .. } => {
-                return None
-            }
-            Command::MigrateOutBegin { migration, slot } => {
-                match self.find_out(slot, None) {
-                    Some((w, i)) => {
-                        let r = if w { &mut self.waiting[i] } else { &mut self.running[i] };
-                        r.migration = Some(migration);
-                        Self::reply(migration, true, u64::from(r.tokens()))
-                    }
-                    None => Self::reply(migration, false, 0),
+            Command::StatusRequest { .. }
+            | Command::StatusPublished { .. }
+            | Command::Reply { .. } => return None,
+            Command::MigrateOutBegin { migration, slot } => match self.find_out(slot, None) {
+                Some((w, i)) => {
+                    let r = if w {
+                        &mut self.waiting[i]
+                    } else {
+                        &mut self.running[i]
+                    };
+                    r.migration = Some(migration);
+                    Self::reply(migration, true, u64::from(r.tokens()))
                 }
-            }
+                None => Self::reply(migration, false, 0),
+            },
             Command::MigrateOutSuspend { migration, slot } => {
-                if self.suspended.iter().any(|(r, _)| r.migration == Some(migration)) {
+                if self
+                    .suspended
+                    .iter()
+                    .any(|(r, _)| r.migration == Some(migration))
+                {
                     return Some(Self::reply(migration, true, 0));
                 }
                 let Some((waiting, i)) = self.find_out(slot, Some(migration)) else {
@@ -507,7 +514,12 @@ impl SimEngine {
                 let ok = mail
                     .write(&crate::mailbox::path(&self.segment, migration))
                     .is_ok();
-                let _ = endpoint.request_progress(slot, RequestState::Suspended, r.output, &r.blocks[r.published_blocks.min(r.blocks.len())..]);
+                let _ = endpoint.request_progress(
+                    slot,
+                    RequestState::Suspended,
+                    r.output,
+                    &r.blocks[r.published_blocks.min(r.blocks.len())..],
+                );
                 let mut r = r;
                 r.published_blocks = r.blocks.len();
                 let tokens = u64::from(r.tokens());
@@ -519,7 +531,11 @@ impl SimEngine {
                 Self::reply(migration, ok, tokens)
             }
             Command::MigrateOutCommit { migration, .. } => {
-                let Some(i) = self.suspended.iter().position(|(r, _)| r.migration == Some(migration)) else {
+                let Some(i) = self
+                    .suspended
+                    .iter()
+                    .position(|(r, _)| r.migration == Some(migration))
+                else {
                     return Some(Self::reply(migration, false, 0));
                 };
                 let (mut r, _) = self.suspended.remove(i);
@@ -528,7 +544,8 @@ impl SimEngine {
                     let _ = endpoint.remove_request(slot);
                 }
                 crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
-                self.events.push(format!("migrated-out {} output={}", r.id, r.output));
+                self.events
+                    .push(format!("migrated-out {} output={}", r.id, r.output));
                 Self::reply(migration, true, 0)
             }
             Command::MigrateOutAbort { migration, slot } => {
@@ -538,14 +555,20 @@ impl SimEngine {
                 }
                 match self.find_out(slot, Some(migration)) {
                     Some((w, i)) => {
-                        let r = if w { &mut self.waiting[i] } else { &mut self.running[i] };
+                        let r = if w {
+                            &mut self.waiting[i]
+                        } else {
+                            &mut self.running[i]
+                        };
                         r.migration = None;
                         Self::reply(migration, true, 0)
                     }
                     None => Self::reply(migration, false, 0),
                 }
             }
-            Command::ReserveBlocks { migration, blocks } => self.reserve(migration, blocks, endpoint),
+            Command::ReserveBlocks { migration, blocks } => {
+                self.reserve(migration, blocks, endpoint)
+            }
             Command::MigrateInCommit { migration } => self.commit_in(migration, endpoint),
             Command::MigrateInAbort { migration } => {
                 crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
@@ -559,17 +582,15 @@ impl SimEngine {
                 }
                 Self::reply(migration, true, 0)
             }
-            Command::Abort { id, slot } => {
-                match self.find_any(slot) {
-                    Some(mut r) => {
-                        self.free.append(&mut r.blocks);
-                        let _ = endpoint.remove_request(slot);
-                        self.events.push(format!("aborted {}", r.id));
-                        Self::reply(id, true, 0)
-                    }
-                    None => Self::reply(id, false, 0),
+            Command::Abort { id, slot } => match self.find_any(slot) {
+                Some(mut r) => {
+                    self.free.append(&mut r.blocks);
+                    let _ = endpoint.remove_request(slot);
+                    self.events.push(format!("aborted {}", r.id));
+                    Self::reply(id, true, 0)
                 }
-            }
+                None => Self::reply(id, false, 0),
+            },
         })
     }
 
@@ -581,13 +602,20 @@ impl SimEngine {
         if let Some(i) = self.waiting.iter().position(|r| r.slot == Some(slot)) {
             return self.waiting.remove(i);
         }
-        let i = self.suspended.iter().position(|(r, _)| r.slot == Some(slot))?;
+        let i = self
+            .suspended
+            .iter()
+            .position(|(r, _)| r.slot == Some(slot))?;
         Some(self.suspended.remove(i).0)
     }
 
     /// Puts a suspended request back where it was; whether there was one.
     fn resume(&mut self, migration: u64) -> bool {
-        let Some(i) = self.suspended.iter().position(|(r, _)| r.migration == Some(migration)) else {
+        let Some(i) = self
+            .suspended
+            .iter()
+            .position(|(r, _)| r.migration == Some(migration))
+        else {
             return false;
         };
         let (mut r, waiting) = self.suspended.remove(i);
@@ -605,7 +633,9 @@ impl SimEngine {
         let idx = match self.incoming.iter().position(|x| x.migration == migration) {
             Some(i) => i,
             None => {
-                let Ok(mail) = crate::mailbox::Mail::read(&crate::mailbox::path(&self.segment, migration)) else {
+                let Ok(mail) =
+                    crate::mailbox::Mail::read(&crate::mailbox::path(&self.segment, migration))
+                else {
                     return fail;
                 };
                 let known = |r: &SimRequest| r.id == mail.request_id;
@@ -684,20 +714,58 @@ impl SimEngine {
             migrated_in: true,
         };
         self.next_arrival += 1;
-        let keep = if st.waiting { 0 } else { self.blocks_for(r.tokens()) as usize };
+        let keep = if st.waiting {
+            0
+        } else {
+            self.blocks_for(r.tokens()) as usize
+        };
         if keep > r.blocks.len() {
             // Fewer blocks than the state needs: the source sent too little. Refuse.
-            let inc = Incoming { migration, id: r.id, blocks: r.blocks, slot: inc.slot };
+            let inc = Incoming {
+                migration,
+                id: r.id,
+                blocks: r.blocks,
+                slot: inc.slot,
+            };
             self.incoming.push(inc);
             return fail;
         }
         let mut extra = r.blocks.split_off(keep);
         self.free.append(&mut extra);
-        let _ = endpoint.set_request_blocks(inc.slot, &r.blocks);
-        r.published_blocks = r.blocks.len();
-        let kv = if st.waiting { "none" } else if self.verify_kv(&r).is_ok() { "ok" } else { "BAD" };
-        let tokens = if Self::verify_tokens(&r).is_ok() { "ok" } else { "BAD" };
-        self.events.push(format!("migrated-in {} output={} kv={kv} tokens={tokens}", r.id, r.output));
+        // The reservation's table entry becomes the request's (prompt and output included).
+        let _ = endpoint.remove_request(inc.slot);
+        r.slot = None;
+        let info = RequestInfo {
+            id: &r.id,
+            state: if st.waiting {
+                RequestState::Waiting
+            } else {
+                RequestState::Running
+            },
+            arrival: r.arrival,
+            prompt_tokens: r.prompt,
+            output_tokens: r.output,
+        };
+        if let Ok(slot) = endpoint.add_request(&info, &r.blocks) {
+            r.slot = Some(slot);
+            r.published_blocks = r.blocks.len();
+        }
+        let kv = if st.waiting {
+            "none"
+        } else if self.verify_kv(&r).is_ok() {
+            "ok"
+        } else {
+            "BAD"
+        };
+        let tokens = if Self::verify_tokens(&r).is_ok() {
+            "ok"
+        } else {
+            "BAD"
+        };
+        self.events.push(format!(
+            "migrated-in {} output={} kv={kv} tokens={tokens}",
+            r.id, r.output
+        ));
         if st.waiting {
             self.waiting.push_back(r);
         } else {

@@ -1,0 +1,425 @@
+//! KV transports: how a migration's copy runs reach the destination's reserved blocks.
+//!
+//! A [`Transport`] is the source's end: it copies runs of blocks from the source engine's host
+//! regions to the destination, and returns once the bytes are there (for `tcp`: written to the
+//! socket in order, so they are applied before any later control message on that connection is
+//! read). Every transport refuses a run outside the blocks the destination reserved: `shm`
+//! checks before its memcpy, `tcp`'s receiving end ([`DataSink`]) checks every frame before it
+//! writes.
+//!
+//! Frames on a transfer connection: `u32 length (LE) | u8 kind | payload`, kind
+//! [`FRAME_CONTROL`] (a protobuf message of the migration protocol) or [`FRAME_DATA`]:
+//! `u32 region | u32 first destination block | u32 blocks | u32 0 | bytes`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use crate::kv::MappedRegion;
+use crate::runs::BlockRun;
+
+/// A control frame (protobuf).
+pub const FRAME_CONTROL: u8 = 1;
+/// A data frame (KV bytes for consecutive blocks of one region).
+pub const FRAME_DATA: u8 = 2;
+/// The largest data payload a sender puts in one frame (whole blocks; at least one block).
+pub const MAX_DATA_FRAME: usize = 4 << 20;
+/// The largest frame a receiver accepts.
+pub const MAX_FRAME: usize = 256 << 20;
+const DATA_HEADER: usize = 16;
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Socket I/O.
+    #[error("transfer connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection.
+    #[error("transfer connection closed by the peer")]
+    Closed,
+    /// A run outside the destination's reservation or regions.
+    #[error("run of {len} blocks at destination block {dst} in region {region} is outside the reservation")]
+    OutOfReservation {
+        /// Region index.
+        region: u32,
+        /// First destination block.
+        dst: u32,
+        /// Blocks.
+        len: u32,
+    },
+    /// A run outside the source's regions.
+    #[error("run of {len} blocks at source block {src} is outside the source's regions")]
+    OutOfSource {
+        /// First source block.
+        src: u32,
+        /// Blocks.
+        len: u32,
+    },
+    /// Source and destination regions differ in number or block size.
+    #[error("KV layouts differ: {0}")]
+    Layout(String),
+    /// A frame that is not one.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// The blocks a destination reserved for one migration (the only blocks a run may write).
+#[derive(Debug, Clone, Default)]
+pub struct Reserved {
+    sorted: Vec<u32>,
+}
+
+impl Reserved {
+    /// A reservation of `blocks`.
+    pub fn new(blocks: &[u32]) -> Reserved {
+        let mut sorted = blocks.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        Reserved { sorted }
+    }
+
+    /// Whether blocks `dst..dst + len` are all reserved.
+    pub fn contains_run(&self, dst: u32, len: u32) -> bool {
+        let Some(end) = dst.checked_add(len) else {
+            return false;
+        };
+        // The reservation is sorted and unique: the run is inside iff its first block is there
+        // and the block `len - 1` places further is its last.
+        match self.sorted.binary_search(&dst) {
+            Ok(i) => len > 0 && self.sorted.get(i + len as usize - 1) == Some(&(end - 1)),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Checks that two sets of regions can exchange blocks: same count, same block size per region.
+pub fn check_layouts(src: &[(u64, u64)], dst: &[(u64, u64)]) -> Result<(), TransportError> {
+    if src.len() != dst.len() {
+        return Err(TransportError::Layout(format!(
+            "{} regions at the source, {} at the destination",
+            src.len(),
+            dst.len()
+        )));
+    }
+    for (i, (s, d)) in src.iter().zip(dst).enumerate() {
+        if s.1 != d.1 {
+            return Err(TransportError::Layout(format!(
+                "region {i}: block of {} bytes at the source, {} at the destination",
+                s.1, d.1
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_src(src: &MappedRegion, r: &BlockRun) -> Result<(), TransportError> {
+    let end = u64::from(r.src) + u64::from(r.len);
+    if r.len == 0 || end > src.region().num_blocks {
+        return Err(TransportError::OutOfSource {
+            src: r.src,
+            len: r.len,
+        });
+    }
+    Ok(())
+}
+
+/// The source's end of a transport.
+pub trait Transport: Send {
+    /// `shm`, `tcp`, ...
+    fn name(&self) -> &'static str;
+    /// Copies `runs` from every region of `src` to the same region at the destination; returns
+    /// the bytes copied.
+    fn copy(&mut self, src: &[MappedRegion], runs: &[BlockRun]) -> Result<u64, TransportError>;
+}
+
+/// Same host: the destination's regions mapped here, one memcpy per run and region.
+pub struct ShmTransport {
+    dst: Vec<MappedRegion>,
+    reserved: Reserved,
+}
+
+impl ShmTransport {
+    /// A transport writing to `dst` (the destination's regions, mapped for this migration only)
+    /// within `reserved`.
+    pub fn new(dst: Vec<MappedRegion>, reserved: Reserved) -> ShmTransport {
+        ShmTransport { dst, reserved }
+    }
+
+    /// Widens the reservation (the destination reserved more blocks).
+    pub fn set_reserved(&mut self, reserved: Reserved) {
+        self.reserved = reserved;
+    }
+}
+
+impl Transport for ShmTransport {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn copy(&mut self, src: &[MappedRegion], runs: &[BlockRun]) -> Result<u64, TransportError> {
+        check_layouts(&layout(src), &layout(&self.dst))?;
+        let mut bytes = 0;
+        for r in runs {
+            for s in src {
+                check_src(s, r)?;
+            }
+            if !self.reserved.contains_run(r.dst, r.len) {
+                return Err(TransportError::OutOfReservation {
+                    region: 0,
+                    dst: r.dst,
+                    len: r.len,
+                });
+            }
+        }
+        for (i, (s, d)) in src.iter().zip(&self.dst).enumerate() {
+            for r in runs {
+                let bad = || TransportError::OutOfReservation {
+                    region: i as u32,
+                    dst: r.dst,
+                    len: r.len,
+                };
+                let last = u64::from(r.dst) + u64::from(r.len) - 1;
+                let (Some(sp), Some(dp), true) = (
+                    s.block_ptr(u64::from(r.src)),
+                    d.block_ptr(u64::from(r.dst)),
+                    last < d.region().num_blocks,
+                ) else {
+                    return Err(bad());
+                };
+                let n = r.len as usize * s.region().block_size_bytes as usize;
+                // SAFETY: both runs lie inside their mappings (source: `check_src`; destination:
+                // last block < num_blocks, and `map` checked num_blocks * block size against the
+                // file). Source and destination are different files, so the ranges do not
+                // overlap. The source engine may still write its blocks (stale bytes are copied
+                // again at a later stage); the destination engine does not touch reserved
+                // blocks before the commit. Raw-pointer byte copies, no references.
+                unsafe { std::ptr::copy_nonoverlapping(sp, dp, n) };
+                bytes += n as u64;
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// (blocks, block size) of each region.
+pub fn layout(regions: &[MappedRegion]) -> Vec<(u64, u64)> {
+    regions
+        .iter()
+        .map(|m| (m.region().num_blocks, m.region().block_size_bytes))
+        .collect()
+}
+
+/// Any two hosts: data frames on the transfer connection.
+pub struct TcpTransport {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl TcpTransport {
+    /// A transport writing to `stream` (a clone of the migration's transfer connection).
+    pub fn new(stream: TcpStream) -> TcpTransport {
+        TcpTransport {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn copy(&mut self, src: &[MappedRegion], runs: &[BlockRun]) -> Result<u64, TransportError> {
+        let mut bytes = 0;
+        for (i, s) in src.iter().enumerate() {
+            let bsz = s.region().block_size_bytes as usize;
+            let per_frame = (MAX_DATA_FRAME / bsz.max(1)).max(1) as u32;
+            for r in runs {
+                check_src(s, r)?;
+                let mut done = 0u32;
+                while done < r.len {
+                    let n = per_frame.min(r.len - done);
+                    let len = n as usize * bsz;
+                    self.buf.clear();
+                    self.buf.resize(5 + DATA_HEADER + len, 0);
+                    let payload = (DATA_HEADER + len) as u32;
+                    self.buf[..4].copy_from_slice(&payload.to_le_bytes());
+                    self.buf[4] = FRAME_DATA;
+                    for (k, w) in [i as u32, r.dst + done, n, 0].into_iter().enumerate() {
+                        self.buf[5 + 4 * k..9 + 4 * k].copy_from_slice(&w.to_le_bytes());
+                    }
+                    let sp = s.block_ptr(u64::from(r.src + done)).ok_or(
+                        TransportError::OutOfSource {
+                            src: r.src,
+                            len: r.len,
+                        },
+                    )?;
+                    // SAFETY: blocks src+done .. src+done+n lie inside the mapping
+                    // (`check_src`); the buffer holds `len` bytes after the headers and is ours.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            sp,
+                            self.buf.as_mut_ptr().add(5 + DATA_HEADER),
+                            len,
+                        )
+                    };
+                    self.stream.write_all(&self.buf)?;
+                    bytes += len as u64;
+                    done += n;
+                }
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> Result<(), TransportError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| *l as usize <= MAX_FRAME)
+        .ok_or_else(|| TransportError::Malformed(format!("frame of {} bytes", payload.len())))?;
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4] = kind;
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Reads one frame into `buf`; returns its kind. A clean end of stream before a frame is
+/// [`TransportError::Closed`].
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, TransportError> {
+    let mut head = [0u8; 5];
+    if let Err(e) = r.read_exact(&mut head) {
+        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            TransportError::Closed
+        } else {
+            e.into()
+        });
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(TransportError::Malformed(format!(
+            "frame of {len} bytes (at most {MAX_FRAME})"
+        )));
+    }
+    if head[4] != FRAME_CONTROL && head[4] != FRAME_DATA {
+        return Err(TransportError::Malformed(format!("frame kind {}", head[4])));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            TransportError::Closed
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(head[4])
+}
+
+/// The destination's end of `tcp`: applies data frames to its regions within the reservation.
+pub struct DataSink {
+    regions: Vec<MappedRegion>,
+    reserved: Reserved,
+}
+
+impl DataSink {
+    /// A sink writing to `regions` within `reserved`.
+    pub fn new(regions: Vec<MappedRegion>, reserved: Reserved) -> DataSink {
+        DataSink { regions, reserved }
+    }
+
+    /// Widens the reservation.
+    pub fn set_reserved(&mut self, reserved: Reserved) {
+        self.reserved = reserved;
+    }
+
+    /// The regions.
+    pub fn regions(&self) -> &[MappedRegion] {
+        &self.regions
+    }
+
+    /// Checks and applies one data frame's payload; returns the bytes written.
+    pub fn apply(&self, payload: &[u8]) -> Result<u64, TransportError> {
+        let word = |i: usize| {
+            payload
+                .get(4 * i..4 * i + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or_else(|| {
+                    TransportError::Malformed("data frame shorter than its header".into())
+                })
+        };
+        let (region, dst, len) = (word(0)?, word(1)?, word(2)?);
+        let bad = TransportError::OutOfReservation { region, dst, len };
+        let Some(d) = self.regions.get(region as usize) else {
+            return Err(bad);
+        };
+        if !self.reserved.contains_run(dst, len)
+            || u64::from(dst) + u64::from(len) > d.region().num_blocks
+        {
+            return Err(bad);
+        }
+        let bytes = &payload[DATA_HEADER..];
+        let expect = u64::from(len) * d.region().block_size_bytes;
+        if bytes.len() as u64 != expect {
+            return Err(TransportError::Malformed(format!(
+                "data frame for {len} blocks carries {} bytes, not {expect}",
+                bytes.len()
+            )));
+        }
+        let dp = d.block_ptr(u64::from(dst)).ok_or(bad)?;
+        // SAFETY: blocks dst..dst+len lie inside the mapping (checked above against num_blocks,
+        // which `map` checked against the file); `bytes` is our buffer, not shared memory. The
+        // engine does not touch reserved blocks before the commit.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dp, bytes.len()) };
+        Ok(expect)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_runs() {
+        let r = Reserved::new(&[9, 3, 4, 5, 10]);
+        assert!(r.contains_run(3, 3));
+        assert!(r.contains_run(9, 2));
+        assert!(!r.contains_run(4, 3), "6 is not reserved");
+        assert!(!r.contains_run(5, 5), "a hole between 5 and 9");
+        assert!(!r.contains_run(3, 0));
+        assert!(!r.contains_run(u32::MAX, 2));
+        assert!(!r.contains_run(0, 1));
+    }
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, FRAME_CONTROL, b"hello").unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut &wire[..], &mut buf).unwrap(), FRAME_CONTROL);
+        assert_eq!(buf, b"hello");
+        assert!(matches!(
+            read_frame(&mut &wire[..3], &mut buf),
+            Err(TransportError::Closed)
+        ));
+        assert!(matches!(
+            read_frame(&mut &wire[..7], &mut buf),
+            Err(TransportError::Closed)
+        ));
+        let mut bad = wire.clone();
+        bad[4] = 9;
+        assert!(matches!(
+            read_frame(&mut &bad[..], &mut buf),
+            Err(TransportError::Malformed(_))
+        ));
+        let mut huge = wire.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut &huge[..], &mut buf),
+            Err(TransportError::Malformed(_))
+        ));
+    }
+}

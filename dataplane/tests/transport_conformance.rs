@@ -1,0 +1,252 @@
+//! The conformance suite every KV transport passes: random runs over real shared-memory regions
+//! arrive byte for byte, nothing outside the runs changes, a run outside the reservation is
+//! refused before anything is written, and source runs beyond the regions are errors.
+
+use std::net::{TcpListener, TcpStream};
+
+use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
+use llumlet_dataplane::runs::{blocks, coalesce, BlockRun};
+use llumlet_dataplane::sim::SplitMix64;
+use llumlet_dataplane::transport::{
+    read_frame, write_frame, DataSink, Reserved, ShmTransport, TcpTransport, Transport,
+    TransportError, FRAME_CONTROL, FRAME_DATA,
+};
+
+const LAYERS: u32 = 3;
+const BLOCKS: u64 = 64;
+const BLOCK_BYTES: u64 = 4096;
+
+struct Cache {
+    cache: HostKvCache,
+}
+
+impl Cache {
+    fn new(tag: &str) -> Cache {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/llumlet-conf-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        Cache {
+            cache: HostKvCache::create(&path, LAYERS, BLOCKS, BLOCK_BYTES, BLOCK_BYTES).unwrap(),
+        }
+    }
+
+    fn maps(&self) -> Vec<MappedRegion> {
+        self.cache
+            .regions()
+            .unwrap()
+            .iter()
+            .map(|r| MappedRegion::map(r).unwrap())
+            .collect()
+    }
+
+    fn fill(&mut self, rng: &mut SplitMix64) {
+        for l in 0..LAYERS {
+            for b in 0..BLOCKS {
+                for x in self.cache.token_mut(l, b, 0).unwrap().chunks_mut(8) {
+                    x.copy_from_slice(&rng.next_u64().to_le_bytes());
+                }
+            }
+        }
+    }
+
+    fn block(&mut self, l: u32, b: u64) -> Vec<u8> {
+        self.cache.token_mut(l, b, 0).unwrap().to_vec()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Shm,
+    Tcp,
+}
+
+/// Copies `runs` from `src` to `dst` within `reserved` over `kind`, the way a migration does:
+/// data, then a control message the destination answers once everything before it is applied.
+fn copy(
+    kind: Kind,
+    src: &Cache,
+    dst: &Cache,
+    reserved: &[u32],
+    runs: &[BlockRun],
+) -> Result<u64, String> {
+    let src_maps = src.maps();
+    match kind {
+        Kind::Shm => {
+            let mut t = ShmTransport::new(dst.maps(), Reserved::new(reserved));
+            assert_eq!(t.name(), "shm");
+            t.copy(&src_maps, runs).map_err(|e| e.to_string())
+        }
+        Kind::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let sink = DataSink::new(dst.maps(), Reserved::new(reserved));
+            let receiver = std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = Vec::new();
+                let mut err = None;
+                loop {
+                    match read_frame(&mut s, &mut buf) {
+                        Ok(FRAME_DATA) => {
+                            if let Err(e) = sink.apply(&buf) {
+                                err.get_or_insert(e.to_string());
+                            }
+                        }
+                        Ok(_) => {
+                            let answer = err.take().unwrap_or_else(|| "ok".into());
+                            write_frame(&mut s, FRAME_CONTROL, answer.as_bytes()).unwrap();
+                            return;
+                        }
+                        Err(e) => panic!("receiver: {e}"),
+                    }
+                }
+            });
+            let mut stream = TcpStream::connect(addr).unwrap();
+            let mut t = TcpTransport::new(stream.try_clone().unwrap());
+            assert_eq!(t.name(), "tcp");
+            let r = t.copy(&src_maps, runs);
+            write_frame(&mut stream, FRAME_CONTROL, b"end").unwrap();
+            let mut buf = Vec::new();
+            read_frame(&mut stream, &mut buf).unwrap();
+            receiver.join().unwrap();
+            let bytes = r.map_err(|e| e.to_string())?;
+            match std::str::from_utf8(&buf).unwrap() {
+                "ok" => Ok(bytes),
+                e => Err(e.to_string()),
+            }
+        }
+    }
+}
+
+fn conformance(kind: Kind) {
+    let mut rng = SplitMix64(kind as u64 + 11);
+    for round in 0..20 {
+        let mut src = Cache::new("src");
+        let mut dst = Cache::new("dst");
+        src.fill(&mut rng);
+        // A request of n blocks at random source blocks goes to n reserved destination blocks,
+        // sometimes consecutive (long runs), sometimes scattered.
+        let n = 1 + (rng.next_u64() % 40) as usize;
+        let mut pool: Vec<u32> = (0..BLOCKS as u32).collect();
+        let pick = |rng: &mut SplitMix64, pool: &mut Vec<u32>, consecutive: bool| -> Vec<u32> {
+            if consecutive {
+                let start = (rng.next_u64() % (BLOCKS - n as u64 + 1)) as u32;
+                (start..start + n as u32).collect()
+            } else {
+                (0..n)
+                    .map(|_| pool.swap_remove((rng.next_u64() % pool.len() as u64) as usize))
+                    .collect()
+            }
+        };
+        let s_blocks = pick(&mut rng, &mut pool, round % 2 == 0);
+        let mut pool: Vec<u32> = (0..BLOCKS as u32).collect();
+        let d_blocks = pick(&mut rng, &mut pool, round % 3 == 0);
+        let mut runs = Vec::new();
+        coalesce(&s_blocks, &d_blocks, 0..n, &mut runs);
+        assert_eq!(blocks(&runs), n as u64);
+        let bytes = copy(kind, &src, &dst, &d_blocks, &runs).unwrap();
+        assert_eq!(
+            bytes,
+            n as u64 * BLOCK_BYTES * u64::from(LAYERS),
+            "{kind:?}"
+        );
+        for l in 0..LAYERS {
+            for b in 0..BLOCKS {
+                let got = dst.block(l, b);
+                match d_blocks.iter().position(|&d| u64::from(d) == b) {
+                    Some(p) => assert_eq!(
+                        got,
+                        src.block(l, u64::from(s_blocks[p])),
+                        "{kind:?} layer {l} block {b}"
+                    ),
+                    None => assert!(
+                        got.iter().all(|&x| x == 0),
+                        "{kind:?}: block {b} outside the runs changed"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn refuses_runs_outside_the_reservation(kind: Kind) {
+    let mut rng = SplitMix64(5);
+    let mut src = Cache::new("src");
+    let mut dst = Cache::new("dst");
+    src.fill(&mut rng);
+    // Reserved 10..14; a run reaching block 14, and one far outside the cache.
+    for run in [
+        BlockRun {
+            src: 0,
+            dst: 12,
+            len: 3,
+        },
+        BlockRun {
+            src: 0,
+            dst: 1000,
+            len: 1,
+        },
+    ] {
+        let err = copy(kind, &src, &dst, &[10, 11, 12, 13], &[run]).unwrap_err();
+        assert!(err.contains("outside the reservation"), "{kind:?}: {err}");
+    }
+    for l in 0..LAYERS {
+        for b in 0..BLOCKS {
+            assert!(
+                dst.block(l, b).iter().all(|&x| x == 0),
+                "{kind:?}: nothing written"
+            );
+        }
+    }
+    // A source run beyond the source's regions.
+    let err = copy(
+        kind,
+        &src,
+        &dst,
+        &[10],
+        &[BlockRun {
+            src: BLOCKS as u32,
+            dst: 10,
+            len: 1,
+        }],
+    )
+    .unwrap_err();
+    assert!(err.contains("outside the source"), "{kind:?}: {err}");
+}
+
+#[test]
+fn shm_conforms() {
+    conformance(Kind::Shm);
+    refuses_runs_outside_the_reservation(Kind::Shm);
+}
+
+#[test]
+fn tcp_conforms() {
+    conformance(Kind::Tcp);
+    refuses_runs_outside_the_reservation(Kind::Tcp);
+}
+
+#[test]
+fn tcp_sink_rejects_malformed_data_frames() {
+    let dst = Cache::new("sink");
+    let sink = DataSink::new(dst.maps(), Reserved::new(&[1, 2]));
+    assert!(matches!(
+        sink.apply(&[0; 8]),
+        Err(TransportError::Malformed(_))
+    ));
+    let mut f = Vec::new();
+    for w in [0u32, 1, 2, 0] {
+        f.extend_from_slice(&w.to_le_bytes());
+    }
+    f.extend_from_slice(&[1; 100]);
+    assert!(
+        matches!(sink.apply(&f), Err(TransportError::Malformed(_))),
+        "wrong byte count"
+    );
+    f[..4].copy_from_slice(&7u32.to_le_bytes());
+    assert!(matches!(
+        sink.apply(&f),
+        Err(TransportError::OutOfReservation { region: 7, .. })
+    ));
+}
