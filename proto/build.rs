@@ -2,7 +2,7 @@
 //! building needs no system `protoc`, then generates prost messages and the tonic service.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["cms.proto", "llumlet_server.proto"];
+    let protos = ["cms.proto", "llumlet_server.proto", "migration.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

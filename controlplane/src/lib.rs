@@ -19,6 +19,7 @@ pub mod kv_transfer;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
+pub mod migration;
 pub mod net;
 pub mod pyrepr;
 pub mod ring_source;

@@ -17,6 +17,12 @@ pub mod llumlet {
     tonic::include_proto!("llumlet");
 }
 
+/// Package `llumlet.migration`: our own llumlet-to-llumlet live-migration messages.
+pub mod migration {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("llumlet.migration");
+}
+
 /// Redis key prefix of an instance's metadata (`llumnix:instance_metadata:<instance_id>`).
 pub const METADATA_KEY_PREFIX: &str = "llumnix:instance_metadata:";
 /// Redis key prefix of an instance's status (`llumnix:instance_status:<instance_id>`).

@@ -1,0 +1,951 @@
+//! The pure state machines of one request's migration: the source's and the destination's.
+//! They do no I/O and read no clock: a driver feeds them events (engine replies, peer messages,
+//! copy results, timeouts) and carries out the actions they return, so a test can drive them
+//! step by step and inject a fault at every step. docs/migration.md draws both.
+
+use llumlet_dataplane::runs::{coalesce, delta_positions, BlockRun};
+use llumlet_proto::migration::{
+    envelope::Msg, resolution::Outcome as Res, Abort, Begin, Commit, Committed, Envelope, Reserve,
+    Reserved, StageAck, StageDone,
+};
+
+/// How a migration ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request runs at the destination and was freed at the source.
+    Migrated,
+    /// The request stayed (or was resumed) at the source; the destination holds nothing.
+    Aborted(String),
+    /// The commit was sent and its outcome could not be learned: the request stays suspended
+    /// at the source (never resumed, never freed) until someone resolves it.
+    InDoubt(String),
+}
+
+/// Tuning of the source.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceTuning {
+    /// Suspend once a stage copied at most this many blocks.
+    pub final_delta_blocks: u32,
+    /// Suspend after this many stages whatever the delta.
+    pub max_stages: u32,
+    /// Blocks reserved beyond the current need, so a decoding request does not need a new
+    /// reservation at every stage.
+    pub headroom_blocks: u32,
+    /// Resolution attempts after a lost commit acknowledgement.
+    pub resolve_attempts: u32,
+}
+
+impl Default for SourceTuning {
+    fn default() -> Self {
+        SourceTuning {
+            final_delta_blocks: 2,
+            max_stages: 8,
+            headroom_blocks: 4,
+            resolve_attempts: 20,
+        }
+    }
+}
+
+/// A command to the source engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SrcEngineOp {
+    /// `MigrateOutBegin`.
+    Begin,
+    /// `MigrateOutSuspend`.
+    Suspend,
+    /// `MigrateOutCommit`: free the request.
+    Commit,
+    /// `MigrateOutAbort`: resume the request.
+    Abort,
+}
+
+/// What the source's driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SrcAction {
+    /// Send a command to the engine and feed back its reply ([`SrcEvent::Engine`]).
+    Engine(SrcEngineOp),
+    /// Send a message to the destination.
+    Peer(Msg),
+    /// Read the request's slot in the engine's table ([`SrcEvent::Table`]).
+    ReadTable,
+    /// Read the suspended request's state from its mailbox ([`SrcEvent::State`]).
+    ReadState,
+    /// Copy these runs with the transport ([`SrcEvent::Copied`]).
+    Copy(Vec<BlockRun>),
+    /// (Re)connect to the destination and ask what became of the migration.
+    Resolve,
+    /// Finished.
+    Done(Outcome),
+}
+
+/// What happened, as the source's driver saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SrcEvent {
+    /// Begin.
+    Start,
+    /// The engine answered the last command (`ok: false` also for a timeout).
+    Engine {
+        /// Done or refused.
+        ok: bool,
+    },
+    /// The request's block table and token count now; `None`: the request left the table.
+    Table(Option<(Vec<u32>, u64)>),
+    /// The suspended request's state; `None`: unreadable.
+    State(Option<Vec<u8>>),
+    /// The transport's result.
+    Copied(Result<u64, String>),
+    /// A message from the destination.
+    Peer(Msg),
+    /// The connection failed, closed, or the destination did not answer in time.
+    PeerLost(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SrcState {
+    Idle,
+    Beginning,
+    Snapshot,
+    Reserving,
+    Copying,
+    Acking,
+    Suspending,
+    ReadingState,
+    Committing,
+    Resolving,
+    Finishing,
+    Done,
+}
+
+/// The source's side of one request's migration.
+pub struct SourceMachine {
+    tuning: SourceTuning,
+    migration_id: u64,
+    request_id: String,
+    block_tokens: u32,
+    begin_template: Begin,
+    state: SrcState,
+    stage: u32,
+    peer_open: bool,
+    suspended: bool,
+    commit_sent: bool,
+    resolve_tries: u32,
+    finish_tries: u32,
+    copied: Vec<u32>,
+    copied_tokens: u64,
+    snapshot: (Vec<u32>, u64),
+    dst_blocks: Vec<u32>,
+    last_delta: usize,
+    request_state: Vec<u8>,
+    outcome: Option<Outcome>,
+}
+
+impl SourceMachine {
+    /// A migration of `request_id`; `begin` is the handshake's `Begin` (blocks are filled in
+    /// here); `block_tokens` tokens fill a block.
+    pub fn new(tuning: SourceTuning, begin: Begin, block_tokens: u32) -> SourceMachine {
+        SourceMachine {
+            tuning,
+            migration_id: begin.migration_id,
+            request_id: begin.request_id.clone(),
+            block_tokens,
+            begin_template: begin,
+            state: SrcState::Idle,
+            stage: 0,
+            peer_open: false,
+            suspended: false,
+            commit_sent: false,
+            resolve_tries: 0,
+            finish_tries: 0,
+            copied: Vec::new(),
+            copied_tokens: 0,
+            snapshot: (Vec::new(), 0),
+            dst_blocks: Vec::new(),
+            last_delta: usize::MAX,
+            request_state: Vec::new(),
+            outcome: None,
+        }
+    }
+
+    /// The migration's id.
+    pub fn migration_id(&self) -> u64 {
+        self.migration_id
+    }
+
+    /// The request.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Stages copied so far.
+    pub fn stages(&self) -> u32 {
+        self.stage
+    }
+
+    /// Whether the request is suspended at the source.
+    pub fn suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// Whether the commit was sent (from then on only the destination's answer decides).
+    pub fn commit_sent(&self) -> bool {
+        self.commit_sent
+    }
+
+    /// Whether it finished.
+    pub fn is_done(&self) -> bool {
+        self.state == SrcState::Done
+    }
+
+    fn fail(&mut self, why: String) -> Vec<SrcAction> {
+        if self.commit_sent {
+            // Past the commit only the destination knows: ask it.
+            self.state = SrcState::Resolving;
+            return vec![SrcAction::Resolve];
+        }
+        let mut a = Vec::new();
+        if self.peer_open {
+            a.push(SrcAction::Peer(Msg::Abort(Abort {
+                reason: why.clone(),
+            })));
+        }
+        a.push(SrcAction::Engine(SrcEngineOp::Abort));
+        self.outcome = Some(Outcome::Aborted(why));
+        self.state = SrcState::Finishing;
+        a
+    }
+
+    fn copy_stage(&mut self) -> Vec<SrcAction> {
+        let (blocks, _) = &self.snapshot;
+        let positions =
+            delta_positions(&self.copied, self.copied_tokens, blocks, self.block_tokens);
+        self.last_delta = positions.len();
+        let mut runs = Vec::new();
+        coalesce(blocks, &self.dst_blocks, positions, &mut runs);
+        self.state = SrcState::Copying;
+        vec![SrcAction::Copy(runs)]
+    }
+
+    fn want_blocks(&self, need: usize) -> u32 {
+        let extra = if self.suspended {
+            0
+        } else {
+            self.tuning.headroom_blocks as usize
+        };
+        (need + extra).min(u32::MAX as usize) as u32
+    }
+
+    /// Feeds one event; returns what to do next.
+    pub fn on(&mut self, ev: SrcEvent) -> Vec<SrcAction> {
+        use SrcState as S;
+        match (self.state, ev) {
+            (S::Done, _) => vec![],
+            (S::Idle, SrcEvent::Start) => {
+                self.state = S::Beginning;
+                vec![SrcAction::Engine(SrcEngineOp::Begin)]
+            }
+            (S::Beginning, SrcEvent::Engine { ok: true }) => {
+                self.state = S::Snapshot;
+                vec![SrcAction::ReadTable]
+            }
+            (S::Beginning, SrcEvent::Engine { ok: false }) => {
+                self.fail("the source engine did not start the migration".into())
+            }
+            (S::Snapshot, SrcEvent::Table(None)) => {
+                self.fail("the request left the source engine (finished or aborted)".into())
+            }
+            (S::Snapshot, SrcEvent::Table(Some(snap))) => {
+                let need = snap.0.len();
+                self.snapshot = snap;
+                if !self.peer_open {
+                    self.peer_open = true;
+                    self.state = S::Reserving;
+                    let mut b = self.begin_template.clone();
+                    b.blocks = self.want_blocks(need);
+                    return vec![SrcAction::Peer(Msg::Begin(b))];
+                }
+                if need > self.dst_blocks.len() {
+                    self.state = S::Reserving;
+                    return vec![SrcAction::Peer(Msg::Reserve(Reserve {
+                        blocks: self.want_blocks(need),
+                    }))];
+                }
+                self.copy_stage()
+            }
+            (S::Reserving, SrcEvent::Peer(Msg::Reserved(r))) => {
+                if !r.ok {
+                    return self.fail(format!(
+                        "the destination refused the reservation: {}",
+                        r.error
+                    ));
+                }
+                if r.blocks.len() < self.snapshot.0.len() {
+                    return self.fail("the destination reserved fewer blocks than asked".into());
+                }
+                self.dst_blocks = r.blocks;
+                self.copy_stage()
+            }
+            (S::Copying, SrcEvent::Copied(Ok(bytes))) => {
+                self.copied = self.snapshot.0.clone();
+                self.copied_tokens = self.snapshot.1;
+                self.state = S::Acking;
+                vec![SrcAction::Peer(Msg::StageDone(StageDone {
+                    stage: self.stage,
+                    bytes,
+                }))]
+            }
+            (S::Copying, SrcEvent::Copied(Err(e))) => self.fail(format!("copy failed: {e}")),
+            (S::Acking, SrcEvent::Peer(Msg::StageAck(StageAck { stage, ok, error }))) => {
+                if !ok || stage != self.stage {
+                    return self.fail(format!(
+                        "the destination did not apply stage {}: {error}",
+                        self.stage
+                    ));
+                }
+                self.stage += 1;
+                if self.suspended {
+                    self.commit_sent = true;
+                    self.state = S::Committing;
+                    return vec![SrcAction::Peer(Msg::Commit(Commit {
+                        state: std::mem::take(&mut self.request_state),
+                        blocks: self.copied.len() as u32,
+                    }))];
+                }
+                if self.stage > 1 && self.last_delta <= self.tuning.final_delta_blocks as usize
+                    || self.stage >= self.tuning.max_stages
+                {
+                    self.state = S::Suspending;
+                    return vec![SrcAction::Engine(SrcEngineOp::Suspend)];
+                }
+                self.state = S::Snapshot;
+                vec![SrcAction::ReadTable]
+            }
+            (S::Suspending, SrcEvent::Engine { ok: true }) => {
+                self.state = S::ReadingState;
+                vec![SrcAction::ReadState]
+            }
+            (S::Suspending, SrcEvent::Engine { ok: false }) => {
+                self.fail("the source engine did not suspend the request".into())
+            }
+            (S::ReadingState, SrcEvent::State(Some(st))) => {
+                self.request_state = st;
+                self.suspended = true;
+                self.state = S::Snapshot;
+                vec![SrcAction::ReadTable]
+            }
+            (S::ReadingState, SrcEvent::State(None)) => {
+                self.fail("the suspended request's state is unreadable".into())
+            }
+            (S::Committing, SrcEvent::Peer(Msg::Committed(Committed { ok, error }))) => self
+                .finish(if ok {
+                    Outcome::Migrated
+                } else {
+                    Outcome::Aborted(format!("the destination refused the commit: {error}"))
+                }),
+            (S::Resolving, SrcEvent::Peer(Msg::Resolution(r))) => match r.outcome() {
+                Res::Committed => self.finish(Outcome::Migrated),
+                Res::Aborted => self.finish(Outcome::Aborted(
+                    "the commit's acknowledgement was lost; the destination reports it aborted"
+                        .into(),
+                )),
+                Res::Unknown => self.retry_resolve("the destination does not know yet".into()),
+            },
+            (S::Resolving, SrcEvent::PeerLost(e)) => self.retry_resolve(e),
+            (S::Finishing, SrcEvent::Engine { ok: false }) if self.finish_tries < 3 => {
+                // Freeing or resuming must happen: ask again (the engine answers in order).
+                self.finish_tries += 1;
+                let op = if self.outcome == Some(Outcome::Migrated) {
+                    SrcEngineOp::Commit
+                } else {
+                    SrcEngineOp::Abort
+                };
+                vec![SrcAction::Engine(op)]
+            }
+            (S::Finishing, SrcEvent::Engine { .. }) => {
+                self.state = S::Done;
+                vec![SrcAction::Done(
+                    self.outcome.clone().unwrap_or(Outcome::Migrated),
+                )]
+            }
+            (S::Finishing, _) => vec![],
+            (_, SrcEvent::PeerLost(e)) => self.fail(format!("lost the destination: {e}")),
+            (state, ev) => self.fail(format!("protocol error: {ev:?} in state {state:?}")),
+        }
+    }
+
+    fn finish(&mut self, o: Outcome) -> Vec<SrcAction> {
+        let op = if o == Outcome::Migrated {
+            SrcEngineOp::Commit
+        } else {
+            SrcEngineOp::Abort
+        };
+        self.outcome = Some(o);
+        self.state = SrcState::Finishing;
+        vec![SrcAction::Engine(op)]
+    }
+
+    fn retry_resolve(&mut self, why: String) -> Vec<SrcAction> {
+        self.resolve_tries += 1;
+        if self.resolve_tries >= self.tuning.resolve_attempts {
+            self.state = SrcState::Done;
+            let o = Outcome::InDoubt(format!(
+                "commit sent, outcome unknown after {} attempts: {why}",
+                self.resolve_tries
+            ));
+            self.outcome = Some(o.clone());
+            return vec![SrcAction::Done(o)];
+        }
+        vec![SrcAction::Resolve]
+    }
+}
+
+/// A command to the destination engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DstEngineOp {
+    /// `ReserveBlocks` (the request id is in the mailbox): grow the reservation to this many.
+    Reserve(u32),
+    /// `MigrateInCommit` with this state in the mailbox.
+    Commit(Vec<u8>),
+    /// `MigrateInAbort`.
+    Abort,
+}
+
+/// What the destination's driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DstAction {
+    /// Send a command to the engine and feed back its reply.
+    Engine(DstEngineOp),
+    /// Read the reservation's blocks from the engine's table ([`DstEvent::Reservation`]).
+    ReadReservation,
+    /// Send to the source.
+    Peer(Msg),
+    /// Finished (the outcome is recorded for `Resolve`).
+    Done(Outcome),
+}
+
+/// What happened, as the destination's driver saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DstEvent {
+    /// The source's `Begin`, with the driver's verdict on it (`Some`: refused, why).
+    Begin(Box<Begin>, Option<String>),
+    /// A message from the source.
+    Peer(Msg),
+    /// The engine answered (`ok: false` also when the engine is gone).
+    Engine {
+        /// Done or refused.
+        ok: bool,
+    },
+    /// The engine did not answer in time (it may still: commands run in order).
+    EngineTimeout,
+    /// The reserved blocks; `None`: unreadable.
+    Reservation(Option<Vec<u32>>),
+    /// A data frame was refused (out of the reservation, malformed).
+    SinkError(String),
+    /// The connection failed or closed.
+    PeerLost(String),
+    /// A resolver fenced this migration: it must never commit.
+    Fenced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DstState {
+    Idle,
+    Reserving,
+    ReadingReservation,
+    Open,
+    Committing,
+    Aborting,
+    Done,
+}
+
+/// The destination's side of one request's migration.
+pub struct DestMachine {
+    state: DstState,
+    sink_error: Option<String>,
+    fenced: bool,
+    reply_transport: String,
+    outcome: Option<Outcome>,
+    answered_commit: bool,
+}
+
+impl Default for DestMachine {
+    fn default() -> Self {
+        DestMachine::new()
+    }
+}
+
+impl DestMachine {
+    /// A machine waiting for `Begin`.
+    pub fn new() -> DestMachine {
+        DestMachine {
+            state: DstState::Idle,
+            sink_error: None,
+            fenced: false,
+            reply_transport: String::new(),
+            outcome: None,
+            answered_commit: false,
+        }
+    }
+
+    /// Whether it finished.
+    pub fn is_done(&self) -> bool {
+        self.state == DstState::Done
+    }
+
+    /// Whether the commit reached the engine and the answer is awaited.
+    pub fn committing(&self) -> bool {
+        self.state == DstState::Committing
+    }
+
+    fn abort(&mut self, why: String, tell_peer: Option<Msg>) -> Vec<DstAction> {
+        let mut a: Vec<DstAction> = tell_peer.into_iter().map(DstAction::Peer).collect();
+        a.push(DstAction::Engine(DstEngineOp::Abort));
+        self.outcome = Some(Outcome::Aborted(why));
+        self.state = DstState::Aborting;
+        a
+    }
+
+    /// Feeds one event; returns what to do next.
+    pub fn on(&mut self, ev: DstEvent) -> Vec<DstAction> {
+        use DstState as S;
+        match (self.state, ev) {
+            (S::Done, _) => vec![],
+            (_, DstEvent::Fenced) if self.state != S::Committing => {
+                self.fenced = true;
+                if matches!(self.state, S::Open | S::Idle) {
+                    return self.abort("fenced by a resolver".into(), None);
+                }
+                vec![]
+            }
+            (S::Committing, DstEvent::Fenced) => vec![],
+            (S::Idle, DstEvent::Begin(b, refusal)) => {
+                if let Some(why) = refusal {
+                    self.state = S::Done;
+                    self.outcome = Some(Outcome::Aborted(why.clone()));
+                    return vec![
+                        DstAction::Peer(Msg::Reserved(Reserved {
+                            ok: false,
+                            error: why.clone(),
+                            ..Default::default()
+                        })),
+                        DstAction::Done(Outcome::Aborted(why)),
+                    ];
+                }
+                self.reply_transport = b.transport.clone();
+                self.state = S::Reserving;
+                vec![DstAction::Engine(DstEngineOp::Reserve(b.blocks))]
+            }
+            (S::Reserving, DstEvent::Engine { ok: true }) => {
+                self.state = S::ReadingReservation;
+                vec![DstAction::ReadReservation]
+            }
+            (S::Reserving, DstEvent::Engine { ok: false } | DstEvent::EngineTimeout) => {
+                let why = "the destination engine could not reserve the blocks".to_string();
+                let msg = Msg::Reserved(Reserved {
+                    ok: false,
+                    error: why.clone(),
+                    ..Default::default()
+                });
+                self.abort(why, Some(msg))
+            }
+            (S::ReadingReservation, DstEvent::Reservation(Some(blocks))) => {
+                self.state = S::Open;
+                vec![DstAction::Peer(Msg::Reserved(Reserved {
+                    ok: true,
+                    blocks,
+                    transport: self.reply_transport.clone(),
+                    ..Default::default()
+                }))]
+            }
+            (S::ReadingReservation, DstEvent::Reservation(None)) => {
+                let why = "the reservation is unreadable".to_string();
+                let msg = Msg::Reserved(Reserved {
+                    ok: false,
+                    error: why.clone(),
+                    ..Default::default()
+                });
+                self.abort(why, Some(msg))
+            }
+            (S::Open, DstEvent::Peer(Msg::Reserve(Reserve { blocks }))) => {
+                self.state = S::Reserving;
+                vec![DstAction::Engine(DstEngineOp::Reserve(blocks))]
+            }
+            (S::Open, DstEvent::SinkError(e)) => {
+                self.sink_error.get_or_insert(e);
+                vec![]
+            }
+            (S::Open, DstEvent::Peer(Msg::StageDone(StageDone { stage, .. }))) => {
+                match self.sink_error.clone() {
+                    None => vec![DstAction::Peer(Msg::StageAck(StageAck {
+                        stage,
+                        ok: true,
+                        error: String::new(),
+                    }))],
+                    Some(e) => {
+                        let msg = Msg::StageAck(StageAck {
+                            stage,
+                            ok: false,
+                            error: e.clone(),
+                        });
+                        self.abort(e, Some(msg))
+                    }
+                }
+            }
+            (S::Open, DstEvent::Peer(Msg::Commit(c))) => {
+                if self.fenced {
+                    let msg = Msg::Committed(Committed {
+                        ok: false,
+                        error: "fenced".into(),
+                    });
+                    return self.abort("fenced".into(), Some(msg));
+                }
+                self.state = S::Committing;
+                vec![DstAction::Engine(DstEngineOp::Commit(c.state))]
+            }
+            (S::Committing, DstEvent::Engine { ok: true }) => {
+                self.state = S::Done;
+                self.answered_commit = true;
+                self.outcome = Some(Outcome::Migrated);
+                vec![
+                    DstAction::Peer(Msg::Committed(Committed {
+                        ok: true,
+                        error: String::new(),
+                    })),
+                    DstAction::Done(Outcome::Migrated),
+                ]
+            }
+            (S::Committing, DstEvent::Engine { ok: false }) => {
+                let why = "the destination engine refused the commit".to_string();
+                let msg = Msg::Committed(Committed {
+                    ok: false,
+                    error: why.clone(),
+                });
+                self.abort(why, Some(msg))
+            }
+            // The engine decides; wait for it (its queue runs in order).
+            (S::Committing, DstEvent::EngineTimeout | DstEvent::PeerLost(_)) => vec![],
+            (S::Aborting, DstEvent::Engine { .. } | DstEvent::EngineTimeout) => {
+                self.state = S::Done;
+                let o = self
+                    .outcome
+                    .clone()
+                    .unwrap_or(Outcome::Aborted(String::new()));
+                vec![DstAction::Done(o)]
+            }
+            (S::Aborting, _) => vec![],
+            (S::Open, DstEvent::Peer(Msg::Abort(a))) => {
+                self.abort(format!("the source aborted: {}", a.reason), None)
+            }
+            (_, DstEvent::PeerLost(e)) => self.abort(format!("lost the source: {e}"), None),
+            (state, ev) => {
+                let why = format!("protocol error: {ev:?} in state {state:?}");
+                self.abort(why, None)
+            }
+        }
+    }
+}
+
+/// The envelope of a message.
+pub fn envelope(m: Msg) -> Envelope {
+    Envelope { msg: Some(m) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum SrcReq {
+        Running,
+        Migrating,
+        Suspended,
+        Freed,
+        Finished,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum DstReq {
+        None,
+        Reserved,
+        Running,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        /// The engine refuses (nothing changes) / the peer message is lost and the connection
+        /// cut / the copy or read fails.
+        Fail,
+        /// The engine does it but its reply comes too late (a timeout).
+        Late,
+    }
+
+    enum To {
+        Src(SrcEvent),
+        Dst(DstEvent),
+    }
+
+    struct World {
+        src: SrcReq,
+        dst: DstReq,
+        tokens: u64,
+        connected: bool,
+        actions: usize,
+        fault: Option<(usize, Fault)>,
+        src_done: Option<Outcome>,
+        dst_done: Option<Outcome>,
+    }
+
+    impl World {
+        /// Whether action number `self.actions` is the faulty one (and which fault).
+        fn fault(&mut self) -> Option<Fault> {
+            self.actions += 1;
+            self.fault
+                .filter(|(at, _)| *at == self.actions)
+                .map(|(_, f)| f)
+        }
+
+        fn src_action(&mut self, a: SrcAction, q: &mut VecDeque<To>) {
+            let f = self.fault();
+            match a {
+                SrcAction::Engine(op) => {
+                    let before = self.src;
+                    let after = match (op, self.src) {
+                        (SrcEngineOp::Begin, SrcReq::Running) => SrcReq::Migrating,
+                        (SrcEngineOp::Suspend, SrcReq::Migrating) => SrcReq::Suspended,
+                        (SrcEngineOp::Commit, SrcReq::Suspended) => SrcReq::Freed,
+                        (SrcEngineOp::Abort, SrcReq::Migrating | SrcReq::Suspended) => {
+                            SrcReq::Running
+                        }
+                        (_, s) => s,
+                    };
+                    let ok = after != before || op == SrcEngineOp::Abort;
+                    match f {
+                        Some(Fault::Fail) => q.push_back(To::Src(SrcEvent::Engine { ok: false })),
+                        Some(Fault::Late) => {
+                            self.src = after;
+                            q.push_back(To::Src(SrcEvent::Engine { ok: false }))
+                        }
+                        None => {
+                            self.src = after;
+                            q.push_back(To::Src(SrcEvent::Engine { ok }))
+                        }
+                    }
+                }
+                SrcAction::Peer(m) => {
+                    if f.is_some() || !self.connected {
+                        self.cut(q);
+                    } else {
+                        q.push_back(To::Dst(match m {
+                            Msg::Begin(b) => DstEvent::Begin(Box::new(b), None),
+                            m => DstEvent::Peer(m),
+                        }));
+                    }
+                }
+                SrcAction::ReadTable => {
+                    if f.is_some() {
+                        // The request finished at the source meanwhile.
+                        if self.src == SrcReq::Migrating {
+                            self.src = SrcReq::Finished;
+                        }
+                    }
+                    let present = matches!(self.src, SrcReq::Migrating | SrcReq::Suspended);
+                    if self.src == SrcReq::Migrating {
+                        self.tokens += 37;
+                    }
+                    let n = self.tokens.div_ceil(16) as u32;
+                    q.push_back(To::Src(SrcEvent::Table(
+                        present.then(|| ((100..100 + n).collect(), self.tokens)),
+                    )));
+                }
+                SrcAction::ReadState => q.push_back(To::Src(SrcEvent::State(
+                    (f.is_none() && self.src == SrcReq::Suspended).then(|| vec![1, 2, 3]),
+                ))),
+                SrcAction::Copy(_) => q.push_back(To::Src(SrcEvent::Copied(match f {
+                    Some(_) => Err("injected".into()),
+                    None => Ok(1),
+                }))),
+                SrcAction::Resolve => {
+                    // A new connection: the destination fences and answers from its state.
+                    q.push_back(To::Dst(DstEvent::Fenced));
+                    let outcome = if f.is_some() {
+                        None
+                    } else if self.dst == DstReq::Running {
+                        Some(Res::Committed)
+                    } else {
+                        Some(Res::Aborted)
+                    };
+                    q.push_back(To::Src(match outcome {
+                        Some(o) => {
+                            SrcEvent::Peer(Msg::Resolution(llumlet_proto::migration::Resolution {
+                                outcome: o as i32,
+                            }))
+                        }
+                        None => SrcEvent::PeerLost("resolver unreachable".into()),
+                    }));
+                }
+                SrcAction::Done(o) => self.src_done = Some(o),
+            }
+        }
+
+        fn cut(&mut self, q: &mut VecDeque<To>) {
+            if self.connected {
+                self.connected = false;
+                q.push_back(To::Src(SrcEvent::PeerLost("cut".into())));
+                q.push_back(To::Dst(DstEvent::PeerLost("cut".into())));
+            }
+        }
+
+        fn dst_action(&mut self, a: DstAction, q: &mut VecDeque<To>) {
+            let f = self.fault();
+            match a {
+                DstAction::Engine(op) => {
+                    let after = match (&op, self.dst) {
+                        (DstEngineOp::Reserve(_), _) => DstReq::Reserved,
+                        (DstEngineOp::Commit(_), DstReq::Reserved) => DstReq::Running,
+                        (DstEngineOp::Abort, DstReq::Reserved) => DstReq::None,
+                        (_, s) => s,
+                    };
+                    let ok = match op {
+                        DstEngineOp::Commit(_) => after == DstReq::Running,
+                        DstEngineOp::Abort => self.dst != DstReq::Running,
+                        DstEngineOp::Reserve(_) => true,
+                    };
+                    match f {
+                        Some(Fault::Fail) => q.push_back(To::Dst(DstEvent::Engine { ok: false })),
+                        Some(Fault::Late) => {
+                            self.dst = after;
+                            q.push_back(To::Dst(DstEvent::EngineTimeout));
+                            // Commands run in order: the reply comes, late.
+                            q.push_back(To::Dst(DstEvent::Engine { ok }));
+                        }
+                        None => {
+                            self.dst = after;
+                            q.push_back(To::Dst(DstEvent::Engine { ok }))
+                        }
+                    }
+                }
+                DstAction::ReadReservation => q.push_back(To::Dst(DstEvent::Reservation(
+                    f.is_none().then(|| (500..700).collect()),
+                ))),
+                DstAction::Peer(m) => {
+                    if f.is_some() || !self.connected {
+                        self.cut(q);
+                    } else {
+                        q.push_back(To::Src(SrcEvent::Peer(m)));
+                    }
+                }
+                DstAction::Done(o) => self.dst_done = Some(o),
+            }
+        }
+    }
+
+    /// Runs one migration with `fault` at the given action; returns the world at the end.
+    fn run(fault: Option<(usize, Fault)>) -> World {
+        let begin = Begin {
+            migration_id: 7,
+            request_id: "r".into(),
+            transport: "shm".into(),
+            ..Default::default()
+        };
+        let mut src = SourceMachine::new(SourceTuning::default(), begin, 16);
+        let mut dst = DestMachine::new();
+        let mut w = World {
+            src: SrcReq::Running,
+            dst: DstReq::None,
+            tokens: 100,
+            connected: true,
+            actions: 0,
+            fault,
+            src_done: None,
+            dst_done: None,
+        };
+        let mut q = VecDeque::from([To::Src(SrcEvent::Start)]);
+        let mut steps = 0;
+        while let Some(ev) = q.pop_front() {
+            steps += 1;
+            assert!(steps < 10_000, "no progress");
+            match ev {
+                To::Src(e) => {
+                    for a in src.on(e) {
+                        w.src_action(a, &mut q);
+                    }
+                }
+                To::Dst(e) => {
+                    for a in dst.on(e) {
+                        w.dst_action(a, &mut q);
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    fn check(w: &World, what: &str) {
+        let here = matches!(w.src, SrcReq::Running | SrcReq::Finished);
+        let there = w.dst == DstReq::Running;
+        assert!(
+            here != there,
+            "{what}: the request must exist exactly once ({:?}, {:?})",
+            w.src,
+            w.dst
+        );
+        assert_ne!(w.dst, DstReq::Reserved, "{what}: leaked reservation");
+        assert!(
+            !matches!(w.src, SrcReq::Migrating | SrcReq::Suspended),
+            "{what}: left {:?}",
+            w.src
+        );
+        let o = w
+            .src_done
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: source never finished"));
+        assert_eq!(o == Outcome::Migrated, there, "{what}: source says {o:?}");
+        if there {
+            assert_eq!(w.src, SrcReq::Freed, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_clean_run_migrates_in_several_stages() {
+        let w = run(None);
+        check(&w, "clean");
+        assert_eq!(w.src_done, Some(Outcome::Migrated));
+        assert_eq!(w.dst_done, Some(Outcome::Migrated));
+    }
+
+    #[test]
+    fn a_fault_at_every_step_keeps_the_request_exactly_once() {
+        let steps = run(None).actions;
+        assert!(steps > 15, "a real run has many steps ({steps})");
+        let mut outcomes = [0usize; 2];
+        for at in 1..=steps + 1 {
+            for f in [Fault::Fail, Fault::Late] {
+                let w = run(Some((at, f)));
+                check(&w, &format!("fault {f:?} at action {at}"));
+                outcomes[usize::from(w.dst == DstReq::Running)] += 1;
+            }
+        }
+        assert!(
+            outcomes[0] > 0 && outcomes[1] > 0,
+            "faults both abort and (late ones) still migrate: {outcomes:?}"
+        );
+    }
+
+    #[test]
+    fn a_lost_commit_acknowledgement_is_resolved_not_guessed() {
+        // Drop the destination's `Committed`: the source must learn the outcome by resolving.
+        let steps = run(None).actions;
+        let mut resolved = 0;
+        for at in 1..=steps {
+            let w = run(Some((at, Fault::Fail)));
+            if w.dst == DstReq::Running {
+                resolved += 1;
+                assert_eq!(w.src_done, Some(Outcome::Migrated));
+            }
+        }
+        assert!(
+            resolved > 0,
+            "some cut after the commit reached the destination engine"
+        );
+    }
+}
