@@ -16,7 +16,6 @@ use tokio::task::JoinHandle;
 use crate::cms::Cms;
 use crate::config::{Config, PortChoice};
 use crate::engine::Engine;
-use crate::kv_transfer::Connector;
 use crate::metrics::Metrics;
 use crate::migrate::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
@@ -96,12 +95,9 @@ pub fn metadata(config: &Config, llumlet_port: u16, created: f64) -> InstanceMet
         ip_kvs: ip,
         api_server_port: i32::from(config.api_server_port),
         llumlet_port: i32::from(llumlet_port),
-        kvt_port: match config.kv_transfer.as_ref().map(|k| &k.connector) {
-            Some(Connector::Hybrid { rpc_port, .. }) => i32::from(*rpc_port),
-            // Mooncake (and upstream SGLang): the transfer endpoint is the llumlet itself.
-            Some(Connector::Mooncake) => i32::from(llumlet_port),
-            None => 0,
-        },
+        // The transfer endpoint this llumlet serves (bound before start; HybridConnector's
+        // `rpc_port` unless LLUMLET_TRANSFER_PORT says otherwise).
+        kvt_port: i32::from(config.transfer_port),
         node_id: String::new(),
         data_parallel_size: config.data_parallel_size,
         tensor_parallel_size: config.tensor_parallel_size,
@@ -111,10 +107,7 @@ pub fn metadata(config: &Config, llumlet_port: u16, created: f64) -> InstanceMet
         dp_local_rank: config.dp_local_rank,
         utc_create: created,
         utc_update: created,
-        ip_kvt: match config.kv_transfer.as_ref().map(|k| &k.connector) {
-            Some(Connector::Hybrid { .. }) => config.host_ip.to_string(),
-            _ => String::new(),
-        },
+        ip_kvt: config.host_ip.to_string(),
         block_size: config.block_size,
         max_num_batched_tokens: config.max_num_batched_tokens,
     }

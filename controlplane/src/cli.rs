@@ -9,6 +9,8 @@ use crate::agent::Agent;
 use crate::config::{Config, ProcessEnv};
 use crate::engine::NoEngine;
 use crate::migrate::NoMigrator;
+use crate::migration::driver::{LiveMigrator, TransferServer};
+use crate::migration::link::EngineLink;
 use crate::ring_source::RingSource;
 
 /// Exit code of a configuration error.
@@ -225,12 +227,30 @@ fn run() -> ExitCode {
         // Installed before registering, so a signal that arrives during start-up still takes
         // the graceful path.
         let signals = Signals::install();
-        let ring = Arc::new(RingSource::new(
-            config.engine_shm.clone(),
+        let mut config = config;
+        let link = EngineLink::new(config.engine_shm.clone());
+        let ring = Arc::new(RingSource::with_link(
+            Arc::clone(&link),
             config.status_mode,
             config.engine_get_status_timeout,
         ));
-        let agent = match Agent::start(config, Arc::new(NoEngine), Arc::new(NoMigrator), Some(ring))
+        let bind = std::net::SocketAddr::from(([0, 0, 0, 0], config.transfer_port));
+        let transfer = match TransferServer::start(Arc::clone(&link), bind) {
+            Ok((_server, addr)) => addr,
+            Err(e) => {
+                tracing::error!(port = config.transfer_port, "cannot bind the transfer endpoint: {e}");
+                eprintln!("llumlet: cannot bind the transfer endpoint on port {}: {e}", config.transfer_port);
+                return ExitCode::from(EXIT_START);
+            }
+        };
+        config.transfer_port = transfer.port();
+        tracing::info!(port = transfer.port(), transport = ?config.transport, "migration transfer endpoint listening");
+        let migrator: Arc<dyn crate::migrate::Migrator> = if config.migration.enabled {
+            LiveMigrator::new(Arc::clone(&link), config.instance_id.clone(), config.transport)
+        } else {
+            Arc::new(NoMigrator)
+        };
+        let agent = match Agent::start(config, Arc::new(NoEngine), migrator, Some(ring))
             .await
         {
             Ok(a) => a,

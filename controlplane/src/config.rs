@@ -111,6 +111,17 @@ pub struct LogConfig {
     pub prefix: String,
 }
 
+/// `LLUMLET_TRANSPORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// shm when both ends share a host, else tcp.
+    Auto,
+    /// Shared memory only.
+    Shm,
+    /// TCP only.
+    Tcp,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -128,6 +139,10 @@ pub struct Config {
     pub rpc_port: PortChoice,
     /// The parsed `LLUMLET_KV_TRANSFER_CONFIG`, if given.
     pub kv_transfer: Option<crate::kv_transfer::KvTransferConfig>,
+    /// Port of the transfer endpoint (0: a free one).
+    pub transfer_port: u16,
+    /// The transport of outgoing migrations.
+    pub transport: TransportChoice,
     /// The engine's control segment.
     pub engine_shm: std::path::PathBuf,
     /// Prometheus endpoint port, if any (0: any free port).
@@ -508,7 +523,22 @@ impl Config {
             &r.optional(env::ENGINE_SHM)
                 .unwrap_or_else(|| llumlet_dataplane::segment::segment_name(&instance_id)),
         );
+        let transport = match r.string(env::TRANSPORT).trim() {
+            "auto" => TransportChoice::Auto,
+            "shm" => TransportChoice::Shm,
+            "tcp" => TransportChoice::Tcp,
+            other => return Err(err(env::TRANSPORT, other, "must be auto, shm or tcp")),
+        };
+        let transfer_port = match r.optional(env::TRANSFER_PORT) {
+            Some(_) => r.int_in(env::TRANSFER_PORT, 0, 65535)? as u16,
+            None => match kv_transfer.as_ref().map(|k| &k.connector) {
+                Some(crate::kv_transfer::Connector::Hybrid { rpc_port, .. }) => *rpc_port,
+                _ => 0,
+            },
+        };
         Ok(Config {
+            transfer_port,
+            transport,
             unit_id: r
                 .optional(env::UNIT_ID)
                 .unwrap_or_else(|| instance_id.clone()),

@@ -58,6 +58,10 @@ vars! {
         "The engine's control segment: a name under /dev/shm or an absolute path; unset: `llumlet-ctl-<instance id>`.";
     KV_TRANSFER_CONFIG = "LLUMLET_KV_TRANSFER_CONFIG", None, Llumlet,
         "The engine's `--kv-transfer-config` JSON (HybridConnector or MooncakeConnector): sets the instance type from `kv_role`, `kvt_port`, and with HybridConnector backend `kvt` turns migration off.";
+    TRANSFER_PORT = "LLUMLET_TRANSFER_PORT", None, Llumlet,
+        "Port of the migration transfer endpoint, published as `kvt_port`: 1-65535, 0 for a free port; unset: HybridConnector's `rpc_port`, else a free port.";
+    TRANSPORT = "LLUMLET_TRANSPORT", Some("auto"), Llumlet,
+        "KV transport of outgoing migrations: `auto` (shm when the destination is on this host and can map our regions, else tcp), `shm`, `tcp`.";
     METRICS_PORT = "LLUMLET_METRICS_PORT", None, Llumlet,
         "Port of the Prometheus `/metrics` endpoint: 1-65535, 0 for a free port; unset: no endpoint.";
     PARENT_PID = "LLUMLET_PARENT_PID", None, Llumlet,

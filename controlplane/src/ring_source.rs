@@ -3,16 +3,17 @@
 //! newest record each tick, and re-attaches when the engine restarts.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use llumlet_dataplane::command::{pop, push, Command, QueueError};
+use llumlet_dataplane::command::{Command, QueueError};
 
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_dataplane::status_ring::{read_newest, StatusRecord};
 use llumlet_proto::cms::InstanceStatus;
 
 use crate::config::StatusMode;
+use crate::migration::link::EngineLink;
 use crate::status::StatusSource;
 
 /// What the source last logged, so each state is logged once.
@@ -27,7 +28,7 @@ enum Seen {
 }
 
 struct State {
-    segment: Option<ControlSegment>,
+    segment: Option<Arc<ControlSegment>>,
     last_seq: u64,
     seen: Seen,
     failed: bool,
@@ -43,6 +44,7 @@ pub struct RingSource {
     path: PathBuf,
     mode: StatusMode,
     timeout: Duration,
+    link: Arc<EngineLink>,
     state: Mutex<State>,
 }
 
@@ -51,8 +53,15 @@ impl RingSource {
     /// for a status on every call; in PUSH mode only when the engine has published nothing for
     /// half of `timeout`.
     pub fn new(path: PathBuf, mode: StatusMode, timeout: Duration) -> RingSource {
+        let link = EngineLink::new(path.clone());
+        RingSource::with_link(link, mode, timeout)
+    }
+
+    /// A source sharing `link` (and its segment) with the migrations.
+    pub fn with_link(link: Arc<EngineLink>, mode: StatusMode, timeout: Duration) -> RingSource {
         RingSource {
-            path,
+            path: link.path().to_path_buf(),
+            link,
             mode,
             timeout,
             state: Mutex::new(State {
@@ -69,25 +78,12 @@ impl RingSource {
 
     /// Takes the engine's replies; sends a status request when one is due.
     fn exchange(&self, st: &mut State, seg: &ControlSegment, now: Instant) {
-        loop {
-            match pop(seg.to_llumlet()) {
-                Ok(None) => break,
-                Ok(Some(words)) => match Command::decode(&words) {
-                    Ok(Command::StatusPublished { seq, .. }) => {
-                        if st.pending.is_some_and(|(p, _)| p == seq) {
-                            st.pending = None;
-                        }
-                    }
-                    Ok(other) => {
-                        tracing::debug!(command = ?other, "engine message not for the status source")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "bad message from the engine"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "the engine's reply queue is inconsistent");
-                    break;
-                }
-            }
+        self.link.drain(seg);
+        if st
+            .pending
+            .is_some_and(|(p, _)| self.link.status_answered() >= p)
+        {
+            st.pending = None;
         }
         let due = match self.mode {
             StatusMode::Pull => true,
@@ -99,7 +95,7 @@ impl RingSource {
             .is_none_or(|(_, sent)| now.saturating_duration_since(sent) >= self.timeout);
         if due && may_send {
             let seq = st.next_request;
-            match push(seg.to_engine(), &Command::StatusRequest { seq }.encode()) {
+            match self.link.send(seg, &Command::StatusRequest { seq }) {
                 Ok(()) => {
                     st.next_request += 1;
                     st.pending = Some((seq, now));
@@ -137,6 +133,8 @@ impl RingSource {
                 st.last_seq = 0;
                 st.pending = None;
                 st.last_new = Instant::now();
+                let seg = Arc::new(seg);
+                self.link.set_segment(Some(Arc::clone(&seg)));
                 st.segment = Some(seg);
             }
             Ok(Attach::NotThere) => self.note(st, Seen::Waiting, || {
@@ -187,6 +185,7 @@ impl StatusSource for RingSource {
         if seg.replaced() {
             tracing::info!("the engine's control segment was replaced or removed (engine restarted); re-attaching");
             drop(seg);
+            self.link.set_segment(None);
             st.seen = Seen::Nothing;
             self.try_attach(st);
         } else if !seg.writer_alive() {
@@ -197,6 +196,7 @@ impl StatusSource for RingSource {
             );
             st.seen = Seen::WriterGone;
             st.failed = true;
+            self.link.set_segment(None);
         } else {
             st.segment = Some(seg);
         }

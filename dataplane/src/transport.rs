@@ -129,6 +129,9 @@ pub trait Transport: Send {
     /// Copies `runs` from every region of `src` to the same region at the destination; returns
     /// the bytes copied.
     fn copy(&mut self, src: &[MappedRegion], runs: &[BlockRun]) -> Result<u64, TransportError>;
+    /// The destination widened its reservation (a transport that checks at the source keeps
+    /// it; `tcp` is checked by the receiving end).
+    fn set_reserved(&mut self, _reserved: Reserved) {}
 }
 
 /// Same host: the destination's regions mapped here, one memcpy per run and region.
@@ -144,15 +147,15 @@ impl ShmTransport {
         ShmTransport { dst, reserved }
     }
 
-    /// Widens the reservation (the destination reserved more blocks).
-    pub fn set_reserved(&mut self, reserved: Reserved) {
-        self.reserved = reserved;
-    }
 }
 
 impl Transport for ShmTransport {
     fn name(&self) -> &'static str {
         "shm"
+    }
+
+    fn set_reserved(&mut self, reserved: Reserved) {
+        self.reserved = reserved;
     }
 
     fn copy(&mut self, src: &[MappedRegion], runs: &[BlockRun]) -> Result<u64, TransportError> {

@@ -120,6 +120,11 @@
 #define LLUMLET_REQ_SUSPENDED 4
 
 /**
+ * Blocks reserved for a request migrating in.
+ */
+#define LLUMLET_REQ_MIGRATING_IN 5
+
+/**
  * An engine's endpoint (opaque to C).
  */
 typedef struct llumlet_engine llumlet_engine;

@@ -231,7 +231,7 @@ impl LlumletProcess {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env)
-            .stdout(Stdio::null())
+            .stdout(fs::File::create(dir.0.join("stdout.log")).unwrap())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -240,6 +240,11 @@ impl LlumletProcess {
             log,
             _dir: dir,
         }
+    }
+
+    /// Everything it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(self.log.with_file_name("stdout.log")).unwrap_or_default()
     }
 
     /// Everything it wrote to stderr so far.

@@ -1,0 +1,746 @@
+//! The drivers: they run the pure machines over a real transfer connection, the engine's
+//! command queues, its request table, mailboxes and KV regions. The source runs one request's
+//! migration on a blocking thread; the destination serves the transfer port with a thread per
+//! connection.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use llumlet_dataplane::command::Command;
+use llumlet_dataplane::kv::{KvRegion, LayoutKind, MappedRegion, MemoryKind};
+use llumlet_dataplane::mailbox::{self, Mail};
+use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
+use llumlet_dataplane::segment::ControlSegment;
+use llumlet_dataplane::transport::{
+    check_layouts, layout, read_frame, write_frame, DataSink, Reserved as ReservedSet,
+    ShmTransport, TcpTransport, Transport, FRAME_CONTROL, FRAME_DATA,
+};
+use llumlet_proto::migration::{
+    envelope::Msg, resolution::Outcome as Res, Begin, Envelope, Region, Resolution, Resolve,
+};
+use prost::Message;
+
+use super::link::{CallError, Calls, EngineLink};
+use super::machine::{
+    DestMachine, DstAction, DstEngineOp, DstEvent, Outcome, SourceMachine, SourceTuning,
+    SrcAction, SrcEngineOp, SrcEvent,
+};
+use crate::config::TransportChoice;
+
+/// How long one protocol step may wait for the peer or the engine.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// This host's identity for `shm`: the kernel's boot id (two llumlets with the same boot id see
+/// the same /dev/shm unless namespaced; the destination also checks it can map the regions).
+pub fn host_identity() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
+    let bytes = Envelope { msg: Some(m) }.encode_to_vec();
+    write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
+    loop {
+        match read_frame(stream, buf) {
+            Ok(FRAME_CONTROL) => {
+                return Envelope::decode(&buf[..])
+                    .ok()
+                    .and_then(|e| e.msg)
+                    .ok_or_else(|| "malformed control message".to_string())
+            }
+            Ok(_) => return Err("unexpected data frame".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn region_msg(r: &KvRegion) -> Region {
+    Region {
+        layer: r.layer,
+        handle: String::from_utf8_lossy(&r.handle).into_owned(),
+        offset: r.offset,
+        num_blocks: r.num_blocks,
+        block_size_bytes: r.block_size_bytes,
+        token_size_bytes: r.token_size_bytes,
+    }
+}
+
+fn host_regions(seg: &ControlSegment) -> Result<Vec<KvRegion>, String> {
+    let mut v = Vec::new();
+    for r in seg.kv().regions() {
+        let r = r.map_err(|e| e.to_string())?;
+        if r.memory == MemoryKind::HostShm {
+            v.push(r);
+        }
+    }
+    Ok(v)
+}
+
+fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
+    regions
+        .iter()
+        .map(|r| MappedRegion::map(r).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// A request the source may move: where it is in the table.
+#[derive(Debug, Clone)]
+pub struct OutRequest {
+    /// Table slot.
+    pub slot: u32,
+    /// Its id.
+    pub id: String,
+}
+
+/// What one source migration did.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Stages copied.
+    pub stages: u32,
+    /// From suspend to the commit's answer.
+    pub downtime: Option<Duration>,
+    /// The transport used.
+    pub transport: &'static str,
+}
+
+/// Migrates one request to the transfer endpoint at `dst`.
+pub fn run_source(
+    link: &Arc<EngineLink>,
+    src_instance: &str,
+    dst: SocketAddr,
+    req: &OutRequest,
+    choice: TransportChoice,
+    tuning: SourceTuning,
+) -> SourceReport {
+    let migration_id = link.next_id();
+    let mut calls = Calls::new(Arc::clone(link), migration_id, STEP_TIMEOUT);
+    let Some(seg) = link.segment() else {
+        return SourceReport {
+            outcome: Outcome::Aborted("no engine attached".into()),
+            stages: 0,
+            downtime: None,
+            transport: "none",
+        };
+    };
+    let regions = host_regions(&seg).unwrap_or_default();
+    let src_maps = map_all(&regions).unwrap_or_default();
+    let block_tokens = regions
+        .first()
+        .map_or(16, |r| (r.block_size_bytes / r.token_size_bytes.max(1)) as u32);
+    let want = match choice {
+        TransportChoice::Tcp => "tcp",
+        TransportChoice::Shm | TransportChoice::Auto => "shm",
+    };
+    let begin = Begin {
+        migration_id,
+        src_instance_id: src_instance.to_string(),
+        dst_instance_id: String::new(),
+        request_id: req.id.clone(),
+        blocks: 0,
+        transport: want.into(),
+        host: host_identity(),
+        regions: regions.iter().map(region_msg).collect(),
+    };
+    let mut m = SourceMachine::new(tuning, begin, block_tokens);
+    let mut stream: Option<TcpStream> = None;
+    let mut transport: Option<Box<dyn Transport>> = None;
+    let mut used = "none";
+    let mut buf = Vec::new();
+    let mut table = Vec::new();
+    let mut suspended_at = None;
+    let mut downtime = None;
+    let mut queue = std::collections::VecDeque::from(m.on(SrcEvent::Start));
+    let mailbox = mailbox::path(link.path(), migration_id);
+    while let Some(a) = queue.pop_front() {
+        let ev = match a {
+            SrcAction::Engine(op) => {
+                let slot = req.slot;
+                let cmd = match op {
+                    SrcEngineOp::Begin => Command::MigrateOutBegin { migration: migration_id, slot },
+                    SrcEngineOp::Suspend => {
+                        suspended_at = Some(Instant::now());
+                        Command::MigrateOutSuspend { migration: migration_id, slot }
+                    }
+                    SrcEngineOp::Commit => Command::MigrateOutCommit { migration: migration_id, slot },
+                    SrcEngineOp::Abort => Command::MigrateOutAbort { migration: migration_id, slot },
+                };
+                let ok = matches!(calls.call(cmd), Ok((true, _)));
+                Some(SrcEvent::Engine { ok })
+            }
+            SrcAction::ReadTable => {
+                let r = read_request(seg.requests(), req.slot, &mut table).ok().flatten();
+                Some(SrcEvent::Table(r.filter(|r| r.id.as_str() == Some(req.id.as_str())).map(|r| {
+                    (
+                        table.clone(),
+                        u64::from(r.prompt_tokens) + u64::from(r.output_tokens),
+                    )
+                })))
+            }
+            SrcAction::ReadState => {
+                let st = Mail::read(&mailbox).ok().filter(|m| m.request_id == req.id).map(|m| m.state);
+                mailbox::remove(&mailbox);
+                Some(SrcEvent::State(st))
+            }
+            SrcAction::Copy(runs) => Some(SrcEvent::Copied(match transport.as_mut() {
+                Some(t) => t.copy(&src_maps, &runs).map_err(|e| e.to_string()),
+                None => Err("no transport".into()),
+            })),
+            SrcAction::Peer(msg) => {
+                let expects_reply = !matches!(msg, Msg::Abort(_));
+                if stream.is_none() {
+                    match TcpStream::connect_timeout(&dst, STEP_TIMEOUT) {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            let _ = s.set_read_timeout(Some(STEP_TIMEOUT));
+                            stream = Some(s);
+                        }
+                        Err(e) => {
+                            queue.extend(m.on(SrcEvent::PeerLost(format!("connect {dst}: {e}"))));
+                            continue;
+                        }
+                    }
+                }
+                let s = stream.as_mut().expect("connected above");
+                if let Err(e) = send(s, msg) {
+                    stream = None;
+                    Some(SrcEvent::PeerLost(e.to_string()))
+                } else if !expects_reply {
+                    None
+                } else {
+                    match recv_control(s, &mut buf) {
+                        Ok(reply) => {
+                            if let Msg::Reserved(r) = &reply {
+                                if r.ok {
+                                    match setup_transport(&mut transport, r, s, &regions) {
+                                        Ok(name) => used = name,
+                                        Err(e) => {
+                                            queue.extend(m.on(SrcEvent::Copied(Err(e))));
+                                            continue;
+                                        }
+                                    }
+                                }
+                            }
+                            if matches!(reply, Msg::Committed(_)) {
+                                downtime = suspended_at.map(|t| t.elapsed());
+                            }
+                            Some(SrcEvent::Peer(reply))
+                        }
+                        Err(e) => {
+                            stream = None;
+                            Some(SrcEvent::PeerLost(e))
+                        }
+                    }
+                }
+            }
+            SrcAction::Resolve => {
+                stream = None;
+                std::thread::sleep(Duration::from_millis(200));
+                Some(resolve(dst, migration_id, &req.id))
+            }
+            SrcAction::Done(outcome) => {
+                mailbox::remove(&mailbox);
+                return SourceReport {
+                    outcome,
+                    stages: m.stages(),
+                    downtime,
+                    transport: used,
+                };
+            }
+        };
+        if let Some(ev) = ev {
+            queue.extend(m.on(ev));
+        }
+    }
+    SourceReport {
+        outcome: Outcome::Aborted("the migration stopped without an outcome".into()),
+        stages: m.stages(),
+        downtime,
+        transport: used,
+    }
+}
+
+fn setup_transport(
+    t: &mut Option<Box<dyn Transport>>,
+    r: &llumlet_proto::migration::Reserved,
+    s: &TcpStream,
+    regions: &[KvRegion],
+) -> Result<&'static str, String> {
+    let reserved = ReservedSet::new(&r.blocks);
+    if r.transport == "shm" {
+        if t.is_none() {
+            let dst: Vec<KvRegion> = r
+                .regions
+                .iter()
+                .map(|g| KvRegion {
+                    memory: MemoryKind::HostShm,
+                    layout: LayoutKind::KvTogether,
+                    layer: g.layer,
+                    offset: g.offset,
+                    num_blocks: g.num_blocks,
+                    block_size_bytes: g.block_size_bytes,
+                    token_size_bytes: g.token_size_bytes,
+                    handle: g.handle.clone().into_bytes(),
+                })
+                .collect();
+            let maps = map_all(&dst)?;
+            let src_layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.num_blocks, r.block_size_bytes)).collect();
+            check_layouts(&src_layout, &layout(&maps)).map_err(|e| e.to_string())?;
+            *t = Some(Box::new(ShmTransport::new(maps, reserved.clone())));
+        }
+        if let Some(t) = t.as_mut() {
+            t.set_reserved(reserved);
+        }
+        Ok("shm")
+    } else {
+        if t.is_none() {
+            let clone = s.try_clone().map_err(|e| e.to_string())?;
+            *t = Some(Box::new(TcpTransport::new(clone)));
+        }
+        Ok("tcp")
+    }
+}
+
+fn resolve(dst: SocketAddr, migration_id: u64, request_id: &str) -> SrcEvent {
+    let attempt = || -> Result<Msg, String> {
+        let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(STEP_TIMEOUT * 3)).map_err(|e| e.to_string())?;
+        send(
+            &mut s,
+            Msg::Resolve(Resolve {
+                migration_id,
+                request_id: request_id.into(),
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        recv_control(&mut s, &mut buf)
+    };
+    match attempt() {
+        Ok(m @ Msg::Resolution(_)) => SrcEvent::Peer(m),
+        Ok(other) => SrcEvent::PeerLost(format!("unexpected answer {other:?}")),
+        Err(e) => SrcEvent::PeerLost(e),
+    }
+}
+
+/// What the destination remembers of a migration, for `Resolve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Open,
+    Fenced,
+    Committing,
+    Committed,
+    Aborted,
+}
+
+/// The destination's transfer endpoint.
+pub struct TransferServer {
+    link: Arc<EngineLink>,
+    known: Mutex<HashMap<(String, u64), Known>>,
+    changed: Condvar,
+    active_slots: Mutex<HashSet<u32>>,
+}
+
+impl TransferServer {
+    /// Binds `addr` and serves it on a thread; returns the server and the bound address.
+    pub fn start(link: Arc<EngineLink>, addr: SocketAddr) -> std::io::Result<(Arc<TransferServer>, SocketAddr)> {
+        let listener = TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        let server = Arc::new(TransferServer {
+            link,
+            known: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            active_slots: Mutex::new(HashSet::new()),
+        });
+        let s = Arc::clone(&server);
+        std::thread::Builder::new()
+            .name("llumlet-transfer".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(c) => {
+                            let s = Arc::clone(&s);
+                            let _ = std::thread::Builder::new()
+                                .name("llumlet-migrate-in".into())
+                                .spawn(move || s.serve(c));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "transfer endpoint: accept failed"),
+                    }
+                }
+            })?;
+        Ok((server, local))
+    }
+
+    fn set(&self, key: &(String, u64), k: Known) {
+        let mut m = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 65_536 {
+            m.retain(|_, v| matches!(v, Known::Open | Known::Committing | Known::Fenced));
+        }
+        m.insert(key.clone(), k);
+        self.changed.notify_all();
+    }
+
+    fn get(&self, key: &(String, u64)) -> Option<Known> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied()
+    }
+
+    fn serve(&self, mut stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let mut buf = Vec::new();
+        let first = match recv_control(&mut stream, &mut buf) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "transfer connection closed before a message");
+                return;
+            }
+        };
+        match first {
+            Msg::Resolve(r) => self.answer_resolve(&mut stream, r),
+            Msg::Begin(b) => self.migrate_in(stream, b, buf),
+            other => tracing::warn!(message = ?other, "transfer connection opened with an unexpected message"),
+        }
+    }
+
+    fn answer_resolve(&self, stream: &mut TcpStream, r: Resolve) {
+        // The resolver does not know the source's instance id: look the migration up by id.
+        let deadline = Instant::now() + STEP_TIMEOUT * 2;
+        let mut m = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = loop {
+            let entry = m.iter_mut().find(|((_, id), _)| *id == r.migration_id);
+            match entry {
+                Some((_, k @ (Known::Open | Known::Fenced))) => {
+                    // Fence: this migration can never commit now.
+                    *k = Known::Fenced;
+                    break Res::Aborted;
+                }
+                Some((_, Known::Committed)) => break Res::Committed,
+                Some((_, Known::Aborted)) => break Res::Aborted,
+                Some((_, Known::Committing)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break Res::Unknown;
+                    }
+                    m = self
+                        .changed
+                        .wait_timeout(m, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => {
+                    // Not ours (or we restarted): the engine's table is the truth.
+                    break if self.engine_has(&r.request_id) { Res::Committed } else { Res::Aborted };
+                }
+            }
+        };
+        drop(m);
+        tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome, "resolved a migration for its source");
+        let _ = send(stream, Msg::Resolution(Resolution { outcome: outcome as i32 }));
+    }
+
+    fn engine_has(&self, request_id: &str) -> bool {
+        let Some(seg) = self.link.segment() else {
+            return false;
+        };
+        let mut blocks = Vec::new();
+        (0..MAX_REQUESTS as u32).any(|i| {
+            matches!(read_request(seg.requests(), i, &mut blocks), Ok(Some(r))
+                if r.id.as_str() == Some(request_id)
+                    && matches!(r.state(), Some(RequestState::Running | RequestState::Waiting | RequestState::Prefill)))
+        })
+    }
+
+    fn verdict(&self, b: &Begin, seg: Option<&Arc<ControlSegment>>) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), String> {
+        let seg = seg.ok_or("the destination has no engine attached")?;
+        let regions = host_regions(seg)?;
+        let maps = map_all(&regions)?;
+        let src: Vec<(u64, u64)> = b.regions.iter().map(|r| (r.num_blocks, r.block_size_bytes)).collect();
+        check_layouts(&src, &layout(&maps)).map_err(|e| e.to_string())?;
+        if b.request_id.is_empty() || b.request_id.len() > mailbox::MAX_ID_BYTES {
+            return Err(format!("bad request id {:?}", b.request_id));
+        }
+        Ok((maps, regions))
+    }
+
+    fn migrate_in(&self, mut stream: TcpStream, b: Begin, mut buf: Vec<u8>) {
+        let key = (b.src_instance_id.clone(), b.migration_id);
+        let seg = self.link.segment();
+        let verdict = self.verdict(&b, seg.as_ref());
+        let (maps, regions) = match &verdict {
+            Ok((m, r)) => (map_all(r).unwrap_or_default(), {
+                let _ = m;
+                r.clone()
+            }),
+            Err(_) => (Vec::new(), Vec::new()),
+        };
+        let shm = b.transport == "shm" && !b.host.is_empty() && b.host == host_identity();
+        let transport = if shm { "shm" } else { "tcp" };
+        let mut machine = DestMachine::new();
+        let local_id = self.link.next_id();
+        let mut calls = Calls::new(Arc::clone(&self.link), local_id, STEP_TIMEOUT);
+        let mailbox = seg.as_ref().map(|_| mailbox::path(self.link.path(), local_id));
+        let mut sink = DataSink::new(maps, ReservedSet::default());
+        let mut slot = None;
+        let mut table = Vec::new();
+        self.set(&key, Known::Open);
+        tracing::info!(request = %b.request_id, source = %b.src_instance_id, migration = b.migration_id, transport, "migration in");
+        let mut begin = b.clone();
+        begin.transport = transport.into();
+        let mut queue = std::collections::VecDeque::from(machine.on(DstEvent::Begin(Box::new(begin), verdict.err())));
+        loop {
+            let Some(a) = queue.pop_front() else {
+                if machine.is_done() {
+                    break;
+                }
+                // Wait for the source.
+                let ev = match read_frame(&mut stream, &mut buf) {
+                    Ok(FRAME_DATA) => match sink.apply(&buf) {
+                        Ok(_) => continue,
+                        Err(e) => DstEvent::SinkError(e.to_string()),
+                    },
+                    Ok(_) => match Envelope::decode(&buf[..]).ok().and_then(|e| e.msg) {
+                        Some(Msg::Commit(c)) if self.get(&key) == Some(Known::Fenced) => {
+                            queue.extend(machine.on(DstEvent::Fenced));
+                            DstEvent::Peer(Msg::Commit(c))
+                        }
+                        Some(m) => DstEvent::Peer(m),
+                        None => DstEvent::PeerLost("malformed control message".into()),
+                    },
+                    Err(e) => DstEvent::PeerLost(e.to_string()),
+                };
+                queue.extend(machine.on(ev));
+                continue;
+            };
+            let ev = match a {
+                DstAction::Engine(op) => {
+                    let Some(mb) = mailbox.as_ref() else {
+                        queue.extend(machine.on(DstEvent::Engine { ok: false }));
+                        continue;
+                    };
+                    let cmd = match &op {
+                        DstEngineOp::Reserve(n) => {
+                            let mail = Mail { request_id: b.request_id.clone(), state: Vec::new() };
+                            if slot.is_none() && mail.write(mb).is_err() {
+                                queue.extend(machine.on(DstEvent::Engine { ok: false }));
+                                continue;
+                            }
+                            Command::ReserveBlocks { migration: local_id, blocks: *n }
+                        }
+                        DstEngineOp::Commit(state) => {
+                            if self.get(&key) == Some(Known::Fenced) {
+                                queue.extend(machine.on(DstEvent::Engine { ok: false }));
+                                continue;
+                            }
+                            self.set(&key, Known::Committing);
+                            let mail = Mail { request_id: b.request_id.clone(), state: state.clone() };
+                            if mail.write(mb).is_err() {
+                                queue.extend(machine.on(DstEvent::Engine { ok: false }));
+                                continue;
+                            }
+                            Command::MigrateInCommit { migration: local_id }
+                        }
+                        DstEngineOp::Abort => Command::MigrateInAbort { migration: local_id },
+                    };
+                    let mut r = calls.call(cmd);
+                    if matches!(op, DstEngineOp::Commit(_)) {
+                        // The engine decides the commit: wait for its answer while it lives.
+                        while r == Err(CallError::Timeout) {
+                            calls.unstale_last();
+                            r = calls.finish();
+                        }
+                    }
+                    match r {
+                        Ok((ok, value)) => {
+                            if ok && matches!(op, DstEngineOp::Reserve(_)) {
+                                slot = Some(value as u32);
+                            }
+                            DstEvent::Engine { ok }
+                        }
+                        Err(CallError::Timeout) => DstEvent::EngineTimeout,
+                        Err(_) => DstEvent::Engine { ok: false },
+                    }
+                }
+                DstAction::ReadReservation => {
+                    let r = slot.and_then(|s| read_request(self.link.segment().as_ref().map(|g| g.requests())?, s, &mut table).ok().flatten());
+                    DstEvent::Reservation(r.map(|_| table.clone()))
+                }
+                DstAction::Peer(mut msg) => {
+                    if let Msg::Reserved(r) = &mut msg {
+                        if r.ok {
+                            sink.set_reserved(ReservedSet::new(&r.blocks));
+                            if let Some(s) = slot {
+                                self.active_slots.lock().unwrap_or_else(|p| p.into_inner()).insert(s);
+                            }
+                            if transport == "shm" {
+                                r.regions = regions.iter().map(region_msg).collect();
+                            }
+                        }
+                    }
+                    match send(&mut stream, msg) {
+                        Ok(()) => {
+                            let _ = stream.flush();
+                            continue;
+                        }
+                        Err(e) => DstEvent::PeerLost(e.to_string()),
+                    }
+                }
+                DstAction::Done(o) => {
+                    if let Some(mb) = mailbox.as_ref() {
+                        mailbox::remove(mb);
+                    }
+                    if let Some(s) = slot {
+                        self.active_slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&s);
+                    }
+                    let k = if o == Outcome::Migrated { Known::Committed } else { Known::Aborted };
+                    self.set(&key, k);
+                    tracing::info!(request = %b.request_id, outcome = ?o, "migration in finished");
+                    break;
+                }
+            };
+            queue.extend(machine.on(ev));
+        }
+    }
+}
+
+/// Resolves `host:port` (the scheduler's `dst_engine_ip`, `dst_engine_port`).
+pub fn resolve_addr(ip: &str, port: i32) -> Result<SocketAddr, String> {
+    let port = u16::try_from(port).map_err(|_| format!("bad port {port}"))?;
+    (ip, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{ip}:{port}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{ip}:{port}: no address"))
+}
+
+/// The live-migration [`crate::migrate::Migrator`]: selects from the engine's request table and
+/// migrates each chosen request over the transfer connection.
+pub struct LiveMigrator {
+    link: Arc<EngineLink>,
+    instance_id: String,
+    choice: TransportChoice,
+    tuning: SourceTuning,
+    active: Mutex<HashSet<u32>>,
+}
+
+impl LiveMigrator {
+    /// A migrator for the engine behind `link`.
+    pub fn new(link: Arc<EngineLink>, instance_id: String, choice: TransportChoice) -> Arc<LiveMigrator> {
+        Arc::new(LiveMigrator {
+            link,
+            instance_id,
+            choice,
+            tuning: SourceTuning::default(),
+            active: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn candidates(&self, seg: &ControlSegment) -> (Vec<crate::selection::Candidate>, HashMap<u32, String>) {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = Vec::new();
+        let mut ids = HashMap::new();
+        let mut blocks = Vec::new();
+        for slot in 0..MAX_REQUESTS as u32 {
+            let Ok(Some(r)) = read_request(seg.requests(), slot, &mut blocks) else {
+                continue;
+            };
+            let waiting = match r.state() {
+                Some(RequestState::Running) => false,
+                Some(RequestState::Waiting) => true,
+                _ => continue,
+            };
+            let Some(id) = r.id.as_str() else { continue };
+            ids.insert(slot, id.to_string());
+            out.push(crate::selection::Candidate {
+                slot,
+                arrival: r.arrival,
+                prompt_tokens: r.prompt_tokens,
+                output_tokens: r.output_tokens,
+                waiting,
+                migrating: active.contains(&slot),
+            });
+        }
+        (out, ids)
+    }
+}
+
+#[tonic::async_trait]
+impl crate::migrate::Migrator for LiveMigrator {
+    async fn migrate_out(
+        &self,
+        dst_ip: &str,
+        dst_port: i32,
+        params: &crate::migrate::MigrationParams,
+    ) -> Result<usize, crate::migrate::MigrateError> {
+        use crate::migrate::MigrateError;
+        let seg = self
+            .link
+            .segment()
+            .ok_or_else(|| MigrateError::Failed("no engine attached to this llumlet".into()))?;
+        let total = llumlet_dataplane::status_ring::read_newest(seg.status())
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.counters.num_total_gpu_tokens.max(0) as u64);
+        let (cands, ids) = self.candidates(&seg);
+        let chosen = crate::selection::select(params, &cands, total);
+        let chosen: Vec<u32> = {
+            // Take the chosen slots at once so a concurrent Migrate cannot pick them too.
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            chosen.into_iter().filter(|s| active.insert(*s)).collect()
+        };
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let release = |slots: &[u32]| {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            for s in slots {
+                active.remove(s);
+            }
+        };
+        let dst = match resolve_addr(dst_ip, dst_port) {
+            Ok(a) => a,
+            Err(e) => {
+                release(&chosen);
+                return Err(MigrateError::Failed(format!("destination {e}")));
+            }
+        };
+        let mut moved = 0;
+        let mut last_err = None;
+        for slot in &chosen {
+            let req = OutRequest {
+                slot: *slot,
+                id: ids.get(slot).cloned().unwrap_or_default(),
+            };
+            let link = Arc::clone(&self.link);
+            let (me, choice, tuning) = (self.instance_id.clone(), self.choice, self.tuning);
+            let r = tokio::task::spawn_blocking(move || {
+                let report = run_source(&link, &me, dst, &req, choice, tuning);
+                (req, report)
+            })
+            .await;
+            release(&[*slot]);
+            match r {
+                Ok((req, rep)) => {
+                    tracing::info!(request = %req.id, outcome = ?rep.outcome, stages = rep.stages,
+                        downtime_us = rep.downtime.map(|d| d.as_micros() as u64), transport = rep.transport, %dst,
+                        "migration out finished");
+                    match rep.outcome {
+                        Outcome::Migrated => moved += 1,
+                        Outcome::Aborted(e) | Outcome::InDoubt(e) => last_err = Some(e),
+                    }
+                }
+                Err(e) => last_err = Some(format!("migration thread failed: {e}")),
+            }
+        }
+        match (moved, last_err) {
+            (0, Some(e)) => Err(MigrateError::Failed(e)),
+            _ => Ok(moved),
+        }
+    }
+}
