@@ -146,7 +146,6 @@ impl ShmTransport {
     pub fn new(dst: Vec<MappedRegion>, reserved: Reserved) -> ShmTransport {
         ShmTransport { dst, reserved }
     }
-
 }
 
 impl Transport for ShmTransport {

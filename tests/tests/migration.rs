@@ -15,9 +15,25 @@ use prost::Message;
 fn engine(shm: &str, seed: u64, requests: u32) -> LlumletProcess {
     let (seed, requests) = (seed.to_string(), requests.to_string());
     let args = [
-        "sim-engine", "--instance-id", "x", "--shm", shm, "--max-tokens", "700", "--step-ms", "4",
-        "--num-blocks", "512", "--block-size", "16", "--max-prompt", "200", "--seed", &seed,
-        "--requests", &requests,
+        "sim-engine",
+        "--instance-id",
+        "x",
+        "--shm",
+        shm,
+        "--max-tokens",
+        "700",
+        "--step-ms",
+        "4",
+        "--num-blocks",
+        "512",
+        "--block-size",
+        "16",
+        "--max-prompt",
+        "200",
+        "--seed",
+        &seed,
+        "--requests",
+        &requests,
     ];
     LlumletProcess::spawn_args(&args, &HashMap::new())
 }
@@ -29,7 +45,13 @@ struct Instance {
     rpc: u16,
 }
 
-fn instance(redis: &RedisServer, id: &str, seed: u64, requests: u32, extra: &[(&str, &str)]) -> Instance {
+fn instance(
+    redis: &RedisServer,
+    id: &str,
+    seed: u64,
+    requests: u32,
+    extra: &[(&str, &str)],
+) -> Instance {
     let shm = format!("llumlet-ctl-test-{id}-{}", std::process::id());
     let engine = engine(&shm, seed, requests);
     let rpc = free_port();
@@ -41,19 +63,32 @@ fn instance(redis: &RedisServer, id: &str, seed: u64, requests: u32, extra: &[(&
         env.insert(k.to_string(), v.to_string());
     }
     let llumlet = LlumletProcess::spawn(&env);
-    Instance { id: id.into(), engine, llumlet, rpc }
+    Instance {
+        id: id.into(),
+        engine,
+        llumlet,
+        rpc,
+    }
 }
 
-fn status(redis: &RedisServer, id: &str, within: Duration, f: impl Fn(&InstanceStatus) -> bool) -> InstanceStatus {
+fn status(
+    redis: &RedisServer,
+    id: &str,
+    within: Duration,
+    f: impl Fn(&InstanceStatus) -> bool,
+) -> InstanceStatus {
     redis.wait_for(&format!("llumnix:instance_status:{id}"), within, |b| {
-        b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|s| f(s))
+        b.map(|b| InstanceStatus::decode(b).unwrap())
+            .filter(|s| f(s))
     })
 }
 
 fn kvt_port(redis: &RedisServer, id: &str) -> i32 {
-    let m = redis.wait_for(&format!("llumnix:instance_metadata:{id}"), Duration::from_secs(10), |b| {
-        b.map(|b| InstanceMetadata::decode(b).unwrap())
-    });
+    let m = redis.wait_for(
+        &format!("llumnix:instance_metadata:{id}"),
+        Duration::from_secs(10),
+        |b| b.map(|b| InstanceMetadata::decode(b).unwrap()),
+    );
     assert!(m.kvt_port > 0, "the transfer endpoint is published");
     assert_eq!(m.ip_kvt, "127.0.0.1");
     m.kvt_port
@@ -67,7 +102,12 @@ fn ids_with(out: &str, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-fn migrate(rt: &tokio::runtime::Runtime, src: &Instance, dst: &Instance, port: i32) -> (bool, String) {
+fn migrate(
+    rt: &tokio::runtime::Runtime,
+    src: &Instance,
+    dst: &Instance,
+    port: i32,
+) -> (bool, String) {
     rt.block_on(async {
         let mut c = grpc_client(src.rpc, Duration::from_secs(10)).await;
         let r = c
@@ -104,9 +144,21 @@ fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 fn check_moved(src: &Instance, dst: &Instance) -> String {
     let moved_in = ids_with(&dst.engine.stdout(), "migrated-in ");
     let id = moved_in.last().cloned().expect("a request arrived");
-    assert!(ids_with(&src.engine.stdout(), "migrated-out ").contains(&id), "freed at the source");
-    let line = dst.engine.stdout().lines().find(|l| l.contains(&format!("migrated-in {id} "))).unwrap().to_string();
-    assert!(line.contains("kv=ok") && line.contains("tokens=ok"), "KV bytes and tokens identical on arrival: {line}");
+    assert!(
+        ids_with(&src.engine.stdout(), "migrated-out ").contains(&id),
+        "freed at the source"
+    );
+    let line = dst
+        .engine
+        .stdout()
+        .lines()
+        .find(|l| l.contains(&format!("migrated-in {id} ")))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("kv=ok") && line.contains("tokens=ok"),
+        "KV bytes and tokens identical on arrival: {line}"
+    );
     id
 }
 
@@ -117,34 +169,67 @@ fn requests_move_live_with_their_kv_over_shm_and_tcp_and_finish_once() {
     let a = instance(&redis, "mig-a", 1, 4, &[]);
     let b = instance(&redis, "mig-b", 2, 4, &[("LLUMLET_TRANSPORT", "tcp")]);
     for i in [&a, &b] {
-        status(&redis, &i.id, Duration::from_secs(15), |s| s.num_running_requests >= 3);
+        status(&redis, &i.id, Duration::from_secs(15), |s| {
+            s.num_running_requests >= 3
+        });
     }
     let (port_a, port_b) = (kvt_port(&redis, "mig-a"), kvt_port(&redis, "mig-b"));
 
     // a → b: both on this host, so shm.
     let (ok, msg) = migrate(&rt, &a, &b, port_b);
-    assert!(ok, "{msg}\nsource llumlet:\n{}\ndestination llumlet:\n{}", a.llumlet.stderr(), b.llumlet.stderr());
+    assert!(
+        ok,
+        "{msg}\nsource llumlet:\n{}\ndestination llumlet:\n{}",
+        a.llumlet.stderr(),
+        b.llumlet.stderr()
+    );
     assert_eq!(msg, "Migrate requests from mig-a to mig-b.");
     let ab = check_moved(&a, &b);
-    assert!(a.llumlet.stderr().contains("transport=\"shm\""), "{}", a.llumlet.stderr());
+    assert!(
+        a.llumlet.stderr().contains("transport=\"shm\""),
+        "{}",
+        a.llumlet.stderr()
+    );
 
     // b → a with LLUMLET_TRANSPORT=tcp.
     let (ok, msg) = migrate(&rt, &b, &a, port_a);
     assert!(ok, "{msg}\n{}", b.llumlet.stderr());
     let ba = check_moved(&b, &a);
-    assert!(b.llumlet.stderr().contains("transport=\"tcp\""), "{}", b.llumlet.stderr());
+    assert!(
+        b.llumlet.stderr().contains("transport=\"tcp\""),
+        "{}",
+        b.llumlet.stderr()
+    );
     assert_ne!(ab, ba);
 
     // Both finish where they went, with the unmigrated token stream, and never at their source.
-    until(Duration::from_secs(30), "the migrated requests to finish", || {
-        ids_with(&b.engine.stdout(), "finished ").contains(&ab) && ids_with(&a.engine.stdout(), "finished ").contains(&ba)
-    });
+    until(
+        Duration::from_secs(30),
+        "the migrated requests to finish",
+        || {
+            ids_with(&b.engine.stdout(), "finished ").contains(&ab)
+                && ids_with(&a.engine.stdout(), "finished ").contains(&ba)
+        },
+    );
     for (id, at, src) in [(&ab, &b, &a), (&ba, &a, &b)] {
         let out = at.engine.stdout();
-        let fin = out.lines().find(|l| l.contains(&format!("finished {id} "))).unwrap();
+        let fin = out
+            .lines()
+            .find(|l| l.contains(&format!("finished {id} ")))
+            .unwrap();
         assert!(fin.contains("migrated_in=true tokens=ok"), "{fin}");
-        assert_eq!(ids_with(&out, "finished ").iter().filter(|x| *x == id).count(), 1, "finished once");
-        assert!(!ids_with(&src.engine.stdout(), "finished ").contains(id), "{id} also finished at its source");
+        assert_eq!(
+            ids_with(&out, "finished ")
+                .iter()
+                .filter(|x| *x == id)
+                .count(),
+            1,
+            "finished once"
+        );
+        assert!(
+            !ids_with(&src.engine.stdout(), "finished ").contains(id),
+            "{id} also finished at its source"
+        );
     }
     // The CMS shows the move: the destination ran more requests than it admitted itself.
     status(&redis, "mig-b", Duration::from_secs(10), |s| s.schedulable);
@@ -155,14 +240,31 @@ fn migrate_to_a_closed_port_fails_and_the_request_keeps_running_at_the_source() 
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let a = instance(&redis, "mig-c", 3, 3, &[]);
-    let b_id = Instance { id: "nobody".into(), engine: engine("llumlet-ctl-unused-x", 9, 0), llumlet: LlumletProcess::spawn_args(&["env"], &HashMap::new()), rpc: 0 };
-    status(&redis, "mig-c", Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    let b_id = Instance {
+        id: "nobody".into(),
+        engine: engine("llumlet-ctl-unused-x", 9, 0),
+        llumlet: LlumletProcess::spawn_args(&["env"], &HashMap::new()),
+        rpc: 0,
+    };
+    status(&redis, "mig-c", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
     let (ok, msg) = migrate(&rt, &a, &b_id, i32::from(free_port()));
     assert!(!ok);
-    assert!(msg.starts_with("Internal: Migration failed due to an unexpected server error"), "{msg}");
+    assert!(
+        msg.starts_with("Internal: Migration failed due to an unexpected server error"),
+        "{msg}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let out = a.engine.stdout();
-    assert!(ids_with(&out, "migrated-out ").is_empty(), "nothing left the source");
+    assert!(
+        ids_with(&out, "migrated-out ").is_empty(),
+        "nothing left the source"
+    );
     // Every request still finishes at the source.
-    until(Duration::from_secs(30), "all requests to finish at the source", || ids_with(&a.engine.stdout(), "finished ").len() == 3);
+    until(
+        Duration::from_secs(30),
+        "all requests to finish at the source",
+        || ids_with(&a.engine.stdout(), "finished ").len() == 3,
+    );
 }

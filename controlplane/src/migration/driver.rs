@@ -25,8 +25,8 @@ use prost::Message;
 
 use super::link::{CallError, Calls, EngineLink};
 use super::machine::{
-    DestMachine, DstAction, DstEngineOp, DstEvent, Outcome, SourceMachine, SourceTuning,
-    SrcAction, SrcEngineOp, SrcEvent,
+    DestMachine, DstAction, DstEngineOp, DstEvent, Outcome, SourceMachine, SourceTuning, SrcAction,
+    SrcEngineOp, SrcEvent,
 };
 use crate::config::TransportChoice;
 
@@ -47,17 +47,13 @@ fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
 }
 
 fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
-    loop {
-        match read_frame(stream, buf) {
-            Ok(FRAME_CONTROL) => {
-                return Envelope::decode(&buf[..])
-                    .ok()
-                    .and_then(|e| e.msg)
-                    .ok_or_else(|| "malformed control message".to_string())
-            }
-            Ok(_) => return Err("unexpected data frame".into()),
-            Err(e) => return Err(e.to_string()),
-        }
+    match read_frame(stream, buf) {
+        Ok(FRAME_CONTROL) => Envelope::decode(&buf[..])
+            .ok()
+            .and_then(|e| e.msg)
+            .ok_or_else(|| "malformed control message".to_string()),
+        Ok(_) => Err("unexpected data frame".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -133,9 +129,9 @@ pub fn run_source(
     };
     let regions = host_regions(&seg).unwrap_or_default();
     let src_maps = map_all(&regions).unwrap_or_default();
-    let block_tokens = regions
-        .first()
-        .map_or(16, |r| (r.block_size_bytes / r.token_size_bytes.max(1)) as u32);
+    let block_tokens = regions.first().map_or(16, |r| {
+        (r.block_size_bytes / r.token_size_bytes.max(1)) as u32
+    });
     let want = match choice {
         TransportChoice::Tcp => "tcp",
         TransportChoice::Shm | TransportChoice::Auto => "shm",
@@ -165,28 +161,48 @@ pub fn run_source(
             SrcAction::Engine(op) => {
                 let slot = req.slot;
                 let cmd = match op {
-                    SrcEngineOp::Begin => Command::MigrateOutBegin { migration: migration_id, slot },
+                    SrcEngineOp::Begin => Command::MigrateOutBegin {
+                        migration: migration_id,
+                        slot,
+                    },
                     SrcEngineOp::Suspend => {
                         suspended_at = Some(Instant::now());
-                        Command::MigrateOutSuspend { migration: migration_id, slot }
+                        Command::MigrateOutSuspend {
+                            migration: migration_id,
+                            slot,
+                        }
                     }
-                    SrcEngineOp::Commit => Command::MigrateOutCommit { migration: migration_id, slot },
-                    SrcEngineOp::Abort => Command::MigrateOutAbort { migration: migration_id, slot },
+                    SrcEngineOp::Commit => Command::MigrateOutCommit {
+                        migration: migration_id,
+                        slot,
+                    },
+                    SrcEngineOp::Abort => Command::MigrateOutAbort {
+                        migration: migration_id,
+                        slot,
+                    },
                 };
                 let ok = matches!(calls.call(cmd), Ok((true, _)));
                 Some(SrcEvent::Engine { ok })
             }
             SrcAction::ReadTable => {
-                let r = read_request(seg.requests(), req.slot, &mut table).ok().flatten();
-                Some(SrcEvent::Table(r.filter(|r| r.id.as_str() == Some(req.id.as_str())).map(|r| {
-                    (
-                        table.clone(),
-                        u64::from(r.prompt_tokens) + u64::from(r.output_tokens),
-                    )
-                })))
+                let r = read_request(seg.requests(), req.slot, &mut table)
+                    .ok()
+                    .flatten();
+                Some(SrcEvent::Table(
+                    r.filter(|r| r.id.as_str() == Some(req.id.as_str()))
+                        .map(|r| {
+                            (
+                                table.clone(),
+                                u64::from(r.prompt_tokens) + u64::from(r.output_tokens),
+                            )
+                        }),
+                ))
             }
             SrcAction::ReadState => {
-                let st = Mail::read(&mailbox).ok().filter(|m| m.request_id == req.id).map(|m| m.state);
+                let st = Mail::read(&mailbox)
+                    .ok()
+                    .filter(|m| m.request_id == req.id)
+                    .map(|m| m.state);
                 mailbox::remove(&mailbox);
                 Some(SrcEvent::State(st))
             }
@@ -292,7 +308,10 @@ fn setup_transport(
                 })
                 .collect();
             let maps = map_all(&dst)?;
-            let src_layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.num_blocks, r.block_size_bytes)).collect();
+            let src_layout: Vec<(u64, u64)> = regions
+                .iter()
+                .map(|r| (r.num_blocks, r.block_size_bytes))
+                .collect();
             check_layouts(&src_layout, &layout(&maps)).map_err(|e| e.to_string())?;
             *t = Some(Box::new(ShmTransport::new(maps, reserved.clone())));
         }
@@ -312,7 +331,8 @@ fn setup_transport(
 fn resolve(dst: SocketAddr, migration_id: u64, request_id: &str) -> SrcEvent {
     let attempt = || -> Result<Msg, String> {
         let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(STEP_TIMEOUT * 3)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(STEP_TIMEOUT * 3))
+            .map_err(|e| e.to_string())?;
         send(
             &mut s,
             Msg::Resolve(Resolve {
@@ -351,7 +371,10 @@ pub struct TransferServer {
 
 impl TransferServer {
     /// Binds `addr` and serves it on a thread; returns the server and the bound address.
-    pub fn start(link: Arc<EngineLink>, addr: SocketAddr) -> std::io::Result<(Arc<TransferServer>, SocketAddr)> {
+    pub fn start(
+        link: Arc<EngineLink>,
+        addr: SocketAddr,
+    ) -> std::io::Result<(Arc<TransferServer>, SocketAddr)> {
         let listener = TcpListener::bind(addr)?;
         let local = listener.local_addr()?;
         let server = Arc::new(TransferServer {
@@ -389,7 +412,11 @@ impl TransferServer {
     }
 
     fn get(&self, key: &(String, u64)) -> Option<Known> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied()
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
     }
 
     fn serve(&self, mut stream: TcpStream) {
@@ -405,7 +432,9 @@ impl TransferServer {
         match first {
             Msg::Resolve(r) => self.answer_resolve(&mut stream, r),
             Msg::Begin(b) => self.migrate_in(stream, b, buf),
-            other => tracing::warn!(message = ?other, "transfer connection opened with an unexpected message"),
+            other => {
+                tracing::warn!(message = ?other, "transfer connection opened with an unexpected message")
+            }
         }
     }
 
@@ -436,13 +465,22 @@ impl TransferServer {
                 }
                 None => {
                     // Not ours (or we restarted): the engine's table is the truth.
-                    break if self.engine_has(&r.request_id) { Res::Committed } else { Res::Aborted };
+                    break if self.engine_has(&r.request_id) {
+                        Res::Committed
+                    } else {
+                        Res::Aborted
+                    };
                 }
             }
         };
         drop(m);
         tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome, "resolved a migration for its source");
-        let _ = send(stream, Msg::Resolution(Resolution { outcome: outcome as i32 }));
+        let _ = send(
+            stream,
+            Msg::Resolution(Resolution {
+                outcome: outcome as i32,
+            }),
+        );
     }
 
     fn engine_has(&self, request_id: &str) -> bool {
@@ -457,11 +495,19 @@ impl TransferServer {
         })
     }
 
-    fn verdict(&self, b: &Begin, seg: Option<&Arc<ControlSegment>>) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), String> {
+    fn verdict(
+        &self,
+        b: &Begin,
+        seg: Option<&Arc<ControlSegment>>,
+    ) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), String> {
         let seg = seg.ok_or("the destination has no engine attached")?;
         let regions = host_regions(seg)?;
         let maps = map_all(&regions)?;
-        let src: Vec<(u64, u64)> = b.regions.iter().map(|r| (r.num_blocks, r.block_size_bytes)).collect();
+        let src: Vec<(u64, u64)> = b
+            .regions
+            .iter()
+            .map(|r| (r.num_blocks, r.block_size_bytes))
+            .collect();
         check_layouts(&src, &layout(&maps)).map_err(|e| e.to_string())?;
         if b.request_id.is_empty() || b.request_id.len() > mailbox::MAX_ID_BYTES {
             return Err(format!("bad request id {:?}", b.request_id));
@@ -485,7 +531,9 @@ impl TransferServer {
         let mut machine = DestMachine::new();
         let local_id = self.link.next_id();
         let mut calls = Calls::new(Arc::clone(&self.link), local_id, STEP_TIMEOUT);
-        let mailbox = seg.as_ref().map(|_| mailbox::path(self.link.path(), local_id));
+        let mailbox = seg
+            .as_ref()
+            .map(|_| mailbox::path(self.link.path(), local_id));
         let mut sink = DataSink::new(maps, ReservedSet::default());
         let mut slot = None;
         let mut table = Vec::new();
@@ -493,7 +541,9 @@ impl TransferServer {
         tracing::info!(request = %b.request_id, source = %b.src_instance_id, migration = b.migration_id, transport, "migration in");
         let mut begin = b.clone();
         begin.transport = transport.into();
-        let mut queue = std::collections::VecDeque::from(machine.on(DstEvent::Begin(Box::new(begin), verdict.err())));
+        let mut queue = std::collections::VecDeque::from(
+            machine.on(DstEvent::Begin(Box::new(begin), verdict.err())),
+        );
         loop {
             let Some(a) = queue.pop_front() else {
                 if machine.is_done() {
@@ -526,12 +576,18 @@ impl TransferServer {
                     };
                     let cmd = match &op {
                         DstEngineOp::Reserve(n) => {
-                            let mail = Mail { request_id: b.request_id.clone(), state: Vec::new() };
+                            let mail = Mail {
+                                request_id: b.request_id.clone(),
+                                state: Vec::new(),
+                            };
                             if slot.is_none() && mail.write(mb).is_err() {
                                 queue.extend(machine.on(DstEvent::Engine { ok: false }));
                                 continue;
                             }
-                            Command::ReserveBlocks { migration: local_id, blocks: *n }
+                            Command::ReserveBlocks {
+                                migration: local_id,
+                                blocks: *n,
+                            }
                         }
                         DstEngineOp::Commit(state) => {
                             if self.get(&key) == Some(Known::Fenced) {
@@ -539,14 +595,21 @@ impl TransferServer {
                                 continue;
                             }
                             self.set(&key, Known::Committing);
-                            let mail = Mail { request_id: b.request_id.clone(), state: state.clone() };
+                            let mail = Mail {
+                                request_id: b.request_id.clone(),
+                                state: state.clone(),
+                            };
                             if mail.write(mb).is_err() {
                                 queue.extend(machine.on(DstEvent::Engine { ok: false }));
                                 continue;
                             }
-                            Command::MigrateInCommit { migration: local_id }
+                            Command::MigrateInCommit {
+                                migration: local_id,
+                            }
                         }
-                        DstEngineOp::Abort => Command::MigrateInAbort { migration: local_id },
+                        DstEngineOp::Abort => Command::MigrateInAbort {
+                            migration: local_id,
+                        },
                     };
                     let mut r = calls.call(cmd);
                     if matches!(op, DstEngineOp::Commit(_)) {
@@ -568,7 +631,15 @@ impl TransferServer {
                     }
                 }
                 DstAction::ReadReservation => {
-                    let r = slot.and_then(|s| read_request(self.link.segment().as_ref().map(|g| g.requests())?, s, &mut table).ok().flatten());
+                    let r = slot.and_then(|s| {
+                        read_request(
+                            self.link.segment().as_ref().map(|g| g.requests())?,
+                            s,
+                            &mut table,
+                        )
+                        .ok()
+                        .flatten()
+                    });
                     DstEvent::Reservation(r.map(|_| table.clone()))
                 }
                 DstAction::Peer(mut msg) => {
@@ -576,7 +647,10 @@ impl TransferServer {
                         if r.ok {
                             sink.set_reserved(ReservedSet::new(&r.blocks));
                             if let Some(s) = slot {
-                                self.active_slots.lock().unwrap_or_else(|p| p.into_inner()).insert(s);
+                                self.active_slots
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(s);
                             }
                             if transport == "shm" {
                                 r.regions = regions.iter().map(region_msg).collect();
@@ -596,9 +670,16 @@ impl TransferServer {
                         mailbox::remove(mb);
                     }
                     if let Some(s) = slot {
-                        self.active_slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&s);
+                        self.active_slots
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&s);
                     }
-                    let k = if o == Outcome::Migrated { Known::Committed } else { Known::Aborted };
+                    let k = if o == Outcome::Migrated {
+                        Known::Committed
+                    } else {
+                        Known::Aborted
+                    };
                     self.set(&key, k);
                     tracing::info!(request = %b.request_id, outcome = ?o, "migration in finished");
                     break;
@@ -631,7 +712,11 @@ pub struct LiveMigrator {
 
 impl LiveMigrator {
     /// A migrator for the engine behind `link`.
-    pub fn new(link: Arc<EngineLink>, instance_id: String, choice: TransportChoice) -> Arc<LiveMigrator> {
+    pub fn new(
+        link: Arc<EngineLink>,
+        instance_id: String,
+        choice: TransportChoice,
+    ) -> Arc<LiveMigrator> {
         Arc::new(LiveMigrator {
             link,
             instance_id,
@@ -641,8 +726,15 @@ impl LiveMigrator {
         })
     }
 
-    fn candidates(&self, seg: &ControlSegment) -> (Vec<crate::selection::Candidate>, HashMap<u32, String>) {
-        let active = self.active.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    fn candidates(
+        &self,
+        seg: &ControlSegment,
+    ) -> (Vec<crate::selection::Candidate>, HashMap<u32, String>) {
+        let active = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut out = Vec::new();
         let mut ids = HashMap::new();
         let mut blocks = Vec::new();

@@ -128,7 +128,11 @@ impl EngineLink {
         loop {
             let seg = self.segment().ok_or(CallError::NoEngine)?;
             self.drain(&seg);
-            if let Some(r) = lock(&self.rx).replies.get_mut(&id).and_then(VecDeque::pop_front) {
+            if let Some(r) = lock(&self.rx)
+                .replies
+                .get_mut(&id)
+                .and_then(VecDeque::pop_front)
+            {
                 return Ok(r);
             }
             if !seg.writer_alive() || seg.replaced() {
