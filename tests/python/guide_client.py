@@ -42,7 +42,7 @@ def generate(out):
     sys.path.insert(0, out)
 
 
-def migrate(llumlet_host, llumlet_port):
+def migrate(llumlet_host, llumlet_port, src="engine_01", dst="engine_02", dst_ip="10.0.0.2", dst_port=29876):
     # --- from the user's guide ---
     import asyncio
     import grpc
@@ -57,10 +57,10 @@ def migrate(llumlet_host, llumlet_port):
 
         # 2. Construct the Migration Request
         request = llumlet_server_pb2.MigrateRequest(
-            src_engine_id="engine_01",
-            dst_engine_id="engine_02",
-            dst_engine_ip="10.0.0.2",  # Destination IP
-            dst_engine_port=29876,  # Destination KV Transfer Port
+            src_engine_id=src,  # the guide: "engine_01"
+            dst_engine_id=dst,  # the guide: "engine_02"
+            dst_engine_ip=dst_ip,  # Destination IP (the guide: "10.0.0.2")
+            dst_engine_port=dst_port,  # Destination KV Transfer Port (the guide: 29876)
             migration_req_policy=RequestMigrationPolicy.SR,
             migration_type=MigrationType.NUM_REQ,
             num_reqs=1,  # Migrate 1 active request
@@ -93,7 +93,11 @@ def main():
         generate(out)
         cmd = sys.argv[1]
         if cmd == "migrate":
-            migrate(sys.argv[2], int(sys.argv[3]))
+            # Optional: src, dst, dst_ip, dst_port (the guide's values otherwise).
+            extra = sys.argv[4:8]
+            if len(extra) == 4:
+                extra[3] = int(extra[3])
+            migrate(sys.argv[2], int(sys.argv[3]), *extra)
         elif cmd in ("decode-metadata", "decode-status"):
             decode(cmd.split("-")[1], sys.argv[2])
         else:

@@ -61,14 +61,14 @@ async fn guide_client_calls_migrate_and_python_decodes_the_cms() {
         |b| b.map(<[u8]>::to_vec),
     );
 
-    // With a slot free, the call reaches the migrator; this build has no migration data plane
-    // and says so rather than pretending.
+    // With a slot free, the call reaches the migrator; with no engine attached it cannot
+    // migrate and says so rather than pretending.
     let out =
         tokio::task::spawn_blocking(move || python(&["migrate", "127.0.0.1", &port.to_string()]))
             .await
             .unwrap();
     assert!(
-        out.trim().starts_with("RPC Failed: StatusCode.INTERNAL - Migration failed due to an unexpected server error: live migration is not available"),
+        out.trim().starts_with("RPC Failed: StatusCode.INTERNAL - Migration failed due to an unexpected server error: no engine attached to this llumlet"),
         "{out}"
     );
 
