@@ -366,7 +366,6 @@ pub struct TransferServer {
     link: Arc<EngineLink>,
     known: Mutex<HashMap<(String, u64), Known>>,
     changed: Condvar,
-    active_slots: Mutex<HashSet<u32>>,
 }
 
 impl TransferServer {
@@ -381,7 +380,6 @@ impl TransferServer {
             link,
             known: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
-            active_slots: Mutex::new(HashSet::new()),
         });
         let s = Arc::clone(&server);
         std::thread::Builder::new()
@@ -518,13 +516,9 @@ impl TransferServer {
     fn migrate_in(&self, mut stream: TcpStream, b: Begin, mut buf: Vec<u8>) {
         let key = (b.src_instance_id.clone(), b.migration_id);
         let seg = self.link.segment();
-        let verdict = self.verdict(&b, seg.as_ref());
-        let (maps, regions) = match &verdict {
-            Ok((m, r)) => (map_all(r).unwrap_or_default(), {
-                let _ = m;
-                r.clone()
-            }),
-            Err(_) => (Vec::new(), Vec::new()),
+        let (verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
+            Ok((maps, regions)) => (None, maps, regions),
+            Err(e) => (Some(e), Vec::new(), Vec::new()),
         };
         let shm = b.transport == "shm" && !b.host.is_empty() && b.host == host_identity();
         let transport = if shm { "shm" } else { "tcp" };
@@ -541,9 +535,8 @@ impl TransferServer {
         tracing::info!(request = %b.request_id, source = %b.src_instance_id, migration = b.migration_id, transport, "migration in");
         let mut begin = b.clone();
         begin.transport = transport.into();
-        let mut queue = std::collections::VecDeque::from(
-            machine.on(DstEvent::Begin(Box::new(begin), verdict.err())),
-        );
+        let mut queue =
+            std::collections::VecDeque::from(machine.on(DstEvent::Begin(Box::new(begin), verdict)));
         loop {
             let Some(a) = queue.pop_front() else {
                 if machine.is_done() {
@@ -646,12 +639,6 @@ impl TransferServer {
                     if let Msg::Reserved(r) = &mut msg {
                         if r.ok {
                             sink.set_reserved(ReservedSet::new(&r.blocks));
-                            if let Some(s) = slot {
-                                self.active_slots
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .insert(s);
-                            }
                             if transport == "shm" {
                                 r.regions = regions.iter().map(region_msg).collect();
                             }
@@ -668,12 +655,6 @@ impl TransferServer {
                 DstAction::Done(o) => {
                     if let Some(mb) = mailbox.as_ref() {
                         mailbox::remove(mb);
-                    }
-                    if let Some(s) = slot {
-                        self.active_slots
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&s);
                     }
                     let k = if o == Outcome::Migrated {
                         Known::Committed
