@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::agent::Agent;
 use crate::config::{Config, ProcessEnv};
-use crate::engine::NoEngine;
+use crate::engine::QueueEngine;
 use crate::migrate::NoMigrator;
 use crate::migration::driver::{LiveMigrator, TransferServer};
 use crate::migration::link::EngineLink;
@@ -235,8 +235,8 @@ fn run() -> ExitCode {
             config.engine_get_status_timeout,
         ));
         let bind = std::net::SocketAddr::from(([0, 0, 0, 0], config.transfer_port));
-        let transfer = match TransferServer::start(Arc::clone(&link), bind) {
-            Ok((_server, addr)) => addr,
+        let (transfer_server, transfer) = match TransferServer::start(Arc::clone(&link), bind) {
+            Ok(x) => x,
             Err(e) => {
                 tracing::error!(port = config.transfer_port, "cannot bind the transfer endpoint: {e}");
                 eprintln!("llumlet: cannot bind the transfer endpoint on port {}: {e}", config.transfer_port);
@@ -250,7 +250,12 @@ fn run() -> ExitCode {
         } else {
             Arc::new(NoMigrator)
         };
-        let agent = match Agent::start(config, Arc::new(NoEngine), migrator, Some(ring))
+        let agent = match Agent::start(
+            config,
+            Arc::new(QueueEngine::new(Arc::clone(&link))),
+            migrator,
+            Some(ring),
+        )
             .await
         {
             Ok(a) => a,
@@ -260,6 +265,7 @@ fn run() -> ExitCode {
                 return ExitCode::from(EXIT_START);
             }
         };
+        transfer_server.set_ledger(Arc::clone(&agent.shared().ledger));
         let reason = signals.wait(&agent).await;
         tracing::info!(reason, "shutting down");
         agent.shutdown().await;

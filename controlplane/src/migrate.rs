@@ -165,6 +165,7 @@ impl SlotLedger {
         }
         let r = Reservation {
             ledger: Arc::clone(self),
+            inbound: false,
             reqs: p.num_reqs.clamp(0, i64::from(i32::MAX)) as i32,
             tokens: p.num_tokens.clamp(0, i64::from(i32::MAX)) as i32,
             ratio: p.kv_cache_usage_ratio.max(0.0),
@@ -174,12 +175,41 @@ impl SlotLedger {
         st.local.out_ratio += r.ratio;
         Ok(r)
     }
+
+    /// Takes one in-slot for a request of `tokens` tokens migrating in, if the newest status
+    /// leaves one (and, with `LLUMNIX_DETAILED_MIG_STATUS`, enough in-tokens); held until the
+    /// returned reservation is dropped.
+    pub fn reserve_in(self: &Arc<Self>, tokens: i64) -> Result<Reservation, NotEnoughSlots> {
+        let mut st = self.lock();
+        let l = &self.limits;
+        let (slots, free_tokens) = match (l.enabled, st.engine) {
+            (true, Some(e)) => (
+                i64::from(l.max_req_in) - i64::from(e.in_reqs.max(st.local.in_reqs)),
+                i64::from(l.max_token_in) - i64::from(e.in_tokens.max(st.local.in_tokens)),
+            ),
+            _ => (0, 0),
+        };
+        if slots < 1 || (l.detailed && tokens > free_tokens) {
+            return Err(NotEnoughSlots);
+        }
+        let r = Reservation {
+            ledger: Arc::clone(self),
+            inbound: true,
+            reqs: 1,
+            tokens: tokens.clamp(0, i64::from(i32::MAX)) as i32,
+            ratio: 0.0,
+        };
+        st.local.in_reqs += 1;
+        st.local.in_tokens = st.local.in_tokens.saturating_add(r.tokens);
+        Ok(r)
+    }
 }
 
-/// Out-slots taken by one migration; given back when dropped.
+/// Slots taken by one migration (out, or in); given back when dropped.
 #[derive(Debug)]
 pub struct Reservation {
     ledger: Arc<SlotLedger>,
+    inbound: bool,
     reqs: i32,
     tokens: i32,
     ratio: f64,
@@ -188,6 +218,11 @@ pub struct Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut st = self.ledger.lock();
+        if self.inbound {
+            st.local.in_reqs -= self.reqs;
+            st.local.in_tokens = st.local.in_tokens.saturating_sub(self.tokens);
+            return;
+        }
         st.local.out_reqs -= self.reqs;
         st.local.out_tokens = st.local.out_tokens.saturating_sub(self.tokens);
         st.local.out_ratio = (st.local.out_ratio - self.ratio).max(0.0);
@@ -286,6 +321,27 @@ mod tests {
             MigrationParams::from_request(&req("NUM_REQ", Some(MigrationValue::NumTokens(3)))).unwrap_err(),
             "Migration failed due to invalid argument: Empty num_reqs. If migration_type is NUM_REQ, num_reqs is necessary."
         );
+    }
+
+    #[test]
+    fn in_slots_are_taken_at_once_and_given_back() {
+        let ledger = SlotLedger::new(MigrationLimits {
+            detailed: true,
+            ..limits()
+        });
+        assert!(ledger.reserve_in(10).is_err(), "no status seen yet");
+        ledger.observe(MigrationLoad::default());
+        assert!(ledger.reserve_in(101).is_err(), "more tokens than LLUMNIX_MAX_TOKEN_MIG_IN");
+        let held = ledger.reserve_in(10).unwrap();
+        assert_eq!((ledger.local().in_reqs, ledger.local().in_tokens), (1, 10));
+        assert!(ledger.reserve_in(1).is_err(), "the only in-slot is taken");
+        drop(held);
+        assert_eq!((ledger.local().in_reqs, ledger.local().in_tokens), (0, 0));
+        ledger.observe(MigrationLoad {
+            in_reqs: 1,
+            ..Default::default()
+        });
+        assert!(ledger.reserve_in(1).is_err(), "the engine reports its slot in use");
     }
 
     #[test]

@@ -589,7 +589,17 @@ impl SimEngine {
                     self.events.push(format!("aborted {}", r.id));
                     Self::reply(id, true, 0)
                 }
-                None => Self::reply(id, false, 0),
+                None => match self.incoming.iter().position(|x| x.slot == slot) {
+                    // A request migrating in: drop the reservation; its source keeps it.
+                    Some(i) => {
+                        let mut inc = self.incoming.remove(i);
+                        self.free.append(&mut inc.blocks);
+                        let _ = endpoint.remove_request(slot);
+                        self.events.push(format!("aborted-in {}", inc.id));
+                        Self::reply(id, true, 0)
+                    }
+                    None => Self::reply(id, false, 0),
+                },
             },
         })
     }

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use llumlet_dataplane::command::Command;
@@ -29,6 +29,7 @@ use super::machine::{
     SrcEngineOp, SrcEvent,
 };
 use crate::config::TransportChoice;
+use crate::migrate::SlotLedger;
 
 /// How long one protocol step may wait for the peer or the engine.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -364,6 +365,7 @@ enum Known {
 /// The destination's transfer endpoint.
 pub struct TransferServer {
     link: Arc<EngineLink>,
+    ledger: OnceLock<Arc<SlotLedger>>,
     known: Mutex<HashMap<(String, u64), Known>>,
     changed: Condvar,
 }
@@ -378,6 +380,7 @@ impl TransferServer {
         let local = listener.local_addr()?;
         let server = Arc::new(TransferServer {
             link,
+            ledger: OnceLock::new(),
             known: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
         });
@@ -398,6 +401,12 @@ impl TransferServer {
                 }
             })?;
         Ok((server, local))
+    }
+
+    /// Gives the endpoint the llumlet's migration slots; until then every migration in is
+    /// refused (the llumlet is still starting).
+    pub fn set_ledger(&self, ledger: Arc<SlotLedger>) {
+        let _ = self.ledger.set(ledger);
     }
 
     fn set(&self, key: &(String, u64), k: Known) {
@@ -516,9 +525,30 @@ impl TransferServer {
     fn migrate_in(&self, mut stream: TcpStream, b: Begin, mut buf: Vec<u8>) {
         let key = (b.src_instance_id.clone(), b.migration_id);
         let seg = self.link.segment();
-        let (verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
+        let (mut verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
             Ok((maps, regions)) => (None, maps, regions),
             Err(e) => (Some(e), Vec::new(), Vec::new()),
+        };
+        // The in-slot is taken before anything is reserved and held until this function ends.
+        let _slot = match (&verdict, self.ledger.get()) {
+            (Some(_), _) => None,
+            (None, None) => {
+                verdict = Some("the destination llumlet is still starting".into());
+                None
+            }
+            (None, Some(ledger)) => {
+                let block_tokens = regions.first().map_or(0, |r| {
+                    r.block_size_bytes / r.token_size_bytes.max(1)
+                });
+                let tokens = i64::from(b.blocks).saturating_mul(block_tokens as i64);
+                match ledger.reserve_in(tokens) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        verdict = Some(format!("{e} (destination)"));
+                        None
+                    }
+                }
+            }
         };
         let shm = b.transport == "shm" && !b.host.is_empty() && b.host == host_identity();
         let transport = if shm { "shm" } else { "tcp" };
