@@ -122,6 +122,9 @@ fn sim_engine(a: SimArgs) -> ExitCode {
             a.num_blocks, a.block_size
         ));
     }
+    if let Err(e) = llumlet_dataplane::fault::init() {
+        return bad(e);
+    }
     let push = match a.status_mode.to_ascii_lowercase().as_str() {
         "push" => true,
         "pull" => false,
@@ -198,6 +201,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run() -> ExitCode {
+    if let Err(e) = llumlet_dataplane::fault::init() {
+        eprintln!("llumlet: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -244,6 +251,11 @@ fn run() -> ExitCode {
             }
         };
         config.transfer_port = transfer.port();
+        crate::migration::journal::spawn_recovery(
+            Arc::clone(&link),
+            Arc::clone(&transfer_server),
+            std::time::Duration::from_secs(1),
+        );
         tracing::info!(port = transfer.port(), transport = ?config.transport, "migration transfer endpoint listening");
         let migrator: Arc<dyn crate::migrate::Migrator> = if config.migration.enabled {
             LiveMigrator::new(Arc::clone(&link), config.instance_id.clone(), config.transport)

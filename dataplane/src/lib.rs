@@ -7,6 +7,7 @@
 //! - [`seqlock`]: the atomic-word copy both sides use;
 //! - [`command`]: the two SPSC command queues and the command codec;
 //! - [`engine`]: the engine's endpoint (create the segment, publish);
+//! - [`fault`]: fault injection at protocol points for the process-level fault tests;
 //! - [`mailbox`]: per-migration files for request ids and serialized request state;
 //! - [`runs`]: block pairs to coalesced copy runs, and stage deltas;
 //! - [`sim`]: the simulated decode engine;
@@ -16,6 +17,7 @@
 
 pub mod command;
 pub mod engine;
+pub mod fault;
 pub mod kv;
 pub mod mailbox;
 pub mod request_table;

@@ -472,6 +472,18 @@ impl SimEngine {
     /// Carries out a migration or abort command; returns the reply. Status requests are
     /// answered by the caller (they need the endpoint's ring).
     pub fn handle(&mut self, cmd: Command, endpoint: &mut EngineEndpoint) -> Option<Command> {
+        let point = match cmd {
+            Command::MigrateOutBegin { migration, .. } => Some(("engine-begin", migration)),
+            Command::MigrateOutSuspend { migration, .. } => Some(("engine-suspend", migration)),
+            Command::ReserveBlocks { migration, .. } => Some(("engine-reserve", migration)),
+            Command::MigrateInCommit { migration } => Some(("engine-commit-in", migration)),
+            _ => None,
+        };
+        if let Some((point, migration)) = point {
+            if crate::fault::at(point) == Some(crate::fault::Action::Refuse) {
+                return Some(Self::reply(migration, false, 0));
+            }
+        }
         Some(match cmd {
             Command::StatusRequest { .. }
             | Command::StatusPublished { .. }
@@ -827,6 +839,19 @@ impl SimEngine {
     pub fn finished(&self) -> u32 {
         self.finished
     }
+
+    /// One line for the end of a run: free blocks, and requests still held in each state.
+    pub fn summary(&self) -> String {
+        format!(
+            "free_blocks={} of {} running={} waiting={} suspended={} incoming={}",
+            self.free.len(),
+            self.cfg.num_blocks,
+            self.running.len(),
+            self.waiting.len(),
+            self.suspended.len(),
+            self.incoming.len()
+        )
+    }
 }
 
 /// Runs the engine until `stop` is set: one step per `cfg.step`, a status every
@@ -919,6 +944,7 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
             next = now;
         }
     }
+    println!("sim-engine: stopped {}", engine.summary());
     Ok(())
 }
 

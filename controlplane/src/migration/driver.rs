@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use llumlet_dataplane::command::Command;
+use llumlet_dataplane::fault;
 use llumlet_dataplane::kv::{KvRegion, LayoutKind, MappedRegion, MemoryKind};
 use llumlet_dataplane::mailbox::{self, Mail};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
@@ -23,6 +24,7 @@ use llumlet_proto::migration::{
 };
 use prost::Message;
 
+use super::journal::{self, Entry, Phase};
 use super::link::{CallError, Calls, EngineLink};
 use super::machine::{
     DestMachine, DstAction, DstEngineOp, DstEvent, Outcome, SourceMachine, SourceTuning, SrcAction,
@@ -157,10 +159,32 @@ pub fn run_source(
     let mut downtime = None;
     let mut queue = std::collections::VecDeque::from(m.on(SrcEvent::Start));
     let mailbox = mailbox::path(link.path(), migration_id);
+    let journal_path = journal::path(link.path(), migration_id);
+    let journal = |phase: Phase| {
+        let e = Entry {
+            phase,
+            migration: migration_id,
+            slot: req.slot,
+            request_id: req.id.clone(),
+            dst,
+            owner: std::process::id(),
+        };
+        if let Err(err) = e.write(&journal_path) {
+            tracing::warn!(error = %err, path = %journal_path.display(), "cannot write the migration journal");
+        }
+    };
+    let mut copies = 0u32;
     while let Some(a) = queue.pop_front() {
         let ev = match a {
             SrcAction::Engine(op) => {
                 let slot = req.slot;
+                match op {
+                    SrcEngineOp::Begin => journal(Phase::Open),
+                    SrcEngineOp::Commit => {
+                        fault::at("src-after-committed");
+                    }
+                    _ => {}
+                }
                 let cmd = match op {
                     SrcEngineOp::Begin => Command::MigrateOutBegin {
                         migration: migration_id,
@@ -183,6 +207,16 @@ pub fn run_source(
                     },
                 };
                 let ok = matches!(calls.call(cmd), Ok((true, _)));
+                if ok {
+                    let point = match op {
+                        SrcEngineOp::Begin => "src-after-begin",
+                        SrcEngineOp::Suspend => "src-after-suspend",
+                        _ => "",
+                    };
+                    if fault::at(point) == Some(fault::Action::Cut) {
+                        cut(&stream);
+                    }
+                }
                 Some(SrcEvent::Engine { ok })
             }
             SrcAction::ReadTable => {
@@ -207,10 +241,17 @@ pub fn run_source(
                 mailbox::remove(&mailbox);
                 Some(SrcEvent::State(st))
             }
-            SrcAction::Copy(runs) => Some(SrcEvent::Copied(match transport.as_mut() {
-                Some(t) => t.copy(&src_maps, &runs).map_err(|e| e.to_string()),
-                None => Err("no transport".into()),
-            })),
+            SrcAction::Copy(runs) => {
+                let r = match transport.as_mut() {
+                    Some(t) => t.copy(&src_maps, &runs).map_err(|e| e.to_string()),
+                    None => Err("no transport".into()),
+                };
+                copies += 1;
+                if copies == 1 && fault::at("src-after-stage0") == Some(fault::Action::Cut) {
+                    cut(&stream);
+                }
+                Some(SrcEvent::Copied(r))
+            }
             SrcAction::Peer(msg) => {
                 let expects_reply = !matches!(msg, Msg::Abort(_));
                 if stream.is_none() {
@@ -226,8 +267,22 @@ pub fn run_source(
                         }
                     }
                 }
+                let committing = matches!(msg, Msg::Commit(_));
+                if committing {
+                    journal(Phase::Committing);
+                    if fault::at("src-before-commit") == Some(fault::Action::Cut) {
+                        cut(&stream);
+                    }
+                }
                 let s = stream.as_mut().expect("connected above");
-                if let Err(e) = send(s, msg) {
+                let sent = send(s, msg);
+                if sent.is_ok()
+                    && committing
+                    && fault::at("src-after-commit") == Some(fault::Action::Cut)
+                {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                if let Err(e) = sent {
                     stream = None;
                     Some(SrcEvent::PeerLost(e.to_string()))
                 } else if !expects_reply {
@@ -264,6 +319,13 @@ pub fn run_source(
                 Some(resolve(dst, migration_id, &req.id))
             }
             SrcAction::Done(outcome) => {
+                if matches!(outcome, Outcome::InDoubt(_)) {
+                    // The request stays suspended at the engine; the journal's recovery keeps
+                    // asking the destination and settles it.
+                    journal(Phase::InDoubt);
+                } else {
+                    let _ = std::fs::remove_file(&journal_path);
+                }
                 mailbox::remove(&mailbox);
                 return SourceReport {
                     outcome,
@@ -282,6 +344,13 @@ pub fn run_source(
         stages: m.stages(),
         downtime,
         transport: used,
+    }
+}
+
+/// Shuts the transfer connection down (fault injection).
+fn cut(stream: &Option<TcpStream>) {
+    if let Some(s) = stream {
+        let _ = s.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -329,7 +398,7 @@ fn setup_transport(
     }
 }
 
-fn resolve(dst: SocketAddr, migration_id: u64, request_id: &str) -> SrcEvent {
+pub(crate) fn resolve(dst: SocketAddr, migration_id: u64, request_id: &str) -> SrcEvent {
     let attempt = || -> Result<Msg, String> {
         let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(STEP_TIMEOUT * 3))
@@ -366,6 +435,8 @@ enum Known {
 pub struct TransferServer {
     link: Arc<EngineLink>,
     ledger: OnceLock<Arc<SlotLedger>>,
+    /// The segment whose orphaned reservations were cleared (by address).
+    swept: Mutex<usize>,
     known: Mutex<HashMap<(String, u64), Known>>,
     changed: Condvar,
 }
@@ -381,6 +452,7 @@ impl TransferServer {
         let server = Arc::new(TransferServer {
             link,
             ledger: OnceLock::new(),
+            swept: Mutex::new(0),
             known: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
         });
@@ -407,6 +479,41 @@ impl TransferServer {
     /// refused (the llumlet is still starting).
     pub fn set_ledger(&self, ledger: Arc<SlotLedger>) {
         let _ = self.ledger.set(ledger);
+    }
+
+    /// Frees the reservations a previous llumlet of this engine left behind (requests still
+    /// `MigratingIn` when it died: nobody can commit them now), once per attached segment and
+    /// before this llumlet reserves anything there. `false`: some could not be freed yet (no
+    /// migration in may start until they are).
+    pub fn sweep_orphans(&self) -> bool {
+        let Some(seg) = self.link.segment() else {
+            return false;
+        };
+        let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+        let me = Arc::as_ptr(&seg) as usize;
+        if *swept == me {
+            return true;
+        }
+        let mut blocks = Vec::new();
+        let mut clean = true;
+        for slot in 0..MAX_REQUESTS as u32 {
+            let Ok(Some(r)) = read_request(seg.requests(), slot, &mut blocks) else {
+                continue;
+            };
+            if r.state() != Some(RequestState::MigratingIn) {
+                continue;
+            }
+            let id = self.link.next_id();
+            let answer = Calls::new(Arc::clone(&self.link), id, STEP_TIMEOUT)
+                .call(Command::Abort { id, slot });
+            tracing::info!(request = ?r.id.as_str(), slot, answer = ?answer,
+                "freed a reservation left by a previous llumlet");
+            clean &= answer.is_ok();
+        }
+        if clean {
+            *swept = me;
+        }
+        clean
     }
 
     fn set(&self, key: &(String, u64), k: Known) {
@@ -523,9 +630,15 @@ impl TransferServer {
     }
 
     fn migrate_in(&self, mut stream: TcpStream, b: Begin, mut buf: Vec<u8>) {
+        let swept = self.sweep_orphans();
         let key = (b.src_instance_id.clone(), b.migration_id);
         let seg = self.link.segment();
         let (mut verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
+            Ok(_) if !swept => (
+                Some("the destination engine still holds reservations of a previous llumlet".into()),
+                Vec::new(),
+                Vec::new(),
+            ),
             Ok((maps, regions)) => (None, maps, regions),
             Err(e) => (Some(e), Vec::new(), Vec::new()),
         };
@@ -634,6 +747,11 @@ impl TransferServer {
                             migration: local_id,
                         },
                     };
+                    if matches!(op, DstEngineOp::Commit(_))
+                        && fault::at("dst-before-commit") == Some(fault::Action::Cut)
+                    {
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                    }
                     let mut r = calls.call(cmd);
                     if matches!(op, DstEngineOp::Commit(_)) {
                         // The engine decides the commit: wait for its answer while it lives.
@@ -645,7 +763,19 @@ impl TransferServer {
                     match r {
                         Ok((ok, value)) => {
                             if ok && matches!(op, DstEngineOp::Reserve(_)) {
+                                let first = slot.is_none();
                                 slot = Some(value as u32);
+                                if first
+                                    && fault::at("dst-after-reserve") == Some(fault::Action::Cut)
+                                {
+                                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                                }
+                            }
+                            if ok
+                                && matches!(op, DstEngineOp::Commit(_))
+                                && fault::at("dst-after-commit") == Some(fault::Action::Cut)
+                            {
+                                let _ = stream.shutdown(std::net::Shutdown::Both);
                             }
                             DstEvent::Engine { ok }
                         }

@@ -1,0 +1,253 @@
+//! The source's migration journal: one small file per migration out, beside the engine's
+//! mailboxes (`<segment>-mig-<id>.out`), so that a llumlet that dies mid-migration (or gives up
+//! on an in-doubt commit) leaves enough behind to settle the request later:
+//!
+//! - `open`: written before the engine is told to begin. The `Commit` has not been sent, so
+//!   the destination cannot have committed: recovery aborts at the source engine (the request
+//!   resumes there).
+//! - `committing`: written before `Commit` is sent. The destination may have committed:
+//!   recovery asks it (`Resolve`, which fences a migration it has not committed) and commits
+//!   or aborts at the source engine by the answer, retrying while there is no answer. It never
+//!   guesses.
+//! - `in-doubt`: the live migration could not resolve; recovery takes over as for `committing`.
+//!
+//! The llumlet runs [`recover`] in the background: it settles every journal whose owner is dead
+//! or which is in doubt.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use llumlet_dataplane::command::Command;
+use llumlet_dataplane::mailbox;
+
+use super::link::{Calls, EngineLink};
+
+/// Where a migration out stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Commit not sent yet.
+    Open,
+    /// Commit (maybe) sent.
+    Committing,
+    /// The live migration gave up resolving.
+    InDoubt,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Open => "open",
+            Phase::Committing => "committing",
+            Phase::InDoubt => "in-doubt",
+        }
+    }
+}
+
+/// One journal entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The phase.
+    pub phase: Phase,
+    /// The migration id (also the engine command id).
+    pub migration: u64,
+    /// The request's table slot at the source.
+    pub slot: u32,
+    /// The request id.
+    pub request_id: String,
+    /// The destination's transfer endpoint.
+    pub dst: SocketAddr,
+    /// The llumlet process that wrote it.
+    pub owner: u32,
+}
+
+/// The journal file of migration `id` of the engine whose segment is at `segment`.
+pub fn path(segment: &Path, id: u64) -> PathBuf {
+    let mut p = mailbox::path(segment, id).into_os_string();
+    p.push(".out");
+    PathBuf::from(p)
+}
+
+impl Entry {
+    /// Writes the entry atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let text = format!(
+            "{}\n{}\n{}\n{}\n{}\n{}\n",
+            self.phase.name(),
+            self.migration,
+            self.slot,
+            self.dst,
+            self.owner,
+            self.request_id
+        );
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads an entry; a malformed file is an error naming what is wrong.
+    pub fn read(path: &Path) -> Result<Entry, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let mut l = text.splitn(6, '\n');
+        let mut next = |what: &str| l.next().ok_or(format!("missing {what}"));
+        let phase = match next("phase")? {
+            "open" => Phase::Open,
+            "committing" => Phase::Committing,
+            "in-doubt" => Phase::InDoubt,
+            other => return Err(format!("unknown phase {other:?}")),
+        };
+        let migration = next("migration")?.parse().map_err(|_| "bad migration id")?;
+        let slot = next("slot")?.parse().map_err(|_| "bad slot")?;
+        let dst = next("destination")?
+            .parse()
+            .map_err(|_| "bad destination")?;
+        let owner = next("owner")?.parse().map_err(|_| "bad owner")?;
+        let rest = next("request id")?;
+        let request_id = rest.strip_suffix('\n').unwrap_or(rest).to_string();
+        Ok(Entry {
+            phase,
+            migration,
+            slot,
+            request_id,
+            dst,
+            owner,
+        })
+    }
+}
+
+/// Every journal file of the engine whose segment is at `segment`.
+pub fn list(segment: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (segment.parent(), segment.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}-mig-", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".out"))
+        })
+        .collect()
+}
+
+/// Settles one journal entry; `true` when it is settled (the file can go).
+fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
+    let verdict = match e.phase {
+        Phase::Open => false,
+        Phase::Committing | Phase::InDoubt => {
+            match super::driver::resolve(e.dst, e.migration, &e.request_id) {
+                super::machine::SrcEvent::Peer(llumlet_proto::migration::envelope::Msg::Resolution(r))
+                    if r.outcome == llumlet_proto::migration::resolution::Outcome::Committed as i32 => true,
+                super::machine::SrcEvent::Peer(llumlet_proto::migration::envelope::Msg::Resolution(r))
+                    if r.outcome == llumlet_proto::migration::resolution::Outcome::Aborted as i32 => false,
+                other => {
+                    tracing::warn!(migration = e.migration, request = %e.request_id, answer = ?other,
+                        "cannot resolve a journaled migration yet; will retry");
+                    return false;
+                }
+            }
+        }
+    };
+    let cmd = if verdict {
+        Command::MigrateOutCommit {
+            migration: e.migration,
+            slot: e.slot,
+        }
+    } else {
+        Command::MigrateOutAbort {
+            migration: e.migration,
+            slot: e.slot,
+        }
+    };
+    let mut calls = Calls::new(Arc::clone(link), e.migration, Duration::from_secs(5));
+    match calls.call(cmd) {
+        // "Not ok": the engine no longer has that migration (it restarted, or the live path
+        // settled it first). Either way nothing is left to do.
+        Ok(_) => {
+            tracing::info!(migration = e.migration, request = %e.request_id,
+                committed = verdict, "settled a journaled migration");
+            mailbox::remove(&mailbox::path(link.path(), e.migration));
+            true
+        }
+        Err(err) => {
+            tracing::warn!(migration = e.migration, error = %err, "cannot settle a journaled migration yet; will retry");
+            false
+        }
+    }
+}
+
+/// One pass: settles every journal that is in doubt or whose owner is gone.
+pub fn recover_once(link: &Arc<EngineLink>) {
+    if link.segment().is_none() {
+        return;
+    }
+    let me = std::process::id();
+    for p in list(link.path()) {
+        let e = match Entry::read(&p) {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::warn!(path = %p.display(), error = %err, "unreadable migration journal");
+                continue;
+            }
+        };
+        let owner_alive = e.owner == me || llumlet_dataplane::segment::pid_alive(e.owner);
+        if e.phase != Phase::InDoubt && owner_alive {
+            continue;
+        }
+        if settle(link, &e) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Every `every`, for the life of the process: frees reservations a previous llumlet left at
+/// this engine ([`super::driver::TransferServer::sweep_orphans`]) and settles journals
+/// ([`recover_once`]).
+pub fn spawn_recovery(
+    link: Arc<EngineLink>,
+    server: Arc<super::driver::TransferServer>,
+    every: Duration,
+) {
+    let _ = std::thread::Builder::new()
+        .name("llumlet-recovery".into())
+        .spawn(move || loop {
+            let _ = server.sweep_orphans();
+            recover_once(&link);
+            std::thread::sleep(every);
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_bad_files_are_errors() {
+        let dir = std::env::temp_dir().join(format!("llumlet-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let seg = dir.join("llumlet-ctl-x");
+        let p = path(&seg, 42);
+        let e = Entry {
+            phase: Phase::Committing,
+            migration: 42,
+            slot: 7,
+            request_id: "req 1\nwith a newline".into(),
+            dst: "127.0.0.1:9000".parse().unwrap(),
+            owner: 1234,
+        };
+        e.write(&p).unwrap();
+        assert_eq!(Entry::read(&p).unwrap(), e);
+        assert_eq!(list(&seg), vec![p.clone()]);
+        std::fs::write(&p, "sideways\n1\n2\n").unwrap();
+        assert!(Entry::read(&p).unwrap_err().contains("unknown phase"));
+        std::fs::write(&p, "open\n1\n").unwrap();
+        assert!(Entry::read(&p).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

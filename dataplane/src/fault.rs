@@ -1,0 +1,142 @@
+//! Fault injection for the process-level fault tests: `LLUMLET_TEST_FAULTS` names protocol
+//! points and what happens there, e.g. `src-after-suspend=kill` or `dst-before-commit=hang@2`
+//! (the second time the point is reached). Unset, every check is one atomic load of a parsed,
+//! empty list. Not for production use; `docs/migration.md` lists the points.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The environment variable.
+pub const VAR: &str = "LLUMLET_TEST_FAULTS";
+
+/// The points a fault can be placed at.
+pub const POINTS: &[&str] = &[
+    // Source llumlet.
+    "src-after-begin",
+    "src-after-stage0",
+    "src-after-suspend",
+    "src-before-commit",
+    "src-after-commit",
+    "src-after-committed",
+    // Destination llumlet.
+    "dst-after-reserve",
+    "dst-before-commit",
+    "dst-after-commit",
+    // Simulated engine.
+    "engine-begin",
+    "engine-suspend",
+    "engine-reserve",
+    "engine-commit-in",
+];
+
+/// What happens at a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// The process dies at once (abort: no clean-up, no destructors run).
+    Kill,
+    /// The thread stalls for [`HANG`] (longer than any protocol step may wait).
+    Hang,
+    /// The transfer connection is shut down.
+    Cut,
+    /// The engine answers "not ok".
+    Refuse,
+}
+
+/// How long [`Action::Hang`] stalls.
+pub const HANG: Duration = Duration::from_secs(12);
+
+struct Fault {
+    point: &'static str,
+    action: Action,
+    nth: u32,
+    seen: AtomicU32,
+}
+
+static FAULTS: OnceLock<Vec<Fault>> = OnceLock::new();
+
+/// Parses a fault list (`point=action[@n],...`).
+fn parse(s: &str) -> Result<Vec<Fault>, String> {
+    let mut v = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let (point, rest) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: expected point=action[@n]"))?;
+        let point = POINTS
+            .iter()
+            .find(|p| **p == point)
+            .ok_or_else(|| format!("{point:?} is not a fault point (one of {})", POINTS.join(", ")))?;
+        let (action, nth) = match rest.split_once('@') {
+            Some((a, n)) => (
+                a,
+                n.parse::<u32>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| format!("{item:?}: @n must be a whole number from 1"))?,
+            ),
+            None => (rest, 1),
+        };
+        let action = match action {
+            "kill" => Action::Kill,
+            "hang" => Action::Hang,
+            "cut" => Action::Cut,
+            "refuse" => Action::Refuse,
+            other => return Err(format!("{other:?} is not a fault action (kill, hang, cut, refuse)")),
+        };
+        v.push(Fault {
+            point,
+            action,
+            nth,
+            seen: AtomicU32::new(0),
+        });
+    }
+    Ok(v)
+}
+
+/// Reads `LLUMLET_TEST_FAULTS` once; a malformed list is an error naming the rule.
+pub fn init() -> Result<(), String> {
+    let list = match std::env::var(VAR) {
+        Ok(s) => parse(&s).map_err(|e| format!("{VAR}: {e}"))?,
+        Err(_) => Vec::new(),
+    };
+    if !list.is_empty() {
+        eprintln!("llumlet: fault injection armed: {}", std::env::var(VAR).unwrap_or_default());
+    }
+    let _ = FAULTS.set(list);
+    Ok(())
+}
+
+/// The fault armed at `point` for this pass, if any. `Kill` and `Hang` are carried out here;
+/// the caller carries out `Cut` and `Refuse`.
+pub fn at(point: &str) -> Option<Action> {
+    let f = FAULTS
+        .get()?
+        .iter()
+        .find(|f| f.point == point && f.seen.fetch_add(1, Ordering::Relaxed) + 1 == f.nth)?;
+    eprintln!("llumlet: injected fault {:?} at {point}", f.action);
+    match f.action {
+        Action::Kill => std::process::abort(),
+        Action::Hang => {
+            std::thread::sleep(HANG);
+            None
+        }
+        a => Some(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_and_bad_ones_name_the_rule() {
+        let v = parse("src-after-suspend=kill, dst-before-commit=hang@2").unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[1].action, v[1].nth), (Action::Hang, 2));
+        assert!(parse("nowhere=kill").unwrap_err().contains("not a fault point"));
+        assert!(parse("src-after-begin=explode").unwrap_err().contains("not a fault action"));
+        assert!(parse("src-after-begin=cut@0").unwrap_err().contains("@n"));
+        assert!(parse("src-after-begin").unwrap_err().contains("point=action"));
+        assert!(parse("").unwrap().is_empty());
+    }
+}
