@@ -46,6 +46,7 @@ pub enum Action {
 /// How long [`Action::Hang`] stalls.
 pub const HANG: Duration = Duration::from_secs(12);
 
+#[derive(Debug)]
 struct Fault {
     point: &'static str,
     action: Action,

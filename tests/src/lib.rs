@@ -1,6 +1,8 @@
 //! Helpers for the multi-process tests: a real `redis-server` on a free port, the `llumlet`
 //! binary as a child process, and polling with deadlines (never timing assertions).
 
+pub mod mig;
+
 use std::collections::HashMap;
 use std::fs;
 use std::net::TcpListener;

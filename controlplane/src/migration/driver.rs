@@ -578,12 +578,17 @@ impl TransferServer {
                         .0;
                 }
                 None => {
-                    // Not ours (or we restarted): the engine's table is the truth.
-                    break if self.engine_has(&r.request_id) {
-                        Res::Committed
-                    } else {
-                        Res::Aborted
-                    };
+                    // Not in memory (this llumlet restarted): the durable record decides.
+                    drop(m);
+                    let outcome = self.resolve_from_record(r.migration_id);
+                    tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome, "resolved a migration for its source from the record");
+                    let _ = send(
+                        stream,
+                        Msg::Resolution(Resolution {
+                            outcome: outcome as i32,
+                        }),
+                    );
+                    return;
                 }
             }
         };
@@ -597,16 +602,33 @@ impl TransferServer {
         );
     }
 
-    fn engine_has(&self, request_id: &str) -> bool {
-        let Some(seg) = self.link.segment() else {
-            return false;
+    /// A migration this llumlet has no memory of: no record, it never reached the engine's
+    /// commit (aborted); "committed": committed; "committing" (the previous llumlet died
+    /// waiting for the engine): the engine decides now. Engines answer a repeated commit with
+    /// its first answer and refuse a commit of a reservation that is gone.
+    fn resolve_from_record(&self, migration: u64) -> Res {
+        let Some((path, e)) = journal::find_in(self.link.path(), migration) else {
+            return Res::Aborted;
         };
-        let mut blocks = Vec::new();
-        (0..MAX_REQUESTS as u32).any(|i| {
-            matches!(read_request(seg.requests(), i, &mut blocks), Ok(Some(r))
-                if r.id.as_str() == Some(request_id)
-                    && matches!(r.state(), Some(RequestState::Running | RequestState::Waiting | RequestState::Prefill)))
-        })
+        if e.committed {
+            return Res::Committed;
+        }
+        let mut calls = Calls::new(Arc::clone(&self.link), e.local, STEP_TIMEOUT);
+        match calls.call(Command::MigrateInCommit { migration: e.local }) {
+            Ok((true, _)) => {
+                let _ = journal::InEntry {
+                    committed: true,
+                    ..e
+                }
+                .write(&path);
+                Res::Committed
+            }
+            Ok((false, _)) => {
+                let _ = std::fs::remove_file(&path);
+                Res::Aborted
+            }
+            Err(_) => Res::Unknown,
+        }
     }
 
     fn verdict(
@@ -671,6 +693,7 @@ impl TransferServer {
         let mailbox = seg
             .as_ref()
             .map(|_| mailbox::path(self.link.path(), local_id));
+        let in_record = journal::in_path(self.link.path(), local_id);
         let mut sink = DataSink::new(maps, ReservedSet::default());
         let mut slot = None;
         let mut table = Vec::new();
@@ -735,7 +758,12 @@ impl TransferServer {
                                 request_id: b.request_id.clone(),
                                 state: state.clone(),
                             };
-                            if mail.write(mb).is_err() {
+                            let record = journal::InEntry {
+                                committed: false,
+                                migration: b.migration_id,
+                                local: local_id,
+                            };
+                            if mail.write(mb).is_err() || record.write(&in_record).is_err() {
                                 queue.extend(machine.on(DstEvent::Engine { ok: false }));
                                 continue;
                             }
@@ -758,6 +786,20 @@ impl TransferServer {
                         while r == Err(CallError::Timeout) {
                             calls.unstale_last();
                             r = calls.finish();
+                        }
+                    }
+                    if matches!(op, DstEngineOp::Commit(_)) {
+                        let done = journal::InEntry {
+                            committed: true,
+                            migration: b.migration_id,
+                            local: local_id,
+                        };
+                        let kept = match r {
+                            Ok((true, _)) => done.write(&in_record),
+                            _ => std::fs::remove_file(&in_record),
+                        };
+                        if let Err(e) = kept {
+                            tracing::warn!(error = %e, "cannot update the migration-in record");
                         }
                     }
                     match r {

@@ -117,8 +117,86 @@ impl Entry {
     }
 }
 
+/// The destination's record of a migration in whose commit reached (or may have reached) its
+/// engine: `<segment>-mig-<local id>.in`. It outlives the llumlet, so that a source asking
+/// after a restart (`Resolve`) gets the truth even when the request has since finished here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InEntry {
+    /// `true`: the engine committed; `false`: the commit was sent, answer unknown.
+    pub committed: bool,
+    /// The source's migration id.
+    pub migration: u64,
+    /// The id the destination used with its engine.
+    pub local: u64,
+}
+
+/// The destination's record of its migration `local` of the engine at `segment`.
+pub fn in_path(segment: &Path, local: u64) -> PathBuf {
+    let mut p = mailbox::path(segment, local).into_os_string();
+    p.push(".in");
+    PathBuf::from(p)
+}
+
+impl InEntry {
+    /// Writes the record atomically.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let phase = if self.committed { "committed" } else { "committing" };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, format!("{phase}\n{}\n{}\n", self.migration, self.local))?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads a record.
+    pub fn read(path: &Path) -> Result<InEntry, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let mut l = text.lines();
+        let committed = match l.next() {
+            Some("committed") => true,
+            Some("committing") => false,
+            other => return Err(format!("unknown phase {other:?}")),
+        };
+        let mut num = |what: &str| -> Result<u64, String> {
+            l.next()
+                .and_then(|x| x.parse().ok())
+                .ok_or(format!("bad {what}"))
+        };
+        Ok(InEntry {
+            committed,
+            migration: num("migration id")?,
+            local: num("local id")?,
+        })
+    }
+}
+
+/// The destination's record of source migration `migration`, if it has one.
+pub fn find_in(segment: &Path, migration: u64) -> Option<(PathBuf, InEntry)> {
+    files(segment, ".in")
+        .into_iter()
+        .filter_map(|p| InEntry::read(&p).ok().map(|e| (p, e)))
+        .find(|(_, e)| e.migration == migration)
+}
+
+/// Removes destination records older than `age` (a source resolves within minutes).
+pub fn expire_in(segment: &Path, age: Duration) {
+    for p in files(segment, ".in") {
+        let old = std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|e| e > age);
+        if old {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
 /// Every journal file of the engine whose segment is at `segment`.
 pub fn list(segment: &Path) -> Vec<PathBuf> {
+    files(segment, ".out")
+}
+
+fn files(segment: &Path, suffix: &str) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (segment.parent(), segment.file_name()) else {
         return Vec::new();
     };
@@ -131,7 +209,7 @@ pub fn list(segment: &Path) -> Vec<PathBuf> {
         .filter(|p| {
             p.file_name()
                 .map(|n| n.to_string_lossy())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".out"))
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(suffix))
         })
         .collect()
 }
@@ -187,6 +265,7 @@ pub fn recover_once(link: &Arc<EngineLink>) {
     if link.segment().is_none() {
         return;
     }
+    expire_in(link.path(), Duration::from_secs(3600));
     let me = std::process::id();
     for p in list(link.path()) {
         let e = match Entry::read(&p) {

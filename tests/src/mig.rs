@@ -1,0 +1,295 @@
+//! Helpers for the migration tests: a simulated engine and its llumlet as one instance, the
+//! engines' event lines, `Migrate` calls, and the end-of-run invariants.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use llumlet_proto::cms::{InstanceMetadata, InstanceStatus};
+use llumlet_proto::llumlet::migrate_request::MigrationValue;
+use llumlet_proto::llumlet::MigrateRequest;
+use prost::Message;
+
+use crate::{base_env, free_port, grpc_client, LlumletProcess, RedisServer};
+
+/// How a simulated engine runs.
+#[derive(Debug, Clone)]
+pub struct SimOpts {
+    /// Request generator seed.
+    pub seed: u64,
+    /// Requests admitted.
+    pub requests: u32,
+    /// Output tokens per request.
+    pub max_tokens: u32,
+    /// KV blocks.
+    pub num_blocks: u32,
+    /// Largest prompt.
+    pub max_prompt: u32,
+    /// `LLUMLET_TEST_FAULTS` of the engine.
+    pub faults: Option<String>,
+}
+
+impl SimOpts {
+    /// `requests` requests of 700 output tokens, seed `seed`.
+    pub fn new(seed: u64, requests: u32) -> SimOpts {
+        SimOpts {
+            seed,
+            requests,
+            max_tokens: 700,
+            num_blocks: 512,
+            max_prompt: 200,
+            faults: None,
+        }
+    }
+}
+
+/// Spawns `llumlet sim-engine` publishing to segment `shm`.
+pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
+    let v = [o.seed, o.requests.into(), o.max_tokens.into(), o.num_blocks.into(), o.max_prompt.into()]
+        .map(|n| n.to_string());
+    let args = [
+        "sim-engine", "--instance-id", "x", "--shm", shm, "--step-ms", "4", "--block-size", "16",
+        "--seed", &v[0], "--requests", &v[1], "--max-tokens", &v[2], "--num-blocks", &v[3],
+        "--max-prompt", &v[4],
+    ];
+    let mut env = HashMap::new();
+    if let Some(f) = &o.faults {
+        env.insert("LLUMLET_TEST_FAULTS".to_string(), f.clone());
+    }
+    LlumletProcess::spawn_args(&args, &env)
+}
+
+/// A simulated engine with its llumlet.
+pub struct Instance {
+    /// Instance id.
+    pub id: String,
+    /// The engine process.
+    pub engine: LlumletProcess,
+    /// The llumlet process.
+    pub llumlet: LlumletProcess,
+    /// The llumlet's gRPC port.
+    pub rpc: u16,
+    /// The engine's options.
+    pub opts: SimOpts,
+    env: HashMap<String, String>,
+    /// Stdout of engines and stderr of llumlets this instance had before a restart.
+    pub earlier_logs: String,
+}
+
+impl Instance {
+    /// Starts an engine and its llumlet (`extra`: more llumlet environment).
+    pub fn start(redis: &RedisServer, id: &str, opts: SimOpts, extra: &[(&str, &str)]) -> Instance {
+        let shm = format!("llumlet-ctl-test-{id}-{}", std::process::id());
+        let engine = engine(&shm, &opts);
+        let rpc = free_port();
+        let mut env = base_env(redis, id, rpc);
+        env.insert("LLUMLET_ENGINE_SHM".into(), shm);
+        env.insert("LLUMNIX_MAX_REQ_MIG_OUT".into(), "4".into());
+        env.insert("LLUMNIX_MAX_REQ_MIG_IN".into(), "4".into());
+        // A fixed transfer port, so that a restarted llumlet is found where it was.
+        env.insert("LLUMLET_TRANSFER_PORT".into(), free_port().to_string());
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let llumlet = LlumletProcess::spawn(&env);
+        Instance {
+            id: id.into(),
+            engine,
+            llumlet,
+            rpc,
+            opts,
+            env,
+            earlier_logs: String::new(),
+        }
+    }
+
+    /// Waits until the llumlet reports its engine's status (attached to the engine).
+    pub fn wait_attached(&self, redis: &RedisServer) {
+        status(redis, &self.id, Duration::from_secs(15), |s| s.num_total_gpu_tokens > 0);
+    }
+
+    /// The transfer port (published as `kvt_port`).
+    pub fn transfer_port(&self) -> i32 {
+        self.env["LLUMLET_TRANSFER_PORT"].parse().unwrap()
+    }
+
+    /// Kills the llumlet (if alive) and starts a new one with the same environment, without
+    /// `LLUMLET_TEST_FAULTS`.
+    pub fn restart_llumlet(&mut self) {
+        let _ = self.llumlet.child.kill();
+        let _ = self.llumlet.child.wait();
+        self.earlier_logs.push_str(&self.llumlet.stderr());
+        self.env.remove("LLUMLET_TEST_FAULTS");
+        self.llumlet = LlumletProcess::spawn(&self.env);
+    }
+
+    /// The engine's event lines `prefix <id> ...`: the ids.
+    pub fn events(&self, prefix: &str) -> Vec<String> {
+        ids_with(&self.engine.stdout(), prefix)
+    }
+
+    /// Both processes' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} engine:\n{}\n--- {} llumlet:\n{}{}",
+            self.id,
+            self.engine.stdout(),
+            self.id,
+            self.earlier_logs,
+            self.llumlet.stderr()
+        )
+    }
+
+    /// Stops the engine with SIGTERM and returns its summary line (free blocks, requests held).
+    pub fn stop_engine(&mut self) -> String {
+        self.engine.signal(libc::SIGTERM);
+        self.engine.wait(Duration::from_secs(10));
+        self.engine
+            .stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("sim-engine: stopped "))
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Waits for the instance's CMS status to satisfy `f`.
+pub fn status(
+    redis: &RedisServer,
+    id: &str,
+    within: Duration,
+    f: impl Fn(&InstanceStatus) -> bool,
+) -> InstanceStatus {
+    redis.wait_for(&format!("llumnix:instance_status:{id}"), within, |b| {
+        b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|s| f(s))
+    })
+}
+
+/// The instance's published `kvt_port` (checks `ip_kvt` too).
+pub fn kvt_port(redis: &RedisServer, id: &str) -> i32 {
+    let m = redis.wait_for(
+        &format!("llumnix:instance_metadata:{id}"),
+        Duration::from_secs(10),
+        |b| b.map(|b| InstanceMetadata::decode(b).unwrap()),
+    );
+    assert!(m.kvt_port > 0, "the transfer endpoint is published");
+    assert_eq!(m.ip_kvt, "127.0.0.1");
+    m.kvt_port
+}
+
+/// The ids of lines `sim-engine: <prefix><id> ...` in `out`.
+pub fn ids_with(out: &str, prefix: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("sim-engine: ")?.strip_prefix(prefix))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// `Migrate` one request (`NUM_REQ` 1, `SR`) from `src` to instance `dst_id`'s transfer port:
+/// `(success, message)`, or `(false, "<code>: <message>")` for an error status.
+pub fn migrate(rt: &tokio::runtime::Runtime, src: &Instance, dst_id: &str, port: i32) -> (bool, String) {
+    rt.block_on(async {
+        let mut c = grpc_client(src.rpc, Duration::from_secs(10)).await;
+        let r = c
+            .migrate(MigrateRequest {
+                src_engine_id: src.id.clone(),
+                dst_engine_id: dst_id.to_string(),
+                dst_engine_ip: "127.0.0.1".into(),
+                dst_engine_port: port,
+                migration_type: "NUM_REQ".into(),
+                migration_req_policy: "SR".into(),
+                trigger_policy: "test".into(),
+                migration_value: Some(MigrationValue::NumReqs(1)),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                (r.success, r.message)
+            }
+            Err(s) => (false, format!("{:?}: {}", s.code(), s.message())),
+        }
+    })
+}
+
+/// Polls `f` every 50 ms until it holds; panics with `what` (and `logs()`) after `within`.
+pub fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The invariants after a run in which every instance admitted `opts.requests` requests and
+/// any migrations happened: every request finishes exactly once, at the instance where it went
+/// last, with the token stream of an unmigrated run; every arrival carried identical KV bytes;
+/// once the engines stop, every block is free and no request is held (no leaked reservation,
+/// nothing left suspended). Waits up to `within` for the requests to finish.
+pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], within: Duration) {
+    let total: u32 = instances.iter().map(|i| i.opts.requests).sum();
+    let logs = |is: &[&mut Instance]| is.iter().map(|i| i.logs()).collect::<String>();
+    let deadline = Instant::now() + within;
+    loop {
+        let finished: usize = instances.iter().map(|i| i.events("finished ").len()).sum();
+        if finished as u32 >= total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {finished} of {total} requests finished\n{}",
+            logs(instances)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut seen = HashMap::new();
+    for i in instances.iter() {
+        let out = i.engine.stdout();
+        for l in out.lines().filter(|l| l.starts_with("sim-engine: finished ")) {
+            let id = l.split_whitespace().nth(2).unwrap().to_string();
+            assert!(
+                !l.contains("migrated_in=true") || l.contains("tokens=ok"),
+                "{l}\n{}",
+                logs(instances)
+            );
+            if let Some(other) = seen.insert(id.clone(), i.id.clone()) {
+                panic!("{id} finished at {other} and at {}\n{}", i.id, logs(instances));
+            }
+        }
+        for l in out.lines().filter(|l| l.starts_with("sim-engine: migrated-in ")) {
+            assert!(
+                l.contains("kv=ok") && l.contains("tokens=ok"),
+                "{l}\n{}",
+                logs(instances)
+            );
+        }
+    }
+    assert_eq!(seen.len() as u32, total, "{}", logs(instances));
+    // Every migration slot is free again, as the CMS shows it.
+    for i in instances.iter() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = redis
+                .get(&format!("llumnix:instance_status:{}", i.id))
+                .map(|b| InstanceStatus::decode(&b[..]).unwrap())
+                .unwrap_or_default();
+            if s.num_available_migrate_in_slots == 4 && s.num_available_migrate_out_slots == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: migration slots not released: {s:?}\n{}",
+                i.id,
+                i.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    for i in instances.iter_mut() {
+        let summary = i.stop_engine();
+        let want = format!(
+            "free_blocks={n} of {n} running=0 waiting=0 suspended=0 incoming=0",
+            n = i.opts.num_blocks
+        );
+        assert_eq!(summary, want, "{}: engine state at the end\n{}", i.id, i.logs());
+    }
+}

@@ -1,0 +1,206 @@
+//! Migration under faults, with real processes: a fault is injected at a protocol step
+//! (`LLUMLET_TEST_FAULTS`: a llumlet or engine killed, the connection cut, a step stalled past
+//! its timeout, the engine refusing, the destination out of blocks). Whatever happens, every
+//! request finishes exactly once with the token stream of an unmigrated run, no reservation is
+//! left at either engine, nothing stays suspended, and every migration slot is free again.
+
+use std::time::Duration;
+
+use llumlet_tests::mig::*;
+use llumlet_tests::*;
+
+/// What a case expects of the migration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// The request moved.
+    Moved,
+    /// The request stayed at the source.
+    Stayed,
+    /// Either is right (which one depends on a race the protocol settles either way).
+    Either,
+}
+
+/// Where the fault is armed.
+#[derive(Debug, Clone, Copy)]
+enum Who {
+    SrcLlumlet,
+    DstLlumlet,
+    SrcEngine,
+    DstEngine,
+}
+
+struct Case {
+    name: &'static str,
+    who: Who,
+    fault: &'static str,
+    expect: Expect,
+    /// Restart the killed llumlet (which one, by who) after the Migrate call returns.
+    restart: bool,
+}
+
+fn run_case(c: &Case, seed: u64) {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src_opts = SimOpts::new(seed, 3);
+    src_opts.max_tokens = 400;
+    let mut dst_opts = SimOpts::new(seed + 100, 1);
+    dst_opts.max_tokens = 400;
+    match c.who {
+        Who::SrcEngine => src_opts.faults = Some(c.fault.into()),
+        Who::DstEngine => dst_opts.faults = Some(c.fault.into()),
+        _ => {}
+    }
+    let faults = [("LLUMLET_TEST_FAULTS", c.fault)];
+    let (src_env, dst_env): (&[(&str, &str)], &[(&str, &str)]) = match c.who {
+        Who::SrcLlumlet => (&faults, &[]),
+        Who::DstLlumlet => (&[], &faults),
+        _ => (&[], &[]),
+    };
+    let sid = format!("f{seed}-src");
+    let did = format!("f{seed}-dst");
+    let mut src = Instance::start(&redis, &sid, src_opts, src_env);
+    let mut dst = Instance::start(&redis, &did, dst_opts, dst_env);
+    status(&redis, &sid, Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, &did);
+    let (ok, msg) = migrate(&rt, &src, &did, port);
+    if c.restart {
+        match c.who {
+            Who::SrcLlumlet => src.restart_llumlet(),
+            Who::DstLlumlet => dst.restart_llumlet(),
+            _ => {}
+        }
+    }
+    let logs = || format!("case {}: Migrate → ({ok}, {msg})\n{}\n{}", c.name, src.logs(), dst.logs());
+    match c.expect {
+        Expect::Moved => {
+            until(
+                Duration::from_secs(30),
+                "the request to be freed at the source",
+                || src.events("migrated-out ").len() == 1,
+                logs,
+            );
+            assert_eq!(dst.events("migrated-in ").len(), 1, "{}", logs());
+        }
+        Expect::Stayed => {
+            assert!(!ok, "{}", logs());
+        }
+        Expect::Either => {}
+    }
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(60));
+    if c.expect == Expect::Stayed {
+        assert!(
+            src.events("migrated-out ").is_empty() && dst.events("migrated-in ").is_empty(),
+            "case {}: nothing moved\n{}\n{}",
+            c.name,
+            src.logs(),
+            dst.logs()
+        );
+    }
+}
+
+fn run_cases(cases: &[Case], seed: u64) {
+    for (i, c) in cases.iter().enumerate() {
+        eprintln!("fault case {}: {} at {:?}", c.name, c.fault, c.who);
+        run_case(c, seed + i as u64 * 10);
+    }
+}
+
+#[test]
+fn a_killed_llumlet_leaves_no_request_lost_or_doubled() {
+    use Expect::*;
+    use Who::*;
+    run_cases(
+        &[
+            // Before the commit is sent: the restarted source's journal aborts at its engine.
+            Case { name: "source dies while copying", who: SrcLlumlet, fault: "src-after-stage0=kill", expect: Stayed, restart: true },
+            Case { name: "source dies while the request is suspended", who: SrcLlumlet, fault: "src-after-suspend=kill", expect: Stayed, restart: true },
+            // After the commit is sent: the restarted source asks the destination.
+            Case { name: "source dies after sending the commit", who: SrcLlumlet, fault: "src-after-commit=kill", expect: Moved, restart: true },
+            Case { name: "source dies after the commit is acknowledged", who: SrcLlumlet, fault: "src-after-committed=kill", expect: Moved, restart: true },
+            // The destination dies holding a reservation: the source aborts, the restarted
+            // destination frees the reservation.
+            Case { name: "destination dies after reserving", who: DstLlumlet, fault: "dst-after-reserve=kill", expect: Stayed, restart: true },
+            // The destination dies with the commit in flight: the source is in doubt and keeps
+            // the request suspended until the restarted destination answers (it commits if its
+            // engine still holds the reservation, else aborts).
+            Case { name: "destination dies before committing", who: DstLlumlet, fault: "dst-before-commit=kill", expect: Either, restart: true },
+            Case { name: "destination dies after committing", who: DstLlumlet, fault: "dst-after-commit=kill", expect: Moved, restart: true },
+        ],
+        1000,
+    );
+}
+
+#[test]
+fn cuts_timeouts_and_refusals_leave_no_request_lost_or_doubled() {
+    use Expect::*;
+    use Who::*;
+    run_cases(
+        &[
+            Case { name: "connection cut while copying", who: SrcLlumlet, fault: "src-after-stage0=cut", expect: Stayed, restart: false },
+            Case { name: "connection cut after the commit is sent", who: SrcLlumlet, fault: "src-after-commit=cut", expect: Moved, restart: false },
+            Case { name: "acknowledgement lost", who: DstLlumlet, fault: "dst-after-commit=cut", expect: Moved, restart: false },
+            Case { name: "source engine refuses to begin", who: SrcEngine, fault: "engine-begin=refuse", expect: Stayed, restart: false },
+            Case { name: "destination engine refuses to reserve", who: DstEngine, fault: "engine-reserve=refuse", expect: Stayed, restart: false },
+            Case { name: "destination engine refuses the commit", who: DstEngine, fault: "engine-commit-in=refuse", expect: Stayed, restart: false },
+            Case { name: "source engine stalls on suspend", who: SrcEngine, fault: "engine-suspend=hang", expect: Stayed, restart: false },
+            Case { name: "destination stalls before committing", who: DstLlumlet, fault: "dst-before-commit=hang", expect: Moved, restart: false },
+        ],
+        2000,
+    );
+}
+
+#[test]
+fn a_destination_out_of_blocks_refuses_and_the_request_stays() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "oob-src", SimOpts::new(5, 3), &[]);
+    // Room for one tiny request of its own, never for a migrated one with its headroom.
+    let mut small = SimOpts::new(6, 0);
+    small.num_blocks = 4;
+    small.max_prompt = 16;
+    small.max_tokens = 16;
+    let mut dst = Instance::start(&redis, "oob-dst", small, &[]);
+    status(&redis, "oob-src", Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "oob-dst");
+    let (ok, msg) = migrate(&rt, &src, "oob-dst", port);
+    assert!(!ok, "{msg}");
+    assert!(msg.contains("could not reserve"), "{msg}\n{}", dst.logs());
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
+}
+
+#[test]
+fn a_migration_to_an_idle_destination_shows_in_both_statuses() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "cms-src", SimOpts::new(7, 2), &[]);
+    let mut dst = Instance::start(&redis, "cms-dst", SimOpts::new(8, 0), &[]);
+    status(&redis, "cms-src", Duration::from_secs(15), |s| s.num_running_requests == 2);
+    status(&redis, "cms-dst", Duration::from_secs(15), |s| s.num_used_gpu_tokens == 0);
+    let port = kvt_port(&redis, "cms-dst");
+    let (ok, msg) = migrate(&rt, &src, "cms-dst", port);
+    assert!(ok, "{msg}\n{}", src.logs());
+    // The destination, which admitted nothing, now runs the moved request and holds its blocks.
+    status(&redis, "cms-dst", Duration::from_secs(5), |s| {
+        s.num_running_requests == 1 && s.num_used_gpu_tokens > 0
+    });
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
+}
+
+#[test]
+fn a_destination_engine_that_dies_at_the_commit_leaves_the_request_at_the_source() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "dead-src", SimOpts::new(11, 3), &[]);
+    let mut doomed = SimOpts::new(12, 0);
+    doomed.faults = Some("engine-commit-in=kill".into());
+    let dst = Instance::start(&redis, "dead-dst", doomed, &[]);
+    status(&redis, "dead-src", Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "dead-dst");
+    let (ok, msg) = migrate(&rt, &src, "dead-dst", port);
+    assert!(!ok, "{msg}");
+    assert!(dst.events("migrated-in ").is_empty(), "{}", dst.logs());
+    check_exactly_once(&redis, &mut [&mut src], Duration::from_secs(40));
+}
