@@ -264,8 +264,25 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Seg
     }
 }
 
-/// Whether process `pid` exists.
+/// Whether process `pid` exists and has not exited (a zombie, dead but not yet reaped by its
+/// parent, counts as gone).
 pub fn pid_alive(pid: u32) -> bool {
+    pid_exists(pid) && !zombie(pid)
+}
+
+fn zombie(pid: u32) -> bool {
+    // /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces and parentheses, the state
+    // follows the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|st| st == "Z" || st == "X")
+        })
+        .unwrap_or(false)
+}
+
+fn pid_exists(pid: u32) -> bool {
     let Ok(p) = libc::pid_t::try_from(pid) else {
         return false;
     };
@@ -552,6 +569,20 @@ fn remove_if_stale(path: &Path) -> Result<(), SegmentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exited_unreaped_process_counts_as_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pid_alive(pid) {
+            assert!(std::time::Instant::now() < deadline, "a zombie still counts as alive");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(pid_exists(pid), "not reaped yet, so the pid still exists");
+        child.wait().unwrap();
+        assert!(pid_alive(std::process::id()));
+    }
     use crate::status_ring::{read_newest, StatusWriter};
     use bytemuck::Zeroable;
     use std::io::{Seek, SeekFrom, Write};
