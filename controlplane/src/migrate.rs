@@ -331,7 +331,10 @@ mod tests {
         });
         assert!(ledger.reserve_in(10).is_err(), "no status seen yet");
         ledger.observe(MigrationLoad::default());
-        assert!(ledger.reserve_in(101).is_err(), "more tokens than LLUMNIX_MAX_TOKEN_MIG_IN");
+        assert!(
+            ledger.reserve_in(101).is_err(),
+            "more tokens than LLUMNIX_MAX_TOKEN_MIG_IN"
+        );
         let held = ledger.reserve_in(10).unwrap();
         assert_eq!((ledger.local().in_reqs, ledger.local().in_tokens), (1, 10));
         assert!(ledger.reserve_in(1).is_err(), "the only in-slot is taken");
@@ -341,7 +344,10 @@ mod tests {
             in_reqs: 1,
             ..Default::default()
         });
-        assert!(ledger.reserve_in(1).is_err(), "the engine reports its slot in use");
+        assert!(
+            ledger.reserve_in(1).is_err(),
+            "the engine reports its slot in use"
+        );
     }
 
     #[test]

@@ -63,10 +63,12 @@ fn parse(s: &str) -> Result<Vec<Fault>, String> {
         let (point, rest) = item
             .split_once('=')
             .ok_or_else(|| format!("{item:?}: expected point=action[@n]"))?;
-        let point = POINTS
-            .iter()
-            .find(|p| **p == point)
-            .ok_or_else(|| format!("{point:?} is not a fault point (one of {})", POINTS.join(", ")))?;
+        let point = POINTS.iter().find(|p| **p == point).ok_or_else(|| {
+            format!(
+                "{point:?} is not a fault point (one of {})",
+                POINTS.join(", ")
+            )
+        })?;
         let (action, nth) = match rest.split_once('@') {
             Some((a, n)) => (
                 a,
@@ -82,7 +84,11 @@ fn parse(s: &str) -> Result<Vec<Fault>, String> {
             "hang" => Action::Hang,
             "cut" => Action::Cut,
             "refuse" => Action::Refuse,
-            other => return Err(format!("{other:?} is not a fault action (kill, hang, cut, refuse)")),
+            other => {
+                return Err(format!(
+                    "{other:?} is not a fault action (kill, hang, cut, refuse)"
+                ))
+            }
         };
         v.push(Fault {
             point,
@@ -101,7 +107,10 @@ pub fn init() -> Result<(), String> {
         Err(_) => Vec::new(),
     };
     if !list.is_empty() {
-        eprintln!("llumlet: fault injection armed: {}", std::env::var(VAR).unwrap_or_default());
+        eprintln!(
+            "llumlet: fault injection armed: {}",
+            std::env::var(VAR).unwrap_or_default()
+        );
     }
     let _ = FAULTS.set(list);
     Ok(())
@@ -134,10 +143,16 @@ mod tests {
         let v = parse("src-after-suspend=kill, dst-before-commit=hang@2").unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!((v[1].action, v[1].nth), (Action::Hang, 2));
-        assert!(parse("nowhere=kill").unwrap_err().contains("not a fault point"));
-        assert!(parse("src-after-begin=explode").unwrap_err().contains("not a fault action"));
+        assert!(parse("nowhere=kill")
+            .unwrap_err()
+            .contains("not a fault point"));
+        assert!(parse("src-after-begin=explode")
+            .unwrap_err()
+            .contains("not a fault action"));
         assert!(parse("src-after-begin=cut@0").unwrap_err().contains("@n"));
-        assert!(parse("src-after-begin").unwrap_err().contains("point=action"));
+        assert!(parse("src-after-begin")
+            .unwrap_err()
+            .contains("point=action"));
         assert!(parse("").unwrap().is_empty());
     }
 }

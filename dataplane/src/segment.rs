@@ -277,7 +277,9 @@ fn zombie(pid: u32) -> bool {
         .ok()
         .and_then(|s| {
             let rest = &s[s.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|st| st == "Z" || st == "X")
+            rest.split_whitespace()
+                .next()
+                .map(|st| st == "Z" || st == "X")
         })
         .unwrap_or(false)
 }
@@ -576,7 +578,10 @@ mod tests {
         let pid = child.id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while pid_alive(pid) {
-            assert!(std::time::Instant::now() < deadline, "a zombie still counts as alive");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zombie still counts as alive"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(pid_exists(pid), "not reaped yet, so the pid still exists");

@@ -44,12 +44,34 @@ impl SimOpts {
 
 /// Spawns `llumlet sim-engine` publishing to segment `shm`.
 pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
-    let v = [o.seed, o.requests.into(), o.max_tokens.into(), o.num_blocks.into(), o.max_prompt.into()]
-        .map(|n| n.to_string());
+    let v = [
+        o.seed,
+        o.requests.into(),
+        o.max_tokens.into(),
+        o.num_blocks.into(),
+        o.max_prompt.into(),
+    ]
+    .map(|n| n.to_string());
     let args = [
-        "sim-engine", "--instance-id", "x", "--shm", shm, "--step-ms", "4", "--block-size", "16",
-        "--seed", &v[0], "--requests", &v[1], "--max-tokens", &v[2], "--num-blocks", &v[3],
-        "--max-prompt", &v[4],
+        "sim-engine",
+        "--instance-id",
+        "x",
+        "--shm",
+        shm,
+        "--step-ms",
+        "4",
+        "--block-size",
+        "16",
+        "--seed",
+        &v[0],
+        "--requests",
+        &v[1],
+        "--max-tokens",
+        &v[2],
+        "--num-blocks",
+        &v[3],
+        "--max-prompt",
+        &v[4],
     ];
     let mut env = HashMap::new();
     if let Some(f) = &o.faults {
@@ -102,9 +124,21 @@ impl Instance {
         }
     }
 
+    /// Whether the running llumlet was started with `LLUMLET_TEST_FAULTS`.
+    pub fn env_has_faults(&self) -> bool {
+        self.env.contains_key("LLUMLET_TEST_FAULTS")
+    }
+
     /// Waits until the llumlet reports its engine's status (attached to the engine).
+    /// (A status written from now on: a restarted llumlet's predecessor's status does not count.)
     pub fn wait_attached(&self, redis: &RedisServer) {
-        status(redis, &self.id, Duration::from_secs(15), |s| s.num_total_gpu_tokens > 0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        status(redis, &self.id, Duration::from_secs(15), |s| {
+            s.num_total_gpu_tokens > 0 && s.timestamp_ms > now
+        });
     }
 
     /// The transfer port (published as `kvt_port`).
@@ -115,10 +149,18 @@ impl Instance {
     /// Kills the llumlet (if alive) and starts a new one with the same environment, without
     /// `LLUMLET_TEST_FAULTS`.
     pub fn restart_llumlet(&mut self) {
+        self.restart_llumlet_with(None);
+    }
+
+    /// Kills the llumlet (if alive) and starts a new one with `LLUMLET_TEST_FAULTS=faults`.
+    pub fn restart_llumlet_with(&mut self, faults: Option<&str>) {
         let _ = self.llumlet.child.kill();
         let _ = self.llumlet.child.wait();
         self.earlier_logs.push_str(&self.llumlet.stderr());
-        self.env.remove("LLUMLET_TEST_FAULTS");
+        match faults {
+            Some(f) => self.env.insert("LLUMLET_TEST_FAULTS".into(), f.into()),
+            None => self.env.remove("LLUMLET_TEST_FAULTS"),
+        };
         self.llumlet = LlumletProcess::spawn(&self.env);
     }
 
@@ -160,7 +202,8 @@ pub fn status(
     f: impl Fn(&InstanceStatus) -> bool,
 ) -> InstanceStatus {
     redis.wait_for(&format!("llumnix:instance_status:{id}"), within, |b| {
-        b.map(|b| InstanceStatus::decode(b).unwrap()).filter(|s| f(s))
+        b.map(|b| InstanceStatus::decode(b).unwrap())
+            .filter(|s| f(s))
     })
 }
 
@@ -186,7 +229,12 @@ pub fn ids_with(out: &str, prefix: &str) -> Vec<String> {
 
 /// `Migrate` one request (`NUM_REQ` 1, `SR`) from `src` to instance `dst_id`'s transfer port:
 /// `(success, message)`, or `(false, "<code>: <message>")` for an error status.
-pub fn migrate(rt: &tokio::runtime::Runtime, src: &Instance, dst_id: &str, port: i32) -> (bool, String) {
+pub fn migrate(
+    rt: &tokio::runtime::Runtime,
+    src: &Instance,
+    dst_id: &str,
+    port: i32,
+) -> (bool, String) {
     rt.block_on(async {
         let mut c = grpc_client(src.rpc, Duration::from_secs(10)).await;
         let r = c
@@ -215,7 +263,11 @@ pub fn migrate(rt: &tokio::runtime::Runtime, src: &Instance, dst_id: &str, port:
 pub fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool, logs: impl Fn() -> String) {
     let deadline = Instant::now() + within;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -244,7 +296,10 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
     let mut seen = HashMap::new();
     for i in instances.iter() {
         let out = i.engine.stdout();
-        for l in out.lines().filter(|l| l.starts_with("sim-engine: finished ")) {
+        for l in out
+            .lines()
+            .filter(|l| l.starts_with("sim-engine: finished "))
+        {
             let id = l.split_whitespace().nth(2).unwrap().to_string();
             assert!(
                 !l.contains("migrated_in=true") || l.contains("tokens=ok"),
@@ -252,10 +307,17 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
                 logs(instances)
             );
             if let Some(other) = seen.insert(id.clone(), i.id.clone()) {
-                panic!("{id} finished at {other} and at {}\n{}", i.id, logs(instances));
+                panic!(
+                    "{id} finished at {other} and at {}\n{}",
+                    i.id,
+                    logs(instances)
+                );
             }
         }
-        for l in out.lines().filter(|l| l.starts_with("sim-engine: migrated-in ")) {
+        for l in out
+            .lines()
+            .filter(|l| l.starts_with("sim-engine: migrated-in "))
+        {
             assert!(
                 l.contains("kv=ok") && l.contains("tokens=ok"),
                 "{l}\n{}",
@@ -284,12 +346,40 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // Every migration a llumlet journaled (dead owner, or in doubt) is settled.
+    for i in instances.iter() {
+        let seg = format!("{}-mig-", i.env["LLUMLET_ENGINE_SHM"]);
+        let pending = || -> Vec<String> {
+            std::fs::read_dir("/dev/shm")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&seg) && n.ends_with(".out"))
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pending().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: unsettled migration journals {:?}\n{}",
+                i.id,
+                pending(),
+                i.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     for i in instances.iter_mut() {
         let summary = i.stop_engine();
         let want = format!(
             "free_blocks={n} of {n} running=0 waiting=0 suspended=0 incoming=0",
             n = i.opts.num_blocks
         );
-        assert_eq!(summary, want, "{}: engine state at the end\n{}", i.id, i.logs());
+        assert_eq!(
+            summary,
+            want,
+            "{}: engine state at the end\n{}",
+            i.id,
+            i.logs()
+        );
     }
 }

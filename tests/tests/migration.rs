@@ -34,7 +34,12 @@ fn requests_move_live_with_their_kv_over_shm_and_tcp_and_finish_once() {
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut a = Instance::start(&redis, "mig-a", SimOpts::new(1, 4), &[]);
-    let mut b = Instance::start(&redis, "mig-b", SimOpts::new(2, 4), &[("LLUMLET_TRANSPORT", "tcp")]);
+    let mut b = Instance::start(
+        &redis,
+        "mig-b",
+        SimOpts::new(2, 4),
+        &[("LLUMLET_TRANSPORT", "tcp")],
+    );
     for i in [&a, &b] {
         status(&redis, &i.id, Duration::from_secs(15), |s| {
             s.num_running_requests >= 3
@@ -120,7 +125,10 @@ fn migrate_to_a_closed_port_fails_and_the_request_keeps_running_at_the_source() 
         msg.starts_with("Internal: Migration failed due to an unexpected server error"),
         "{msg}"
     );
-    assert!(a.events("migrated-out ").is_empty(), "nothing left the source");
+    assert!(
+        a.events("migrated-out ").is_empty(),
+        "nothing left the source"
+    );
     // Every request still finishes at the source.
     check_exactly_once(&redis, &mut [&mut a], Duration::from_secs(30));
 }

@@ -60,7 +60,9 @@ fn run_case(c: &Case, seed: u64) {
     let did = format!("f{seed}-dst");
     let mut src = Instance::start(&redis, &sid, src_opts, src_env);
     let mut dst = Instance::start(&redis, &did, dst_opts, dst_env);
-    status(&redis, &sid, Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    status(&redis, &sid, Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
     dst.wait_attached(&redis);
     let port = kvt_port(&redis, &did);
     let (ok, msg) = migrate(&rt, &src, &did, port);
@@ -71,7 +73,14 @@ fn run_case(c: &Case, seed: u64) {
             _ => {}
         }
     }
-    let logs = || format!("case {}: Migrate → ({ok}, {msg})\n{}\n{}", c.name, src.logs(), dst.logs());
+    let logs = || {
+        format!(
+            "case {}: Migrate → ({ok}, {msg})\n{}\n{}",
+            c.name,
+            src.logs(),
+            dst.logs()
+        )
+    };
     match c.expect {
         Expect::Moved => {
             until(
@@ -113,19 +122,61 @@ fn a_killed_llumlet_leaves_no_request_lost_or_doubled() {
     run_cases(
         &[
             // Before the commit is sent: the restarted source's journal aborts at its engine.
-            Case { name: "source dies while copying", who: SrcLlumlet, fault: "src-after-stage0=kill", expect: Stayed, restart: true },
-            Case { name: "source dies while the request is suspended", who: SrcLlumlet, fault: "src-after-suspend=kill", expect: Stayed, restart: true },
+            Case {
+                name: "source dies while copying",
+                who: SrcLlumlet,
+                fault: "src-after-stage0=kill",
+                expect: Stayed,
+                restart: true,
+            },
+            Case {
+                name: "source dies while the request is suspended",
+                who: SrcLlumlet,
+                fault: "src-after-suspend=kill",
+                expect: Stayed,
+                restart: true,
+            },
             // After the commit is sent: the restarted source asks the destination.
-            Case { name: "source dies after sending the commit", who: SrcLlumlet, fault: "src-after-commit=kill", expect: Moved, restart: true },
-            Case { name: "source dies after the commit is acknowledged", who: SrcLlumlet, fault: "src-after-committed=kill", expect: Moved, restart: true },
+            Case {
+                name: "source dies after sending the commit",
+                who: SrcLlumlet,
+                fault: "src-after-commit=kill",
+                expect: Moved,
+                restart: true,
+            },
+            Case {
+                name: "source dies after the commit is acknowledged",
+                who: SrcLlumlet,
+                fault: "src-after-committed=kill",
+                expect: Moved,
+                restart: true,
+            },
             // The destination dies holding a reservation: the source aborts, the restarted
             // destination frees the reservation.
-            Case { name: "destination dies after reserving", who: DstLlumlet, fault: "dst-after-reserve=kill", expect: Stayed, restart: true },
+            Case {
+                name: "destination dies after reserving",
+                who: DstLlumlet,
+                fault: "dst-after-reserve=kill",
+                expect: Stayed,
+                restart: true,
+            },
             // The destination dies with the commit in flight: the source is in doubt and keeps
             // the request suspended until the restarted destination answers (it commits if its
             // engine still holds the reservation, else aborts).
-            Case { name: "destination dies before committing", who: DstLlumlet, fault: "dst-before-commit=kill", expect: Either, restart: true },
-            Case { name: "destination dies after committing", who: DstLlumlet, fault: "dst-after-commit=kill", expect: Moved, restart: true },
+            Case {
+                name: "destination dies before committing",
+                who: DstLlumlet,
+                fault: "dst-before-commit=kill",
+                expect: Either,
+                restart: true,
+            },
+            Case {
+                name: "destination dies after committing",
+                who: DstLlumlet,
+                fault: "dst-after-commit=kill",
+                expect: Moved,
+                restart: true,
+            },
         ],
         1000,
     );
@@ -137,14 +188,62 @@ fn cuts_timeouts_and_refusals_leave_no_request_lost_or_doubled() {
     use Who::*;
     run_cases(
         &[
-            Case { name: "connection cut while copying", who: SrcLlumlet, fault: "src-after-stage0=cut", expect: Stayed, restart: false },
-            Case { name: "connection cut after the commit is sent", who: SrcLlumlet, fault: "src-after-commit=cut", expect: Moved, restart: false },
-            Case { name: "acknowledgement lost", who: DstLlumlet, fault: "dst-after-commit=cut", expect: Moved, restart: false },
-            Case { name: "source engine refuses to begin", who: SrcEngine, fault: "engine-begin=refuse", expect: Stayed, restart: false },
-            Case { name: "destination engine refuses to reserve", who: DstEngine, fault: "engine-reserve=refuse", expect: Stayed, restart: false },
-            Case { name: "destination engine refuses the commit", who: DstEngine, fault: "engine-commit-in=refuse", expect: Stayed, restart: false },
-            Case { name: "source engine stalls on suspend", who: SrcEngine, fault: "engine-suspend=hang", expect: Stayed, restart: false },
-            Case { name: "destination stalls before committing", who: DstLlumlet, fault: "dst-before-commit=hang", expect: Moved, restart: false },
+            Case {
+                name: "connection cut while copying",
+                who: SrcLlumlet,
+                fault: "src-after-stage0=cut",
+                expect: Stayed,
+                restart: false,
+            },
+            Case {
+                name: "connection cut after the commit is sent",
+                who: SrcLlumlet,
+                fault: "src-after-commit=cut",
+                expect: Moved,
+                restart: false,
+            },
+            Case {
+                name: "acknowledgement lost",
+                who: DstLlumlet,
+                fault: "dst-after-commit=cut",
+                expect: Moved,
+                restart: false,
+            },
+            Case {
+                name: "source engine refuses to begin",
+                who: SrcEngine,
+                fault: "engine-begin=refuse",
+                expect: Stayed,
+                restart: false,
+            },
+            Case {
+                name: "destination engine refuses to reserve",
+                who: DstEngine,
+                fault: "engine-reserve=refuse",
+                expect: Stayed,
+                restart: false,
+            },
+            Case {
+                name: "destination engine refuses the commit",
+                who: DstEngine,
+                fault: "engine-commit-in=refuse",
+                expect: Stayed,
+                restart: false,
+            },
+            Case {
+                name: "source engine stalls on suspend",
+                who: SrcEngine,
+                fault: "engine-suspend=hang",
+                expect: Stayed,
+                restart: false,
+            },
+            Case {
+                name: "destination stalls before committing",
+                who: DstLlumlet,
+                fault: "dst-before-commit=hang",
+                expect: Moved,
+                restart: false,
+            },
         ],
         2000,
     );
@@ -161,7 +260,9 @@ fn a_destination_out_of_blocks_refuses_and_the_request_stays() {
     small.max_prompt = 16;
     small.max_tokens = 16;
     let mut dst = Instance::start(&redis, "oob-dst", small, &[]);
-    status(&redis, "oob-src", Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    status(&redis, "oob-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
     dst.wait_attached(&redis);
     let port = kvt_port(&redis, "oob-dst");
     let (ok, msg) = migrate(&rt, &src, "oob-dst", port);
@@ -176,8 +277,12 @@ fn a_migration_to_an_idle_destination_shows_in_both_statuses() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut src = Instance::start(&redis, "cms-src", SimOpts::new(7, 2), &[]);
     let mut dst = Instance::start(&redis, "cms-dst", SimOpts::new(8, 0), &[]);
-    status(&redis, "cms-src", Duration::from_secs(15), |s| s.num_running_requests == 2);
-    status(&redis, "cms-dst", Duration::from_secs(15), |s| s.num_used_gpu_tokens == 0);
+    status(&redis, "cms-src", Duration::from_secs(15), |s| {
+        s.num_running_requests == 2
+    });
+    status(&redis, "cms-dst", Duration::from_secs(15), |s| {
+        s.num_used_gpu_tokens == 0
+    });
     let port = kvt_port(&redis, "cms-dst");
     let (ok, msg) = migrate(&rt, &src, "cms-dst", port);
     assert!(ok, "{msg}\n{}", src.logs());
@@ -196,11 +301,103 @@ fn a_destination_engine_that_dies_at_the_commit_leaves_the_request_at_the_source
     let mut doomed = SimOpts::new(12, 0);
     doomed.faults = Some("engine-commit-in=kill".into());
     let dst = Instance::start(&redis, "dead-dst", doomed, &[]);
-    status(&redis, "dead-src", Duration::from_secs(15), |s| s.num_running_requests >= 2);
+    status(&redis, "dead-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
     dst.wait_attached(&redis);
     let port = kvt_port(&redis, "dead-dst");
     let (ok, msg) = migrate(&rt, &src, "dead-dst", port);
     assert!(!ok, "{msg}");
     assert!(dst.events("migrated-in ").is_empty(), "{}", dst.logs());
     check_exactly_once(&redis, &mut [&mut src], Duration::from_secs(40));
+}
+
+/// A small deterministic generator (xorshift64*), so that a failing run can be replayed from
+/// the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    }
+}
+
+#[test]
+fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
+    let seed = std::env::var("LLUMLET_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("randomized migration run: LLUMLET_FAULT_SEED={seed}");
+    let mut rng = Rng(seed);
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = |s: u64| SimOpts {
+        max_tokens: 2500,
+        num_blocks: 2048,
+        ..SimOpts::new(s, 6)
+    };
+    let mut inst = [
+        Instance::start(&redis, "rnd-a", opts(21), &[]),
+        Instance::start(&redis, "rnd-b", opts(22), &[("LLUMLET_TRANSPORT", "tcp")]),
+    ];
+    for i in &inst {
+        i.wait_attached(&redis);
+    }
+    // Faults a round may arm at the source (s) or the destination (d) llumlet.
+    let faults: &[(&str, &str)] = &[
+        ("", ""),
+        ("", ""),
+        ("s", "src-after-stage0=cut"),
+        ("s", "src-after-suspend=cut"),
+        ("s", "src-after-commit=cut"),
+        ("d", "dst-after-reserve=cut"),
+        ("d", "dst-after-commit=cut"),
+        ("s", "src-after-stage0=kill"),
+        ("s", "src-after-suspend=kill"),
+        ("s", "src-after-commit=kill"),
+        ("d", "dst-after-reserve=kill"),
+        ("d", "dst-after-commit=kill"),
+    ];
+    let mut moved = 0;
+    for round in 0..10 {
+        let from = rng.below(2);
+        let to = 1 - from;
+        let (side, fault) = faults[rng.below(faults.len())];
+        eprintln!(
+            "round {round}: {} → {} fault {fault:?}",
+            inst[from].id, inst[to].id
+        );
+        if !fault.is_empty() {
+            let at = if side == "s" { from } else { to };
+            inst[at].restart_llumlet_with(Some(fault));
+            inst[at].wait_attached(&redis);
+        }
+        let port = inst[to].transfer_port();
+        let (ok, msg) = migrate(&rt, &inst[from], &inst[to].id.clone(), port);
+        eprintln!("round {round}: Migrate → ({ok}, {msg})");
+        moved += usize::from(ok);
+        // Bring back whatever died, and disarm the rest.
+        for i in inst.iter_mut() {
+            if !i.llumlet.running() || i.env_has_faults() {
+                i.restart_llumlet();
+                i.wait_attached(&redis);
+            }
+        }
+    }
+    eprintln!("randomized migration run: {moved} of 10 Migrate calls succeeded");
+    if std::env::var_os("LLUMLET_FAULT_LOGS").is_some() {
+        eprintln!("{}\n{}", inst[0].logs(), inst[1].logs());
+    }
+    let [a, b] = &mut inst;
+    check_exactly_once(&redis, &mut [a, b], Duration::from_secs(90));
 }

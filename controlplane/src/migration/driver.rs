@@ -657,7 +657,9 @@ impl TransferServer {
         let seg = self.link.segment();
         let (mut verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
             Ok(_) if !swept => (
-                Some("the destination engine still holds reservations of a previous llumlet".into()),
+                Some(
+                    "the destination engine still holds reservations of a previous llumlet".into(),
+                ),
                 Vec::new(),
                 Vec::new(),
             ),
@@ -672,9 +674,9 @@ impl TransferServer {
                 None
             }
             (None, Some(ledger)) => {
-                let block_tokens = regions.first().map_or(0, |r| {
-                    r.block_size_bytes / r.token_size_bytes.max(1)
-                });
+                let block_tokens = regions
+                    .first()
+                    .map_or(0, |r| r.block_size_bytes / r.token_size_bytes.max(1));
                 let tokens = i64::from(b.blocks).saturating_mul(block_tokens as i64);
                 match ledger.reserve_in(tokens) {
                     Ok(r) => Some(r),
@@ -962,6 +964,10 @@ impl crate::migrate::Migrator for LiveMigrator {
             .ok()
             .flatten()
             .map_or(0, |r| r.counters.num_total_gpu_tokens.max(0) as u64);
+        // Requests a previous llumlet left marked for a migration it never committed are
+        // released first, so they can be chosen again.
+        let link = Arc::clone(&self.link);
+        let _ = tokio::task::spawn_blocking(move || journal::recover_once(&link, true)).await;
         let (cands, ids) = self.candidates(&seg);
         let chosen = crate::selection::select(params, &cands, total);
         let chosen: Vec<u32> = {

@@ -140,10 +140,17 @@ pub fn in_path(segment: &Path, local: u64) -> PathBuf {
 impl InEntry {
     /// Writes the record atomically.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let phase = if self.committed { "committed" } else { "committing" };
+        let phase = if self.committed {
+            "committed"
+        } else {
+            "committing"
+        };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
-        std::fs::write(&tmp, format!("{phase}\n{}\n{}\n", self.migration, self.local))?;
+        std::fs::write(
+            &tmp,
+            format!("{phase}\n{}\n{}\n", self.migration, self.local),
+        )?;
         std::fs::rename(&tmp, path)
     }
 
@@ -220,10 +227,18 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
         Phase::Open => false,
         Phase::Committing | Phase::InDoubt => {
             match super::driver::resolve(e.dst, e.migration, &e.request_id) {
-                super::machine::SrcEvent::Peer(llumlet_proto::migration::envelope::Msg::Resolution(r))
-                    if r.outcome == llumlet_proto::migration::resolution::Outcome::Committed as i32 => true,
-                super::machine::SrcEvent::Peer(llumlet_proto::migration::envelope::Msg::Resolution(r))
-                    if r.outcome == llumlet_proto::migration::resolution::Outcome::Aborted as i32 => false,
+                super::machine::SrcEvent::Peer(
+                    llumlet_proto::migration::envelope::Msg::Resolution(r),
+                ) if r.outcome
+                    == llumlet_proto::migration::resolution::Outcome::Committed as i32 =>
+                {
+                    true
+                }
+                super::machine::SrcEvent::Peer(
+                    llumlet_proto::migration::envelope::Msg::Resolution(r),
+                ) if r.outcome == llumlet_proto::migration::resolution::Outcome::Aborted as i32 => {
+                    false
+                }
                 other => {
                     tracing::warn!(migration = e.migration, request = %e.request_id, answer = ?other,
                         "cannot resolve a journaled migration yet; will retry");
@@ -260,8 +275,11 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
     }
 }
 
-/// One pass: settles every journal that is in doubt or whose owner is gone.
-pub fn recover_once(link: &Arc<EngineLink>) {
+/// One pass: settles every journal that is in doubt or whose owner is gone (with `open_only`,
+/// only those whose commit was never sent: no network, just the engine).
+pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if link.segment().is_none() {
         return;
     }
@@ -276,7 +294,7 @@ pub fn recover_once(link: &Arc<EngineLink>) {
             }
         };
         let owner_alive = e.owner == me || llumlet_dataplane::segment::pid_alive(e.owner);
-        if e.phase != Phase::InDoubt && owner_alive {
+        if (e.phase != Phase::InDoubt && owner_alive) || (open_only && e.phase != Phase::Open) {
             continue;
         }
         if settle(link, &e) {
@@ -297,7 +315,7 @@ pub fn spawn_recovery(
         .name("llumlet-recovery".into())
         .spawn(move || loop {
             let _ = server.sweep_orphans();
-            recover_once(&link);
+            recover_once(&link, false);
             std::thread::sleep(every);
         });
 }
