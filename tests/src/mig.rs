@@ -194,6 +194,25 @@ impl Instance {
     }
 }
 
+impl Drop for Instance {
+    /// Stops both processes, then removes the engine's files in /dev/shm (segment, KV cache,
+    /// mailboxes, journals and records).
+    fn drop(&mut self) {
+        for p in [&mut self.llumlet, &mut self.engine] {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        let prefix = self.env["LLUMLET_ENGINE_SHM"].clone();
+        if let Ok(rd) = std::fs::read_dir("/dev/shm") {
+            for e in rd.filter_map(Result::ok) {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
 /// Waits for the instance's CMS status to satisfy `f`.
 pub fn status(
     redis: &RedisServer,
