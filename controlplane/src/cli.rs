@@ -73,6 +73,9 @@ struct SimArgs {
     /// Largest prompt in tokens.
     #[arg(long, default_value_t = 512)]
     max_prompt: u32,
+    /// Smallest prompt in tokens.
+    #[arg(long, default_value_t = 1)]
+    min_prompt: u32,
     /// Publish the status every this many steps.
     #[arg(long, env = "LLUMNIX_INSTANCE_UPDATE_STEPS", default_value_t = 1)]
     update_steps: u32,
@@ -143,6 +146,7 @@ fn sim_engine(a: SimArgs) -> ExitCode {
         block_size: a.block_size,
         num_blocks: a.num_blocks,
         max_prompt: a.max_prompt,
+        min_prompt: a.min_prompt,
         update_steps: a.update_steps,
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()

@@ -38,8 +38,10 @@ pub struct SimConfig {
     pub block_size: u32,
     /// KV blocks in the cache.
     pub num_blocks: u32,
-    /// Largest prompt, in tokens (prompts are 1..=this).
+    /// Largest prompt, in tokens (prompts are `min_prompt..=max_prompt`).
     pub max_prompt: u32,
+    /// Smallest prompt, in tokens (at least 1).
+    pub min_prompt: u32,
     /// Publish a status every this many steps (`LLUMNIX_INSTANCE_UPDATE_STEPS`).
     pub update_steps: u32,
     /// PUSH mode: publish every `update_steps` steps. PULL mode (`false`): only when asked.
@@ -225,6 +227,8 @@ pub struct SimEngine {
     incoming: Vec<Incoming>,
     /// Migrations committed in, so a late `MigrateInAbort` is refused (newest last, bounded).
     committed_in: VecDeque<u64>,
+    /// Requests that migrated in and are not verified yet.
+    arrived: Vec<String>,
     next_arrival: u64,
     /// Where mailboxes live (beside the control segment).
     segment: PathBuf,
@@ -253,6 +257,7 @@ impl SimEngine {
             suspended: Vec::new(),
             incoming: Vec::new(),
             committed_in: VecDeque::new(),
+            arrived: Vec::new(),
             next_arrival: 0,
             segment: PathBuf::new(),
             events: Vec::new(),
@@ -334,10 +339,45 @@ impl SimEngine {
 
     /// One step: admit a new request, schedule waiting ones that fit, decode one token for each
     /// running request (allocating a block when one fills), finish those at `max_tokens`.
+    /// Checks the requests that migrated in since the last step (KV bytes and tokens) and
+    /// reports each as an event.
+    fn verify_arrivals(&mut self) {
+        for id in std::mem::take(&mut self.arrived) {
+            let (r, waiting) = match self.running.iter().find(|r| r.id == id) {
+                Some(r) => (r.clone(), false),
+                None => match self.waiting.iter().find(|r| r.id == id) {
+                    Some(r) => (r.clone(), true),
+                    None => continue,
+                },
+            };
+            let r = &r;
+            let kv = if waiting {
+                "none"
+            } else if self.verify_kv(r).is_ok() {
+                "ok"
+            } else {
+                "BAD"
+            };
+            let tokens = if Self::verify_tokens(r).is_ok() {
+                "ok"
+            } else {
+                "BAD"
+            };
+            let line = format!(
+                "migrated-in {} output={} kv={kv} tokens={tokens}",
+                r.id, r.output
+            );
+            self.events.push(line);
+        }
+    }
+
     pub fn step(&mut self) {
+        self.verify_arrivals();
         self.step_id = self.step_id.wrapping_add(1);
         if self.admitted < self.cfg.requests {
-            let prompt = 1 + (self.rng.next_u64() % u64::from(self.cfg.max_prompt.max(1))) as u32;
+            let lo = self.cfg.min_prompt.clamp(1, self.cfg.max_prompt.max(1));
+            let span = u64::from(self.cfg.max_prompt.max(1) - lo) + 1;
+            let prompt = lo + (self.rng.next_u64() % span) as u32;
             self.waiting.push_back(SimRequest {
                 seed: request_seed(&format!("sim-{}-{}", self.cfg.seed, self.admitted)),
                 last_token: 0,
@@ -772,22 +812,10 @@ impl SimEngine {
             r.slot = Some(slot);
             r.published_blocks = r.blocks.len();
         }
-        let kv = if st.waiting {
-            "none"
-        } else if self.verify_kv(&r).is_ok() {
-            "ok"
-        } else {
-            "BAD"
-        };
-        let tokens = if Self::verify_tokens(&r).is_ok() {
-            "ok"
-        } else {
-            "BAD"
-        };
-        self.events.push(format!(
-            "migrated-in {} output={} kv={kv} tokens={tokens}",
-            r.id, r.output
-        ));
+        // Verified at the start of the next step, after the reply went out: the check reads
+        // every token's KV and must not count as migration downtime. Nothing has decoded yet
+        // then, so it sees exactly what arrived.
+        self.arrived.push(r.id.clone());
         if st.waiting {
             self.waiting.push_back(r);
         } else {
@@ -962,6 +990,7 @@ mod tests {
             block_size: 16,
             num_blocks: 20,
             max_prompt: 100,
+            min_prompt: 1,
             update_steps: 1,
             push: true,
             layers: 2,

@@ -51,7 +51,8 @@ fn run_case(c: &Case, seed: u64) {
         _ => {}
     }
     let faults = [("LLUMLET_TEST_FAULTS", c.fault)];
-    let (src_env, dst_env): (&[(&str, &str)], &[(&str, &str)]) = match c.who {
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let (src_env, dst_env): (Env, Env) = match c.who {
         Who::SrcLlumlet => (&faults, &[]),
         Who::DstLlumlet => (&[], &faults),
         _ => (&[], &[]),
