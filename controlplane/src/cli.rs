@@ -261,11 +261,30 @@ fn run() -> ExitCode {
             std::time::Duration::from_secs(1),
         );
         tracing::info!(port = transfer.port(), transport = ?config.transport, "migration transfer endpoint listening");
+        // Peers find this instance's transfer endpoint in the naming directory, if configured.
+        let naming_dir = config
+            .kv_transfer
+            .as_ref()
+            .and_then(|k| k.naming_dir())
+            .map(std::path::Path::to_path_buf);
+        if let Some(dir) = &naming_dir {
+            let ip = config.host_ip.to_string();
+            match crate::kv_transfer::naming::publish(dir, &config.instance_id, &ip, transfer.port()) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "published the transfer endpoint in the naming directory"),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot publish in the naming directory"),
+            }
+        }
         let migrator: Arc<dyn crate::migrate::Migrator> = if config.migration.enabled {
-            LiveMigrator::new(Arc::clone(&link), config.instance_id.clone(), config.transport)
+            LiveMigrator::with_naming_dir(
+                Arc::clone(&link),
+                config.instance_id.clone(),
+                config.transport,
+                naming_dir.clone(),
+            )
         } else {
             Arc::new(NoMigrator)
         };
+        let instance_id = config.instance_id.clone();
         let agent = match Agent::start(
             config,
             Arc::new(QueueEngine::new(Arc::clone(&link))),
@@ -285,6 +304,9 @@ fn run() -> ExitCode {
         let reason = signals.wait(&agent).await;
         tracing::info!(reason, "shutting down");
         agent.shutdown().await;
+        if let Some(dir) = &naming_dir {
+            crate::kv_transfer::naming::withdraw(dir, &instance_id);
+        }
         ExitCode::SUCCESS
     })
 }

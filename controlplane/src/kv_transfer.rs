@@ -4,7 +4,7 @@
 //! `kvt+migration`), the transfer port published as `kvt_port`, and the naming directory where
 //! instances publish how to reach their transfer endpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -108,9 +108,92 @@ impl KvTransferConfig {
     }
 }
 
+impl KvTransferConfig {
+    /// The naming directory (`naming_url` `file:<dir>` of HybridConnector).
+    pub fn naming_dir(&self) -> Option<&Path> {
+        match &self.connector {
+            Connector::Hybrid { naming_dir, .. } => Some(naming_dir),
+            Connector::Mooncake => None,
+        }
+    }
+}
+
+/// The naming directory's entry of one instance: how to reach its llumlet's transfer endpoint.
+/// `<dir>/llumlet-<instance id, escaped>.json` holding `{"instance_id", "ip", "kvt_port"}`;
+/// the connector's own files in that directory are left alone.
+pub mod naming {
+    use std::path::{Path, PathBuf};
+
+    /// Where instance `id`'s entry lives in `dir`.
+    pub fn path(dir: &Path, id: &str) -> PathBuf {
+        let mut name = String::from("llumlet-");
+        for b in id.bytes() {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                name.push(b as char);
+            } else {
+                name.push_str(&format!("%{b:02X}"));
+            }
+        }
+        name.push_str(".json");
+        dir.join(name)
+    }
+
+    /// Publishes (replaces atomically) instance `id`'s entry.
+    pub fn publish(dir: &Path, id: &str, ip: &str, port: u16) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let p = path(dir, id);
+        let body = serde_json::json!({"instance_id": id, "ip": ip, "kvt_port": port}).to_string();
+        let mut tmp = p.clone().into_os_string();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, &p)
+    }
+
+    /// Removes instance `id`'s entry.
+    pub fn withdraw(dir: &Path, id: &str) {
+        let _ = std::fs::remove_file(path(dir, id));
+    }
+
+    /// Instance `id`'s transfer endpoint, if it published a well-formed entry.
+    pub fn lookup(dir: &Path, id: &str) -> Option<(String, u16)> {
+        let text = std::fs::read_to_string(path(dir, id)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if v.get("instance_id")?.as_str()? != id {
+            return None;
+        }
+        let ip = v.get("ip")?.as_str()?.to_string();
+        let port = u16::try_from(v.get("kvt_port")?.as_u64()?).ok()?;
+        Some((ip, port))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn naming_entries_round_trip_and_bad_ones_are_ignored() {
+        let dir = std::env::temp_dir().join(format!("llumlet-naming-{}", std::process::id()));
+        let id = "inst/1 with space";
+        naming::publish(&dir, id, "10.0.0.7", 29876).unwrap();
+        assert_eq!(
+            naming::path(&dir, id).file_name().unwrap(),
+            "llumlet-inst%2F1%20with%20space.json"
+        );
+        assert_eq!(naming::lookup(&dir, id), Some(("10.0.0.7".into(), 29876)));
+        assert_eq!(naming::lookup(&dir, "other"), None);
+        std::fs::write(naming::path(&dir, "bad"), "{not json").unwrap();
+        assert_eq!(naming::lookup(&dir, "bad"), None);
+        std::fs::write(
+            naming::path(&dir, "port"),
+            r#"{"instance_id":"port","ip":"x","kvt_port":70000}"#,
+        )
+        .unwrap();
+        assert_eq!(naming::lookup(&dir, "port"), None);
+        naming::withdraw(&dir, id);
+        assert_eq!(naming::lookup(&dir, id), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn hybrid(backend: &str, role: &str) -> String {
         format!(

@@ -46,6 +46,8 @@ pub struct MigrationParams {
     pub num_tokens: i64,
     /// KV-cache ratio budget (RATIO).
     pub kv_cache_usage_ratio: f64,
+    /// The destination instance (`dst_engine_id`), looked up in the naming directory if any.
+    pub dst_engine_id: String,
 }
 
 impl MigrationParams {
@@ -70,6 +72,7 @@ impl MigrationParams {
             num_reqs: 1,
             num_tokens: 0,
             kv_cache_usage_ratio: 0.0,
+            dst_engine_id: r.dst_engine_id.clone(),
         };
         let empty = |field: &str| {
             invalid(format!(

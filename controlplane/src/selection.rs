@@ -159,6 +159,7 @@ mod tests {
             num_reqs: if t == MigrationType::NumReq { n } else { 1 },
             num_tokens: if t == MigrationType::Token { n } else { 0 },
             kv_cache_usage_ratio: ratio,
+            dst_engine_id: String::new(),
         }
     }
 

@@ -132,3 +132,45 @@ fn migrate_to_a_closed_port_fails_and_the_request_keeps_running_at_the_source() 
     // Every request still finishes at the source.
     check_exactly_once(&redis, &mut [&mut a], Duration::from_secs(30));
 }
+
+#[test]
+fn the_naming_directory_finds_the_destination_when_the_given_port_is_wrong() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = TempDir::new("naming");
+    let kvt = |port: u16| {
+        format!(
+            r#"{{"kv_connector": "HybridConnector", "kv_role": "kv_both", "kv_connector_extra_config":
+               {{"backend": "kvt+migration", "naming_url": "file:{}", "kvt_inst_id": "t", "rpc_port": "{port}"}}}}"#,
+            dir.0.display()
+        )
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let (ka, kb) = (kvt(pa), kvt(pb));
+    let mut a = Instance::start(
+        &redis,
+        "nm-a",
+        SimOpts::new(41, 3),
+        &[("LLUMLET_KV_TRANSFER_CONFIG", &ka)],
+    );
+    let mut b = Instance::start(
+        &redis,
+        "nm-b",
+        SimOpts::new(42, 1),
+        &[("LLUMLET_KV_TRANSFER_CONFIG", &kb)],
+    );
+    status(&redis, "nm-a", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
+    b.wait_attached(&redis);
+    let entry = std::fs::read_to_string(dir.0.join("llumlet-nm-b.json")).unwrap();
+    assert!(
+        entry.contains(&format!("\"kvt_port\":{}", b.transfer_port())),
+        "{entry}"
+    );
+    // The scheduler's port is wrong (nothing listens there); the directory is right.
+    let (ok, msg) = migrate(&rt, &a, "nm-b", i32::from(free_port()));
+    assert!(ok, "{msg}\n{}", a.logs());
+    assert_eq!(b.events("migrated-in ").len(), 1, "{}", b.logs());
+    check_exactly_once(&redis, &mut [&mut a, &mut b], Duration::from_secs(40));
+}

@@ -893,6 +893,7 @@ pub struct LiveMigrator {
     choice: TransportChoice,
     tuning: SourceTuning,
     active: Mutex<HashSet<u32>>,
+    naming_dir: Option<std::path::PathBuf>,
 }
 
 impl LiveMigrator {
@@ -908,7 +909,22 @@ impl LiveMigrator {
             choice,
             tuning: SourceTuning::default(),
             active: Mutex::new(HashSet::new()),
+            naming_dir: None,
         })
+    }
+
+    /// A migrator that finds destinations in a kv-transfer-config naming directory first
+    /// (falling back to the scheduler's `dst_engine_ip:dst_engine_port`).
+    pub fn with_naming_dir(
+        link: Arc<EngineLink>,
+        instance_id: String,
+        choice: TransportChoice,
+        naming_dir: Option<std::path::PathBuf>,
+    ) -> Arc<LiveMigrator> {
+        let mut m = Arc::into_inner(LiveMigrator::new(link, instance_id, choice))
+            .expect("a fresh Arc has one owner");
+        m.naming_dir = naming_dir;
+        Arc::new(m)
     }
 
     fn candidates(
@@ -983,6 +999,17 @@ impl crate::migrate::Migrator for LiveMigrator {
             for s in slots {
                 active.remove(s);
             }
+        };
+        let named = self
+            .naming_dir
+            .as_deref()
+            .and_then(|d| crate::kv_transfer::naming::lookup(d, &params.dst_engine_id));
+        let (dst_ip, dst_port) = match &named {
+            Some((ip, port)) => {
+                tracing::debug!(dst = %params.dst_engine_id, ip, port, "destination found in the naming directory");
+                (ip.as_str(), i32::from(*port))
+            }
+            None => (dst_ip, dst_port),
         };
         let dst = match resolve_addr(dst_ip, dst_port) {
             Ok(a) => a,
