@@ -31,8 +31,8 @@ use llumlet_dataplane::runs::{coalesce, BlockRun};
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_dataplane::sim::{SimConfig, SplitMix64};
 use llumlet_dataplane::transport::{
-    read_frame, write_frame, DataSink, Reserved, ShmTransport, TcpTransport, Transport,
-    FRAME_CONTROL, FRAME_DATA,
+    read_frame, receive_frame, write_frame, DataSink, Frame, Reserved, ShmTransport, TcpTransport,
+    Transport, FRAME_CONTROL,
 };
 
 fn bench_coalesce(c: &mut Criterion) {
@@ -115,11 +115,11 @@ fn tcp_sink(dst: Vec<MappedRegion>, reserved: &[u32]) -> TcpStream {
         let _ = s.set_nodelay(true);
         let mut buf = Vec::new();
         loop {
-            match read_frame(&mut s, &mut buf) {
-                Ok(FRAME_DATA) => {
-                    sink.apply(&buf).unwrap();
+            match receive_frame(&mut s, &mut buf, &sink) {
+                Ok(Frame::Data(r)) => {
+                    r.unwrap();
                 }
-                Ok(_) => write_frame(&mut s, FRAME_CONTROL, b"ok").unwrap(),
+                Ok(Frame::Control) => write_frame(&mut s, FRAME_CONTROL, b"ok").unwrap(),
                 Err(_) => return,
             }
         }

@@ -321,6 +321,81 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, TransportE
     Ok(head[4])
 }
 
+/// What [`receive_frame`] read.
+#[derive(Debug)]
+pub enum Frame {
+    /// A control frame; its payload is in the buffer.
+    Control,
+    /// A data frame, written into the reserved blocks (bytes), or refused before anything was
+    /// written (its bytes were read and dropped, so the stream stays framed).
+    Data(Result<u64, TransportError>),
+}
+
+fn eof_is_closed(e: std::io::Error) -> TransportError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        TransportError::Closed
+    } else {
+        e.into()
+    }
+}
+
+/// Reads one frame at the destination: a control frame into `buf`; a data frame's header is
+/// checked against `sink`'s reservation and regions first, then its bytes are read from the
+/// socket straight into the KV cache (no intermediate copy).
+pub fn receive_frame(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    sink: &DataSink,
+) -> Result<Frame, TransportError> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).map_err(eof_is_closed)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(TransportError::Malformed(format!(
+            "frame of {len} bytes (at most {MAX_FRAME})"
+        )));
+    }
+    match head[4] {
+        FRAME_CONTROL => {
+            buf.clear();
+            buf.resize(len, 0);
+            r.read_exact(buf).map_err(eof_is_closed)?;
+            Ok(Frame::Control)
+        }
+        FRAME_DATA => {
+            let mut dh = [0u8; DATA_HEADER];
+            if len < DATA_HEADER {
+                buf.clear();
+                buf.resize(len, 0);
+                r.read_exact(buf).map_err(eof_is_closed)?;
+                return Ok(Frame::Data(Err(TransportError::Malformed(
+                    "data frame shorter than its header".into(),
+                ))));
+            }
+            r.read_exact(&mut dh).map_err(eof_is_closed)?;
+            let body = len - DATA_HEADER;
+            match sink.target(&dh, body) {
+                Ok(dp) => {
+                    // SAFETY: `target` checked that `body` bytes from `dp` are reserved blocks
+                    // inside the mapping (bounds checked against the region, which `map` checked
+                    // against the file). The engine does not touch reserved blocks before the
+                    // commit and this thread is their only writer, so the slice is not aliased.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(dp, body) };
+                    r.read_exact(dst).map_err(eof_is_closed)?;
+                    Ok(Frame::Data(Ok(body as u64)))
+                }
+                Err(e) => {
+                    buf.clear();
+                    buf.resize(body, 0);
+                    r.read_exact(buf).map_err(eof_is_closed)?;
+                    Ok(Frame::Data(Err(e)))
+                }
+            }
+        }
+        kind => Err(TransportError::Malformed(format!("frame kind {kind}"))),
+    }
+}
+
 /// The destination's end of `tcp`: applies data frames to its regions within the reservation.
 pub struct DataSink {
     regions: Vec<MappedRegion>,
@@ -343,10 +418,11 @@ impl DataSink {
         &self.regions
     }
 
-    /// Checks and applies one data frame's payload; returns the bytes written.
-    pub fn apply(&self, payload: &[u8]) -> Result<u64, TransportError> {
+    /// Checks a data frame's header against the reservation and the regions, for a body of
+    /// `body` bytes; returns where the body goes.
+    fn target(&self, header: &[u8], body: usize) -> Result<*mut u8, TransportError> {
         let word = |i: usize| {
-            payload
+            header
                 .get(4 * i..4 * i + 4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .ok_or_else(|| {
@@ -363,20 +439,29 @@ impl DataSink {
         {
             return Err(bad);
         }
-        let bytes = &payload[DATA_HEADER..];
         let expect = u64::from(len) * d.region().block_size_bytes;
-        if bytes.len() as u64 != expect {
+        if body as u64 != expect {
             return Err(TransportError::Malformed(format!(
-                "data frame for {len} blocks carries {} bytes, not {expect}",
-                bytes.len()
+                "data frame for {len} blocks carries {body} bytes, not {expect}"
             )));
         }
-        let dp = d.block_ptr(u64::from(dst)).ok_or(bad)?;
-        // SAFETY: blocks dst..dst+len lie inside the mapping (checked above against num_blocks,
-        // which `map` checked against the file); `bytes` is our buffer, not shared memory. The
-        // engine does not touch reserved blocks before the commit.
+        d.block_ptr(u64::from(dst)).ok_or(bad)
+    }
+
+    /// Checks and applies one data frame's payload (header and bytes); returns the bytes
+    /// written. [`receive_frame`] does the same straight from a socket.
+    pub fn apply(&self, payload: &[u8]) -> Result<u64, TransportError> {
+        let header = payload.get(..DATA_HEADER).ok_or_else(|| {
+            TransportError::Malformed("data frame shorter than its header".into())
+        })?;
+        let bytes = &payload[DATA_HEADER..];
+        let dp = self.target(header, bytes.len())?;
+        // SAFETY: `target` checked that `bytes.len()` bytes from `dp` are reserved blocks inside
+        // the mapping (bounds checked against the region, which `map` checked against the file);
+        // `bytes` is our buffer, not shared memory. The engine does not touch reserved blocks
+        // before the commit.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dp, bytes.len()) };
-        Ok(expect)
+        Ok(bytes.len() as u64)
     }
 }
 

@@ -8,8 +8,8 @@ use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::runs::{blocks, coalesce, BlockRun};
 use llumlet_dataplane::sim::SplitMix64;
 use llumlet_dataplane::transport::{
-    read_frame, write_frame, DataSink, Reserved, ShmTransport, TcpTransport, Transport,
-    TransportError, FRAME_CONTROL, FRAME_DATA,
+    read_frame, receive_frame, write_frame, DataSink, Frame, Reserved, ShmTransport, TcpTransport,
+    Transport, TransportError, FRAME_CONTROL,
 };
 
 const LAYERS: u32 = 3;
@@ -87,13 +87,13 @@ fn copy(
                 let mut buf = Vec::new();
                 let mut err = None;
                 loop {
-                    match read_frame(&mut s, &mut buf) {
-                        Ok(FRAME_DATA) => {
-                            if let Err(e) = sink.apply(&buf) {
+                    match receive_frame(&mut s, &mut buf, &sink) {
+                        Ok(Frame::Data(r)) => {
+                            if let Err(e) = r {
                                 err.get_or_insert(e.to_string());
                             }
                         }
-                        Ok(_) => {
+                        Ok(Frame::Control) => {
                             let answer = err.take().unwrap_or_else(|| "ok".into());
                             write_frame(&mut s, FRAME_CONTROL, answer.as_bytes()).unwrap();
                             return;

@@ -16,8 +16,8 @@ use llumlet_dataplane::mailbox::{self, Mail};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
 use llumlet_dataplane::segment::ControlSegment;
 use llumlet_dataplane::transport::{
-    check_layouts, layout, read_frame, write_frame, DataSink, Reserved as ReservedSet,
-    ShmTransport, TcpTransport, Transport, FRAME_CONTROL, FRAME_DATA,
+    check_layouts, layout, read_frame, receive_frame, write_frame, DataSink, Frame,
+    Reserved as ReservedSet, ShmTransport, TcpTransport, Transport, FRAME_CONTROL,
 };
 use llumlet_proto::migration::{
     envelope::Msg, resolution::Outcome as Res, Begin, Envelope, Region, Resolution, Resolve,
@@ -711,12 +711,11 @@ impl TransferServer {
                     break;
                 }
                 // Wait for the source.
-                let ev = match read_frame(&mut stream, &mut buf) {
-                    Ok(FRAME_DATA) => match sink.apply(&buf) {
-                        Ok(_) => continue,
-                        Err(e) => DstEvent::SinkError(e.to_string()),
-                    },
-                    Ok(_) => match Envelope::decode(&buf[..]).ok().and_then(|e| e.msg) {
+                let ev = match receive_frame(&mut stream, &mut buf, &sink) {
+                    Ok(Frame::Data(Ok(_))) => continue,
+                    Ok(Frame::Data(Err(e))) => DstEvent::SinkError(e.to_string()),
+                    Ok(Frame::Control) => match Envelope::decode(&buf[..]).ok().and_then(|e| e.msg)
+                    {
                         Some(Msg::Commit(c)) if self.get(&key) == Some(Known::Fenced) => {
                             queue.extend(machine.on(DstEvent::Fenced));
                             DstEvent::Peer(Msg::Commit(c))
