@@ -130,8 +130,28 @@ pub fn run_source(
             transport: "none",
         };
     };
-    let regions = host_regions(&seg).unwrap_or_default();
-    let src_maps = map_all(&regions).unwrap_or_default();
+    // Nothing is asked of the engine or the destination before the KV cache is known to be
+    // readable here.
+    let mapped = host_regions(&seg)
+        .and_then(|r| {
+            if r.is_empty() {
+                Err("the engine registered no host KV regions (GPU regions move with the cuda transport, not available yet)".to_string())
+            } else {
+                Ok(r)
+            }
+        })
+        .and_then(|r| map_all(&r).map(|m| (r, m)));
+    let (regions, src_maps) = match mapped {
+        Ok(x) => x,
+        Err(e) => {
+            return SourceReport {
+                outcome: Outcome::Aborted(format!("cannot map this engine's KV cache: {e}")),
+                stages: 0,
+                downtime: None,
+                transport: "none",
+            }
+        }
+    };
     let block_tokens = regions.first().map_or(16, |r| {
         (r.block_size_bytes / r.token_size_bytes.max(1)) as u32
     });
