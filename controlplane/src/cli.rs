@@ -275,7 +275,7 @@ fn run() -> ExitCode {
             }
         }
         let migrator: Arc<dyn crate::migrate::Migrator> = if config.migration.enabled {
-            LiveMigrator::with_naming_dir(
+            LiveMigrator::new(
                 Arc::clone(&link),
                 config.instance_id.clone(),
                 config.transport,

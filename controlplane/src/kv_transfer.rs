@@ -143,10 +143,8 @@ pub mod naming {
         std::fs::create_dir_all(dir)?;
         let p = path(dir, id);
         let body = serde_json::json!({"instance_id": id, "ip": ip, "kvt_port": port}).to_string();
-        let mut tmp = p.clone().into_os_string();
-        tmp.push(format!(".tmp{}", std::process::id()));
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, &p)
+        // Readable by the other instances' llumlets, which may run as other users.
+        llumlet_dataplane::mailbox::write_atomic(&p, body.as_bytes(), 0o644)
     }
 
     /// Removes instance `id`'s entry.

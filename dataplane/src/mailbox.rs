@@ -65,6 +65,25 @@ pub fn path(segment: &Path, id: u64) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Writes `bytes` to `path` all or nothing: a temporary file beside it (named after this
+/// process, so concurrent writers do not meet), then a rename. Every record file of a migration
+/// (mailboxes, journals, naming entries) is written this way.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
 impl Mail {
     /// The record's bytes.
     pub fn encode(&self) -> Result<Vec<u8>, MailError> {
@@ -124,27 +143,14 @@ impl Mail {
         })
     }
 
-    /// Writes the record to `path` (temporary file, then rename; mode 0600).
+    /// Writes the record to `path` ([`write_atomic`], mode 0600).
     pub fn write(&self, path: &Path) -> Result<(), MailError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let bytes = self.encode()?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let io = |op| {
-            let path = path.to_path_buf();
-            move |source| MailError::Io { op, path, source }
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create"))?;
-        f.write_all(&bytes).map_err(io("write"))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io("rename"))
+        write_atomic(path, &bytes, 0o600).map_err(|source| MailError::Io {
+            op: "write",
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Reads the record at `path`.

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
+use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_proto::cms::{InstanceMetadata, InstanceStatus};
 use llumlet_proto::llumlet::migrate_request::MigrationValue;
 use llumlet_proto::llumlet::MigrateRequest;
@@ -127,6 +129,20 @@ impl Instance {
     /// Whether the running llumlet was started with `LLUMLET_TEST_FAULTS`.
     pub fn env_has_faults(&self) -> bool {
         self.env.contains_key("LLUMLET_TEST_FAULTS")
+    }
+
+    /// The ids of the requests in state `state` in the engine's request table.
+    pub fn ids_in_state(&self, state: RequestState) -> Vec<String> {
+        let path = std::path::Path::new("/dev/shm").join(&self.env["LLUMLET_ENGINE_SHM"]);
+        let Ok(Attach::Ready(seg)) = ControlSegment::attach(&path) else {
+            return Vec::new();
+        };
+        let mut blocks = Vec::new();
+        (0..MAX_REQUESTS as u32)
+            .filter_map(|s| read_request(seg.requests(), s, &mut blocks).ok().flatten())
+            .filter(|r| r.state() == Some(state))
+            .filter_map(|r| r.id.as_str().map(str::to_string))
+            .collect()
     }
 
     /// Waits until the llumlet reports its engine's status (attached to the engine).
@@ -292,7 +308,7 @@ pub fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool, logs: im
 }
 
 /// The invariants after a run in which every instance admitted `opts.requests` requests and
-/// any migrations happened: every request finishes exactly once, at the instance where it went
+/// any migrations happened: every request finishes (or is aborted) exactly once, at the instance where it went
 /// last, with the token stream of an unmigrated run; every arrival carried identical KV bytes;
 /// once the engines stop, every block is free and no request is held (no leaked reservation,
 /// nothing left suspended). Waits up to `within` for the requests to finish.
@@ -301,7 +317,11 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
     let logs = |is: &[&mut Instance]| is.iter().map(|i| i.logs()).collect::<String>();
     let deadline = Instant::now() + within;
     loop {
-        let finished: usize = instances.iter().map(|i| i.events("finished ").len()).sum();
+        // A request ends by finishing or by being aborted (gRPC `Abort`).
+        let finished: usize = instances
+            .iter()
+            .map(|i| i.events("finished ").len() + i.events("aborted ").len())
+            .sum();
         if finished as u32 >= total {
             break;
         }
@@ -315,10 +335,9 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
     let mut seen = HashMap::new();
     for i in instances.iter() {
         let out = i.engine.stdout();
-        for l in out
-            .lines()
-            .filter(|l| l.starts_with("sim-engine: finished "))
-        {
+        for l in out.lines().filter(|l| {
+            l.starts_with("sim-engine: finished ") || l.starts_with("sim-engine: aborted ")
+        }) {
             let id = l.split_whitespace().nth(2).unwrap().to_string();
             assert!(
                 !l.contains("migrated_in=true") || l.contains("tokens=ok"),
@@ -326,11 +345,7 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
                 logs(instances)
             );
             if let Some(other) = seen.insert(id.clone(), i.id.clone()) {
-                panic!(
-                    "{id} finished at {other} and at {}\n{}",
-                    i.id,
-                    logs(instances)
-                );
+                panic!("{id} ended at {other} and at {}\n{}", i.id, logs(instances));
             }
         }
         for l in out

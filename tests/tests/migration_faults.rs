@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use llumlet_dataplane::request_table::RequestState;
 use llumlet_tests::mig::*;
 use llumlet_tests::*;
 
@@ -406,4 +407,120 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
     }
     let [a, b] = &mut inst;
     check_exactly_once(&redis, &mut [a, b], Duration::from_secs(120));
+}
+
+fn abort(
+    rt: &tokio::runtime::Runtime,
+    at: &Instance,
+    ids: &[String],
+    migrating_in: bool,
+) -> String {
+    use llumlet_proto::llumlet::{AbortMigrateInRequest, AbortRequests};
+    rt.block_on(async {
+        let mut c = grpc_client(at.rpc, Duration::from_secs(10)).await;
+        let r = if migrating_in {
+            c.abort_migrate_in(AbortMigrateInRequest {
+                request_ids: ids.to_vec(),
+                ..Default::default()
+            })
+            .await
+        } else {
+            c.abort(AbortRequests {
+                request_ids: ids.to_vec(),
+            })
+            .await
+        };
+        match r {
+            Ok(r) => r.into_inner().message,
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        }
+    })
+}
+
+#[test]
+fn abort_reaches_the_engine_for_its_own_and_for_migrated_in_requests() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "ab-src", SimOpts::new(51, 3), &[]);
+    let mut dst = Instance::start(&redis, "ab-dst", SimOpts::new(52, 0), &[]);
+    status(&redis, "ab-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
+    dst.wait_attached(&redis);
+    // One of the source's own requests.
+    let own = src
+        .ids_in_state(RequestState::Running)
+        .pop()
+        .expect("a running request");
+    let msg = abort(&rt, &src, &[own.clone(), "nobody".into()], false);
+    assert_eq!(msg, format!("Requests ['{own}', 'nobody'] aborted."));
+    until(
+        Duration::from_secs(5),
+        "the engine to abort it",
+        || src.events("aborted ").contains(&own),
+        || src.logs(),
+    );
+    // A request that migrated in.
+    let (ok, m) = migrate(&rt, &src, "ab-dst", dst.transfer_port());
+    assert!(ok, "{m}");
+    let moved = dst.events("migrated-in ").pop().unwrap();
+    abort(&rt, &dst, &[moved.clone()], false);
+    until(
+        Duration::from_secs(5),
+        "the destination to abort it",
+        || dst.events("aborted ").contains(&moved),
+        || dst.logs(),
+    );
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
+}
+
+#[test]
+fn abort_migrate_in_drops_the_reservation_and_the_source_keeps_the_request() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "ami-src", SimOpts::new(53, 3), &[]);
+    // The destination stalls before its engine commits: the request sits there migrating in.
+    let mut dst = Instance::start(
+        &redis,
+        "ami-dst",
+        SimOpts::new(54, 0),
+        &[("LLUMLET_TEST_FAULTS", "dst-before-commit=hang")],
+    );
+    status(&redis, "ami-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
+    dst.wait_attached(&redis);
+    let port = dst.transfer_port();
+    let src_ref = &src;
+    std::thread::scope(|sc| {
+        let call = sc.spawn(|| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            migrate(&rt, src_ref, "ami-dst", port)
+        });
+        let mut incoming = Vec::new();
+        until(
+            Duration::from_secs(10),
+            "a request migrating in",
+            || {
+                incoming = dst.ids_in_state(RequestState::MigratingIn);
+                !incoming.is_empty()
+            },
+            || dst.logs(),
+        );
+        let msg = abort(&rt, &dst, &incoming, true);
+        assert!(
+            msg.starts_with("AbortMigrateIn request processed successfully."),
+            "{msg}"
+        );
+        until(
+            Duration::from_secs(5),
+            "the reservation to go",
+            || dst.events("aborted-in ").contains(&incoming[0]),
+            || dst.logs(),
+        );
+        let (ok, m) = call.join().unwrap();
+        assert!(!ok, "the commit was refused, so nothing moved: {m}");
+    });
+    assert!(dst.events("migrated-in ").is_empty(), "{}", dst.logs());
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
 }

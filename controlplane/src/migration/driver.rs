@@ -227,12 +227,12 @@ pub fn run_source(
                     },
                 };
                 let ok = matches!(calls.call(cmd), Ok((true, _)));
-                if ok {
-                    let point = match op {
-                        SrcEngineOp::Begin => "src-after-begin",
-                        SrcEngineOp::Suspend => "src-after-suspend",
-                        _ => "",
-                    };
+                let point = match op {
+                    SrcEngineOp::Begin => Some("src-after-begin"),
+                    SrcEngineOp::Suspend => Some("src-after-suspend"),
+                    _ => None,
+                };
+                if let Some(point) = point.filter(|_| ok) {
                     if fault::at(point) == Some(fault::Action::Cut) {
                         cut(&stream);
                     }
@@ -576,20 +576,20 @@ impl TransferServer {
         // The resolver does not know the source's instance id: look the migration up by id.
         let deadline = Instant::now() + STEP_TIMEOUT * 2;
         let mut m = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let outcome = loop {
+        let remembered = loop {
             let entry = m.iter_mut().find(|((_, id), _)| *id == r.migration_id);
             match entry {
                 Some((_, k @ (Known::Open | Known::Fenced))) => {
                     // Fence: this migration can never commit now.
                     *k = Known::Fenced;
-                    break Res::Aborted;
+                    break Some(Res::Aborted);
                 }
-                Some((_, Known::Committed)) => break Res::Committed,
-                Some((_, Known::Aborted)) => break Res::Aborted,
+                Some((_, Known::Committed)) => break Some(Res::Committed),
+                Some((_, Known::Aborted)) => break Some(Res::Aborted),
                 Some((_, Known::Committing)) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        break Res::Unknown;
+                        break Some(Res::Unknown);
                     }
                     m = self
                         .changed
@@ -597,23 +597,14 @@ impl TransferServer {
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
-                None => {
-                    // Not in memory (this llumlet restarted): the durable record decides.
-                    drop(m);
-                    let outcome = self.resolve_from_record(r.migration_id);
-                    tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome, "resolved a migration for its source from the record");
-                    let _ = send(
-                        stream,
-                        Msg::Resolution(Resolution {
-                            outcome: outcome as i32,
-                        }),
-                    );
-                    return;
-                }
+                None => break None,
             }
         };
         drop(m);
-        tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome, "resolved a migration for its source");
+        // Not in memory (this llumlet restarted): the durable record decides.
+        let outcome = remembered.unwrap_or_else(|| self.resolve_from_record(r.migration_id));
+        tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome,
+            from_record = remembered.is_none(), "resolved a migration for its source");
         let _ = send(
             stream,
             Msg::Resolution(Resolution {
@@ -916,11 +907,14 @@ pub struct LiveMigrator {
 }
 
 impl LiveMigrator {
-    /// A migrator for the engine behind `link`.
+    /// A migrator for the engine behind `link`. With a kv-transfer-config naming directory,
+    /// destinations are looked up there first (the scheduler's `dst_engine_ip:dst_engine_port`
+    /// is the fallback).
     pub fn new(
         link: Arc<EngineLink>,
         instance_id: String,
         choice: TransportChoice,
+        naming_dir: Option<std::path::PathBuf>,
     ) -> Arc<LiveMigrator> {
         Arc::new(LiveMigrator {
             link,
@@ -928,22 +922,8 @@ impl LiveMigrator {
             choice,
             tuning: SourceTuning::default(),
             active: Mutex::new(HashSet::new()),
-            naming_dir: None,
+            naming_dir,
         })
-    }
-
-    /// A migrator that finds destinations in a kv-transfer-config naming directory first
-    /// (falling back to the scheduler's `dst_engine_ip:dst_engine_port`).
-    pub fn with_naming_dir(
-        link: Arc<EngineLink>,
-        instance_id: String,
-        choice: TransportChoice,
-        naming_dir: Option<std::path::PathBuf>,
-    ) -> Arc<LiveMigrator> {
-        let mut m = Arc::into_inner(LiveMigrator::new(link, instance_id, choice))
-            .expect("a fresh Arc has one owner");
-        m.naming_dir = naming_dir;
-        Arc::new(m)
     }
 
     fn candidates(

@@ -22,7 +22,11 @@ use std::time::Duration;
 use llumlet_dataplane::command::Command;
 use llumlet_dataplane::mailbox;
 
+use llumlet_proto::migration::envelope::Msg;
+use llumlet_proto::migration::resolution::Outcome as Res;
+
 use super::link::{Calls, EngineLink};
+use super::machine::SrcEvent;
 
 /// Where a migration out stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +74,7 @@ pub fn path(segment: &Path, id: u64) -> PathBuf {
 }
 
 impl Entry {
-    /// Writes the entry atomically (temporary file, then rename).
+    /// Writes the entry ([`mailbox::write_atomic`]).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let text = format!(
             "{}\n{}\n{}\n{}\n{}\n{}\n",
@@ -81,10 +85,7 @@ impl Entry {
             self.owner,
             self.request_id
         );
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        mailbox::write_atomic(path, text.as_bytes(), 0o600)
     }
 
     /// Reads an entry; a malformed file is an error naming what is wrong.
@@ -138,20 +139,15 @@ pub fn in_path(segment: &Path, local: u64) -> PathBuf {
 }
 
 impl InEntry {
-    /// Writes the record atomically.
+    /// Writes the record ([`mailbox::write_atomic`]).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let phase = if self.committed {
             "committed"
         } else {
             "committing"
         };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(
-            &tmp,
-            format!("{phase}\n{}\n{}\n", self.migration, self.local),
-        )?;
-        std::fs::rename(&tmp, path)
+        let text = format!("{phase}\n{}\n{}\n", self.migration, self.local);
+        mailbox::write_atomic(path, text.as_bytes(), 0o600)
     }
 
     /// Reads a record.
@@ -226,19 +222,13 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
     let verdict = match e.phase {
         Phase::Open => false,
         Phase::Committing | Phase::InDoubt => {
-            match super::driver::resolve(e.dst, e.migration, &e.request_id) {
-                super::machine::SrcEvent::Peer(
-                    llumlet_proto::migration::envelope::Msg::Resolution(r),
-                ) if r.outcome
-                    == llumlet_proto::migration::resolution::Outcome::Committed as i32 =>
-                {
-                    true
-                }
-                super::machine::SrcEvent::Peer(
-                    llumlet_proto::migration::envelope::Msg::Resolution(r),
-                ) if r.outcome == llumlet_proto::migration::resolution::Outcome::Aborted as i32 => {
-                    false
-                }
+            let answer = match super::driver::resolve(e.dst, e.migration, &e.request_id) {
+                SrcEvent::Peer(Msg::Resolution(r)) => Res::try_from(r.outcome).ok(),
+                _ => None,
+            };
+            match answer {
+                Some(Res::Committed) => true,
+                Some(Res::Aborted) => false,
                 other => {
                     tracing::warn!(migration = e.migration, request = %e.request_id, answer = ?other,
                         "cannot resolve a journaled migration yet; will retry");
