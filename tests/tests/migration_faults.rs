@@ -464,7 +464,7 @@ fn abort_reaches_the_engine_for_its_own_and_for_migrated_in_requests() {
     let (ok, m) = migrate(&rt, &src, "ab-dst", dst.transfer_port());
     assert!(ok, "{m}");
     let moved = dst.events("migrated-in ").pop().unwrap();
-    abort(&rt, &dst, &[moved.clone()], false);
+    abort(&rt, &dst, std::slice::from_ref(&moved), false);
     until(
         Duration::from_secs(5),
         "the destination to abort it",
