@@ -220,6 +220,7 @@ fn decode(index: usize, e: &[AtomicU64; ENTRY_WORDS]) -> Result<KvRegion, KvErro
 pub struct MappedRegion {
     map: MmapRaw,
     region: KvRegion,
+    file: (u64, u64),
 }
 
 impl MappedRegion {
@@ -242,7 +243,8 @@ impl MappedRegion {
             .write(true)
             .open(&path)
             .map_err(io("open", &path))?;
-        let size = file.metadata().map_err(io("stat", &path))?.len();
+        let meta = file.metadata().map_err(io("stat", &path))?;
+        let size = meta.len();
         let len = region.len().unwrap_or(u64::MAX);
         let end = region.offset.saturating_add(len);
         if end > size {
@@ -259,10 +261,18 @@ impl MappedRegion {
             .len(end as usize)
             .map_raw(&file)
             .map_err(io("map", &path))?;
+        use std::os::unix::fs::MetadataExt;
         Ok(MappedRegion {
             map,
             region: region.clone(),
+            file: (meta.dev(), meta.ino()),
         })
+    }
+
+    /// The mapped file's (device, inode): a restarted engine's new segment of the same name is
+    /// a different file.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.file
     }
 
     /// The region.

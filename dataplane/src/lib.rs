@@ -28,3 +28,5 @@ pub mod sim;
 pub mod status_ring;
 mod sync;
 pub mod transport;
+#[cfg(feature = "ucx")]
+pub mod ucx;

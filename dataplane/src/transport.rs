@@ -60,6 +60,9 @@ pub enum TransportError {
     /// A frame that is not one.
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// The transport's library failed (UCX, CUDA).
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// The blocks a destination reserved for one migration (the only blocks a run may write).
@@ -111,7 +114,7 @@ pub fn check_layouts(src: &[(u64, u64)], dst: &[(u64, u64)]) -> Result<(), Trans
     Ok(())
 }
 
-fn check_src(src: &MappedRegion, r: &BlockRun) -> Result<(), TransportError> {
+pub(crate) fn check_src(src: &MappedRegion, r: &BlockRun) -> Result<(), TransportError> {
     let end = u64::from(r.src) + u64::from(r.len);
     if r.len == 0 || end > src.region().num_blocks {
         return Err(TransportError::OutOfSource {

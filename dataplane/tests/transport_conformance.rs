@@ -60,6 +60,75 @@ impl Cache {
 enum Kind {
     Shm,
     Tcp,
+    /// UCX with `UCX_TLS` set to this.
+    #[cfg(feature = "ucx")]
+    #[allow(dead_code)]
+    Ucx(&'static str),
+}
+
+impl Kind {
+    fn seed(self) -> u64 {
+        match self {
+            Kind::Shm => 0,
+            Kind::Tcp => 1,
+            #[cfg(feature = "ucx")]
+            Kind::Ucx(tls) => 2 + tls.len() as u64,
+        }
+    }
+}
+
+/// Copies over UCX the way a migration does: the destination registers its regions and
+/// progresses a worker; the source connects to its address, unpacks its keys and puts.
+#[cfg(feature = "ucx")]
+fn ucx_copy(
+    tls: &str,
+    src: &Cache,
+    dst: &Cache,
+    reserved: &[u32],
+    runs: &[BlockRun],
+) -> Result<u64, String> {
+    use llumlet_dataplane::ucx::{
+        Connection, Context, Registry, RemoteRegion, Target, UcxTransport,
+    };
+    let ctx = Context::with(&[("TLS", tls)]).unwrap();
+    let dst_reg = Registry::new(ctx.clone());
+    let src_reg = Registry::new(ctx.clone());
+    let target = Target::start(&ctx).unwrap();
+    let remote: Vec<RemoteRegion> = dst
+        .cache
+        .regions()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let g = dst_reg.get(r).unwrap();
+            RemoteRegion {
+                address: g.address(),
+                num_blocks: r.num_blocks,
+                block_size_bytes: r.block_size_bytes,
+                rkey: g.rkey().to_vec(),
+            }
+        })
+        .collect();
+    // Registered once per region: asking again gives the same registration.
+    let again = dst_reg.get(&dst.cache.regions().unwrap()[0]).unwrap();
+    assert_eq!(again.address(), remote[0].address);
+    assert_eq!(dst_reg.len(), LAYERS as usize);
+    let srcs = src
+        .cache
+        .regions()
+        .unwrap()
+        .iter()
+        .map(|r| src_reg.get(r).unwrap())
+        .collect();
+    let conn = Connection::connect(&ctx, target.address(), &remote).map_err(|e| e.to_string())?;
+    let mut t = UcxTransport::new(
+        conn,
+        srcs,
+        Reserved::new(reserved),
+        std::time::Duration::from_secs(20),
+    );
+    assert_eq!(t.name(), "ucx");
+    t.copy(&src.maps(), runs).map_err(|e| e.to_string())
 }
 
 /// Copies `runs` from `src` to `dst` within `reserved` over `kind`, the way a migration does:
@@ -73,6 +142,8 @@ fn copy(
 ) -> Result<u64, String> {
     let src_maps = src.maps();
     match kind {
+        #[cfg(feature = "ucx")]
+        Kind::Ucx(tls) => ucx_copy(tls, src, dst, reserved, runs),
         Kind::Shm => {
             let mut t = ShmTransport::new(dst.maps(), Reserved::new(reserved));
             assert_eq!(t.name(), "shm");
@@ -120,7 +191,7 @@ fn copy(
 }
 
 fn conformance(kind: Kind) {
-    let mut rng = SplitMix64(kind as u64 + 11);
+    let mut rng = SplitMix64(kind.seed() + 11);
     for round in 0..20 {
         let mut src = Cache::new("src");
         let mut dst = Cache::new("dst");
@@ -225,6 +296,22 @@ fn shm_conforms() {
 fn tcp_conforms() {
     conformance(Kind::Tcp);
     refuses_runs_outside_the_reservation(Kind::Tcp);
+}
+
+/// UCX over its TCP transport (software RMA: the destination's worker thread applies the puts).
+#[cfg(feature = "ucx")]
+#[test]
+fn ucx_over_tcp_conforms() {
+    conformance(Kind::Ucx("tcp"));
+    refuses_runs_outside_the_reservation(Kind::Ucx("tcp"));
+}
+
+/// UCX over shared memory and cross-memory attach (one-sided puts on this host).
+#[cfg(feature = "ucx")]
+#[test]
+fn ucx_over_shared_memory_conforms() {
+    conformance(Kind::Ucx("posix,cma"));
+    refuses_runs_outside_the_reservation(Kind::Ucx("posix,cma"));
 }
 
 #[test]

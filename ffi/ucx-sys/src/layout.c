@@ -57,6 +57,8 @@ static const uint64_t table[] = {
     (uint64_t)(int64_t)UCS_ERR_BUSY,
     UCP_OP_ATTR_FIELD_CALLBACK,
     UCP_OP_ATTR_FIELD_USER_DATA,
+    UCP_ERR_HANDLING_MODE_NONE,
+    (uint64_t)(int64_t)UCS_ERR_UNREACHABLE,
 };
 
 uint64_t ucx_sys_layout(uint32_t i) { return i < sizeof(table) / sizeof(table[0]) ? table[i] : UINT64_MAX; }

@@ -163,6 +163,7 @@ pub const UCS_THREAD_MODE_SINGLE: c_uint = 0;
 pub const UCP_EP_PARAM_FIELD_REMOTE_ADDRESS: u64 = 1 << 0;
 pub const UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE: u64 = 1 << 1;
 pub const UCP_EP_PARAM_FIELD_ERR_HANDLER: u64 = 1 << 2;
+pub const UCP_ERR_HANDLING_MODE_NONE: c_uint = 0;
 pub const UCP_ERR_HANDLING_MODE_PEER: c_uint = 1;
 pub const UCP_MEM_MAP_PARAM_FIELD_ADDRESS: u64 = 1 << 0;
 pub const UCP_MEM_MAP_PARAM_FIELD_LENGTH: u64 = 1 << 1;
@@ -174,6 +175,7 @@ pub const UCP_EP_CLOSE_FLAG_FORCE: u32 = 1 << 0;
 pub const UCS_OK: ucs_status_t = 0;
 pub const UCS_INPROGRESS: ucs_status_t = 1;
 pub const UCS_ERR_BUSY: ucs_status_t = -15;
+pub const UCS_ERR_UNREACHABLE: ucs_status_t = -6;
 pub const UCS_ERR_LAST: isize = -100;
 
 /// `UCS_PTR_IS_ERR`.
@@ -203,6 +205,11 @@ extern "C" {
         config_p: *mut *mut ucp_config,
     ) -> ucs_status_t;
     pub fn ucp_config_release(config: *mut ucp_config);
+    pub fn ucp_config_modify(
+        config: *mut ucp_config,
+        name: *const c_char,
+        value: *const c_char,
+    ) -> ucs_status_t;
     pub fn ucp_init_version(
         api_major_version: c_uint,
         api_minor_version: c_uint,
@@ -437,6 +444,11 @@ mod tests {
                 "UCP_OP_ATTR_FIELD_USER_DATA",
                 u64::from(UCP_OP_ATTR_FIELD_USER_DATA),
             ),
+            (
+                "UCP_ERR_HANDLING_MODE_NONE",
+                u64::from(UCP_ERR_HANDLING_MODE_NONE),
+            ),
+            ("UCS_ERR_UNREACHABLE", UCS_ERR_UNREACHABLE as i64 as u64),
         ];
         for (i, (what, v)) in ours.iter().enumerate() {
             // SAFETY: a pure function of its argument, compiled from src/layout.c.
@@ -447,8 +459,8 @@ mod tests {
             }
             assert_eq!(*v, theirs, "{what}: binding {v}, headers {theirs}");
         }
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: as above.
             unsafe { ucx_sys_layout(ours.len() as u32) },
             u64::MAX,
             "table length"
