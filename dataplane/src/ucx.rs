@@ -264,62 +264,6 @@ impl Worker {
         // SAFETY: a live worker, used by this thread only (single-thread mode, not Sync).
         while unsafe { sys::ucp_worker_progress(self.h) } != 0 {}
     }
-
-    /// Sleeps until the worker has events or `timeout` passes (returns at once when events are
-    /// already pending): no core spins while waiting for the network.
-    fn wait(&self, timeout: Duration) -> Result<(), UcxError> {
-        // SAFETY: a live worker.
-        let s = unsafe { sys::ucp_worker_arm(self.h) };
-        if s == sys::UCS_ERR_BUSY {
-            return Ok(());
-        }
-        check("ucp_worker_arm", s)?;
-        let mut pfd = libc::pollfd {
-            fd: self.efd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: one pollfd we own; EINTR is a harmless early return.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
-        Ok(())
-    }
-
-    /// Waits for `req` (a status pointer from a non-blocking call) and frees it.
-    fn complete(
-        &self,
-        what: &'static str,
-        req: sys::ucs_status_ptr_t,
-        timeout: Duration,
-    ) -> Result<(), UcxError> {
-        if !sys::ucs_ptr_is_ptr(req) {
-            return check(what, sys::ucs_ptr_status(req));
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.progress();
-            // SAFETY: `req` is a live request handle until freed below.
-            let s = unsafe { sys::ucp_request_check_status(req) };
-            if s != sys::UCS_INPROGRESS {
-                // SAFETY: complete; freed once.
-                unsafe { sys::ucp_request_free(req) };
-                return check(what, s);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                // SAFETY: cancel, then free: UCX releases it when the cancel completes.
-                unsafe {
-                    sys::ucp_request_cancel(self.h, req);
-                    sys::ucp_request_free(req);
-                }
-                return Err(UcxError::Timeout {
-                    what,
-                    after: timeout,
-                });
-            }
-            self.wait((deadline - now).min(Duration::from_millis(50)))?;
-        }
-    }
 }
 
 impl Drop for Worker {
@@ -467,49 +411,206 @@ impl Registry {
     }
 }
 
-/// The destination's worker and the thread that progresses it.
-pub struct Target {
+/// This llumlet's UCX worker, shared by every migration in and out: a thread progresses it
+/// and sleeps on its event descriptor when there is nothing to do (UCX's software RMA over TCP
+/// needs the destination to progress; verbs and shared memory do not, and cost it nothing);
+/// a source waiting for its puts progresses it itself. One long-lived worker also means a
+/// destination never answers the wire-up of a source worker that is already gone.
+pub struct Node {
+    shared: Arc<Shared>,
     address: Vec<u8>,
-    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Target {
+struct Shared {
+    ctx: Arc<Context>,
+    worker: Mutex<Worker>,
+    efd: i32,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Worker> {
+        self.worker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Arms the worker and, when nothing is pending, releases it and sleeps on its event
+    /// descriptor until an event or `timeout`.
+    fn sleep<'a>(
+        &'a self,
+        w: std::sync::MutexGuard<'a, Worker>,
+        timeout: Duration,
+    ) -> std::sync::MutexGuard<'a, Worker> {
+        // SAFETY: a live worker, used under its lock.
+        let s = unsafe { sys::ucp_worker_arm(w.h) };
+        if s != sys::UCS_OK {
+            // Busy: events are pending. Another failure: do not sleep on an unarmed fd.
+            if s != sys::UCS_ERR_BUSY {
+                drop(w);
+                std::thread::sleep(Duration::from_millis(1));
+                return self.lock();
+            }
+            return w;
+        }
+        drop(w);
+        let mut pfd = libc::pollfd {
+            fd: self.efd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one pollfd we own; EINTR is a harmless early return.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        self.lock()
+    }
+
+    /// Waits for `req` (a status pointer from a non-blocking call) and frees it.
+    fn complete(
+        &self,
+        what: &'static str,
+        req: sys::ucs_status_ptr_t,
+        timeout: Duration,
+    ) -> Result<(), UcxError> {
+        if !sys::ucs_ptr_is_ptr(req) {
+            return check(what, sys::ucs_ptr_status(req));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut w = self.lock();
+        loop {
+            w.progress();
+            // SAFETY: `req` is a live request handle until freed below.
+            let s = unsafe { sys::ucp_request_check_status(req) };
+            if s != sys::UCS_INPROGRESS {
+                // SAFETY: complete; freed once.
+                unsafe { sys::ucp_request_free(req) };
+                return check(what, s);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                // SAFETY: cancel, then free: UCX releases it when the cancel completes.
+                unsafe {
+                    sys::ucp_request_cancel(w.h, req);
+                    sys::ucp_request_free(req);
+                }
+                return Err(UcxError::Timeout {
+                    what,
+                    after: timeout,
+                });
+            }
+            w = self.sleep(w, (deadline - now).min(Duration::from_millis(20)));
+        }
+    }
+}
+
+impl Node {
     /// Creates the worker and starts progressing it.
-    pub fn start(ctx: &Arc<Context>) -> Result<Target, UcxError> {
+    pub fn start(ctx: &Arc<Context>) -> Result<Node, UcxError> {
         let worker = Worker::new(ctx)?;
         let address = worker.address()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
+        let shared = Arc::new(Shared {
+            ctx: Arc::clone(ctx),
+            efd: worker.efd,
+            worker: Mutex::new(worker),
+            stop: AtomicBool::new(false),
+        });
+        let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("llumlet-ucx".into())
             .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    worker.progress();
-                    if let Err(e) = worker.wait(Duration::from_millis(100)) {
-                        // An arm failure is not expected; keep serving at a slower pace.
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                let mut w = s.lock();
+                while !s.stop.load(Ordering::Relaxed) {
+                    w.progress();
+                    w = s.sleep(w, Duration::from_millis(100));
                 }
             })
             .map_err(|e| UcxError::Invalid(format!("cannot start the UCX progress thread: {e}")))?;
-        Ok(Target {
+        Ok(Node {
+            shared,
             address,
-            stop,
             thread: Some(thread),
         })
     }
 
-    /// The worker's address, for the source's endpoint.
+    /// The worker's address, for a source's endpoint.
     pub fn address(&self) -> &[u8] {
         &self.address
     }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.shared.ctx
+    }
+
+    /// Connects to the destination worker `address` and unpacks its regions' keys.
+    pub fn connect(
+        &self,
+        address: &[u8],
+        regions: &[RemoteRegion],
+    ) -> Result<Connection, UcxError> {
+        if address.is_empty() {
+            return Err(UcxError::Invalid("empty UCX worker address".into()));
+        }
+        let w = self.shared.lock();
+        // Peer-failure handling first (a dead destination fails the puts instead of leaving
+        // them pending); UCX's shared-memory transports cannot detect a dead peer, so where
+        // only they reach the destination, connect without it: completion is then bounded by
+        // the flush timeout alone (a dead same-host destination's memory stays mapped, so late
+        // puts land in memory nobody reads).
+        let mut ep = std::ptr::null_mut();
+        let mut peer_failure = self.shared.ctx.may_detect_peer_failure();
+        let modes: &[std::ffi::c_uint] = if peer_failure {
+            &[
+                sys::UCP_ERR_HANDLING_MODE_PEER,
+                sys::UCP_ERR_HANDLING_MODE_NONE,
+            ]
+        } else {
+            &[sys::UCP_ERR_HANDLING_MODE_NONE]
+        };
+        for &mode in modes {
+            let params = ep_params(address, mode);
+            // SAFETY: a live worker under its lock; `address` is the peer's packed worker
+            // address (UCX validates what it parses); params outlive the call.
+            let s = unsafe { sys::ucp_ep_create(w.h, &params, &mut ep) };
+            if s == sys::UCS_ERR_UNREACHABLE && mode == sys::UCP_ERR_HANDLING_MODE_PEER {
+                peer_failure = false;
+                continue;
+            }
+            check("ucp_ep_create", s)?;
+            break;
+        }
+        drop(w);
+        let mut c = Connection {
+            shared: Arc::clone(&self.shared),
+            rkeys: Vec::with_capacity(regions.len()),
+            ep,
+            pending: Vec::new(),
+            peer_failure,
+        };
+        for r in regions {
+            if r.rkey.is_empty() {
+                return Err(UcxError::Invalid("empty remote key".into()));
+            }
+            let mut k = std::ptr::null_mut();
+            let _w = c.shared.lock();
+            // SAFETY: a live endpoint, used under its worker's lock; the buffer holds a key
+            // packed by the peer's ucp_rkey_pack (UCX checks what it unpacks).
+            check("ucp_ep_rkey_unpack", unsafe {
+                sys::ucp_ep_rkey_unpack(c.ep, r.rkey.as_ptr() as *const c_void, &mut k)
+            })?;
+            c.rkeys.push((k, r.clone()));
+        }
+        Ok(c)
+    }
 }
 
-impl Drop for Target {
+impl Drop for Node {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        {
+            let w = self.shared.lock();
+            // SAFETY: a live worker; wakes the progress thread's poll.
+            unsafe { sys::ucp_worker_signal(w.h) };
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -529,79 +630,20 @@ pub struct RemoteRegion {
     pub rkey: Vec<u8>,
 }
 
-/// The source's worker, endpoint and remote keys for one destination.
+/// An endpoint of this llumlet's worker to one destination, with the destination's keys.
 pub struct Connection {
+    shared: Arc<Shared>,
     rkeys: Vec<(sys::ucp_rkey_h, RemoteRegion)>,
     ep: sys::ucp_ep_h,
     pending: Vec<sys::ucs_status_ptr_t>,
     peer_failure: bool,
-    worker: Worker,
 }
 
-// SAFETY: the worker is single-thread mode and this Connection owns it with its endpoint, keys
-// and requests; it moves between threads, never shared (not Sync).
+// SAFETY: the endpoint, keys and requests are only used under the worker's lock; the
+// Connection moves between threads, never shared (not Sync).
 unsafe impl Send for Connection {}
 
 impl Connection {
-    /// Connects to the destination worker `address` and unpacks its regions' keys.
-    pub fn connect(
-        ctx: &Arc<Context>,
-        address: &[u8],
-        regions: &[RemoteRegion],
-    ) -> Result<Connection, UcxError> {
-        if address.is_empty() {
-            return Err(UcxError::Invalid("empty UCX worker address".into()));
-        }
-        let worker = Worker::new(ctx)?;
-        // Peer-failure handling first (a dead destination fails the puts instead of leaving
-        // them pending); UCX's shared-memory transports cannot detect a dead peer, so where
-        // only they reach the destination, connect without it: completion is then bounded by
-        // the flush timeout alone (a dead same-host destination's memory stays mapped, so late
-        // puts land in memory nobody reads).
-        let mut ep = std::ptr::null_mut();
-        let mut peer_failure = ctx.may_detect_peer_failure();
-        let modes: &[std::ffi::c_uint] = if peer_failure {
-            &[
-                sys::UCP_ERR_HANDLING_MODE_PEER,
-                sys::UCP_ERR_HANDLING_MODE_NONE,
-            ]
-        } else {
-            &[sys::UCP_ERR_HANDLING_MODE_NONE]
-        };
-        for &mode in modes {
-            let params = ep_params(address, mode);
-            // SAFETY: `address` is the peer's packed worker address (UCX validates what it
-            // parses); params outlive the call.
-            let s = unsafe { sys::ucp_ep_create(worker.h, &params, &mut ep) };
-            if s == sys::UCS_ERR_UNREACHABLE && mode == sys::UCP_ERR_HANDLING_MODE_PEER {
-                peer_failure = false;
-                continue;
-            }
-            check("ucp_ep_create", s)?;
-            break;
-        }
-        let mut c = Connection {
-            rkeys: Vec::with_capacity(regions.len()),
-            ep,
-            pending: Vec::new(),
-            peer_failure,
-            worker,
-        };
-        for r in regions {
-            if r.rkey.is_empty() {
-                return Err(UcxError::Invalid("empty remote key".into()));
-            }
-            let mut k = std::ptr::null_mut();
-            // SAFETY: a live endpoint; the buffer holds a key packed by the peer's
-            // ucp_rkey_pack (UCX checks what it unpacks).
-            check("ucp_ep_rkey_unpack", unsafe {
-                sys::ucp_ep_rkey_unpack(c.ep, r.rkey.as_ptr() as *const c_void, &mut k)
-            })?;
-            c.rkeys.push((k, r.clone()));
-        }
-        Ok(c)
-    }
-
     /// Whether UCX detects a dead destination on this connection (false on shared-memory-only
     /// paths).
     pub fn detects_peer_failure(&self) -> bool {
@@ -640,22 +682,13 @@ impl Connection {
             .map
             .block_ptr(0)
             .ok_or_else(|| UcxError::Invalid("empty source region".into()))?;
-        let param = sys::ucp_request_param_t {
-            op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMH,
-            flags: 0,
-            request: std::ptr::null_mut(),
-            cb: None,
-            datatype: 0,
-            user_data: std::ptr::null_mut(),
-            reply_buffer: std::ptr::null_mut(),
-            memory_type: 0,
-            recv_info: std::ptr::null_mut(),
-            memh: src.memh,
-        };
-        // SAFETY: the source range is inside the registered mapping (checked above), which the
-        // caller's Arc keeps alive, and the transport keeps the Arc until `flush` completed;
-        // the remote range is inside the region the key covers (checked above); `k` belongs to
-        // this endpoint.
+        let mut param = empty_param(sys::UCP_OP_ATTR_FIELD_MEMH, 0);
+        param.memh = src.memh;
+        let _w = self.shared.lock();
+        // SAFETY: under the worker's lock; the source range is inside the registered mapping
+        // (checked above), which the caller's Arc keeps alive, and the transport keeps the Arc
+        // until `flush` completed; the remote range is inside the region the key covers
+        // (checked above); `k` belongs to this endpoint.
         let r = unsafe {
             sys::ucp_put_nbx(
                 self.ep,
@@ -677,11 +710,15 @@ impl Connection {
     /// Waits until every put so far is complete at the destination (`ucp_ep_flush_nbx`).
     pub fn flush(&mut self, timeout: Duration) -> Result<(), UcxError> {
         let param = empty_param(0, 0);
-        // SAFETY: a live endpoint; param outlives the call.
-        let req = unsafe { sys::ucp_ep_flush_nbx(self.ep, &param) };
-        let flushed = self.worker.complete("ucp_ep_flush_nbx", req, timeout);
+        let req = {
+            let _w = self.shared.lock();
+            // SAFETY: a live endpoint under its worker's lock; param outlives the call.
+            unsafe { sys::ucp_ep_flush_nbx(self.ep, &param) }
+        };
+        let flushed = self.shared.complete("ucp_ep_flush_nbx", req, timeout);
         // The puts: complete (the flush waited for them) or failed with the endpoint.
         let mut first_err = None;
+        let _w = self.shared.lock();
         for r in self.pending.drain(..) {
             // SAFETY: a live request handle, freed once here.
             let s = unsafe { sys::ucp_request_check_status(r) };
@@ -741,21 +778,23 @@ fn empty_param(mask: u32, flags: u32) -> sys::ucp_request_param_t {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        for (k, _) in self.rkeys.drain(..) {
-            // SAFETY: unpacked by this endpoint, destroyed once, before the endpoint closes.
-            unsafe { sys::ucp_rkey_destroy(k) };
-        }
-        for r in self.pending.drain(..) {
-            // SAFETY: freed once; UCX releases it when the forced close completes it.
-            unsafe { sys::ucp_request_free(r) };
-        }
-        let param = empty_param(sys::UCP_OP_ATTR_FIELD_FLAGS, sys::UCP_EP_CLOSE_FLAG_FORCE);
-        // SAFETY: a live endpoint, closed once; forced, so it does not wait for the peer.
-        let req = unsafe { sys::ucp_ep_close_nbx(self.ep, &param) };
+        let req = {
+            let _w = self.shared.lock();
+            for (k, _) in self.rkeys.drain(..) {
+                // SAFETY: unpacked by this endpoint, destroyed once, before it closes.
+                unsafe { sys::ucp_rkey_destroy(k) };
+            }
+            for r in self.pending.drain(..) {
+                // SAFETY: freed once; UCX releases it when the forced close completes it.
+                unsafe { sys::ucp_request_free(r) };
+            }
+            let param = empty_param(sys::UCP_OP_ATTR_FIELD_FLAGS, sys::UCP_EP_CLOSE_FLAG_FORCE);
+            // SAFETY: a live endpoint, closed once; forced, so it does not wait for the peer.
+            unsafe { sys::ucp_ep_close_nbx(self.ep, &param) }
+        };
         let _ = self
-            .worker
+            .shared
             .complete("ucp_ep_close_nbx", req, Duration::from_secs(2));
-        // The worker (a field) is destroyed after this.
     }
 }
 
