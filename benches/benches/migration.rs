@@ -355,6 +355,7 @@ fn bench_downtime(c: &mut Criterion) {
                         sides[1 - from].addr,
                         &OutRequest { slot, id },
                         TransportChoice::Shm,
+                        None,
                         SourceTuning::default(),
                     );
                     total += t.elapsed();

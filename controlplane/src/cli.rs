@@ -255,6 +255,24 @@ fn run() -> ExitCode {
             }
         };
         config.transfer_port = transfer.port();
+        // UCX, when built in and wanted: one context and worker for migrations in and out.
+        let ucx = if cfg!(feature = "ucx") && config.transport != crate::config::TransportChoice::Tcp
+            && config.transport != crate::config::TransportChoice::Shm
+        {
+            match crate::migration::ucx_side::UcxSide::start() {
+                Ok(side) => {
+                    tracing::info!(ucx = %side.describe(), "UCX transport ready");
+                    transfer_server.set_ucx(Arc::clone(&side));
+                    Some(side)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "UCX unavailable; migrations use shm or tcp");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         crate::migration::journal::spawn_recovery(
             Arc::clone(&link),
             Arc::clone(&transfer_server),
@@ -280,6 +298,7 @@ fn run() -> ExitCode {
                 config.instance_id.clone(),
                 config.transport,
                 naming_dir.clone(),
+                ucx,
             )
         } else {
             Arc::new(NoMigrator)

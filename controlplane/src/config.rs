@@ -120,6 +120,9 @@ pub enum TransportChoice {
     Shm,
     /// TCP only.
     Tcp,
+    /// UCX (RDMA, or UCX's shared memory and TCP): needs the `ucx` feature; falls back to tcp
+    /// where the destination has no UCX.
+    Ucx,
 }
 
 /// The whole validated configuration.
@@ -527,7 +530,15 @@ impl Config {
             "auto" => TransportChoice::Auto,
             "shm" => TransportChoice::Shm,
             "tcp" => TransportChoice::Tcp,
-            other => return Err(err(env::TRANSPORT, other, "must be auto, shm or tcp")),
+            "ucx" if cfg!(feature = "ucx") => TransportChoice::Ucx,
+            "ucx" => {
+                return Err(err(
+                    env::TRANSPORT,
+                    "ucx",
+                    "needs a llumlet built with the `ucx` feature (cargo build --features ucx)",
+                ))
+            }
+            other => return Err(err(env::TRANSPORT, other, "must be auto, shm, tcp or ucx")),
         };
         let transfer_port = match r.optional(env::TRANSFER_PORT) {
             Some(_) => r.int_in(env::TRANSFER_PORT, 0, 65535)? as u16,

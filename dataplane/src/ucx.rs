@@ -585,6 +585,7 @@ impl Node {
             ep,
             pending: Vec::new(),
             peer_failure,
+            failed: false,
         };
         for r in regions {
             if r.rkey.is_empty() {
@@ -637,6 +638,7 @@ pub struct Connection {
     ep: sys::ucp_ep_h,
     pending: Vec<sys::ucs_status_ptr_t>,
     peer_failure: bool,
+    failed: bool,
 }
 
 // SAFETY: the endpoint, keys and requests are only used under the worker's lock; the
@@ -703,7 +705,9 @@ impl Connection {
             self.pending.push(r);
             Ok(())
         } else {
-            check("ucp_put_nbx", sys::ucs_ptr_status(r))
+            let r = check("ucp_put_nbx", sys::ucs_ptr_status(r));
+            self.failed |= r.is_err();
+            r
         }
     }
 
@@ -731,8 +735,9 @@ impl Connection {
             // SAFETY: freed once; UCX releases an incomplete one when it completes.
             unsafe { sys::ucp_request_free(r) };
         }
-        flushed?;
-        first_err.map_or(Ok(()), Err)
+        let r = flushed.and(first_err.map_or(Ok(()), Err));
+        self.failed |= r.is_err();
+        r
     }
 }
 
@@ -788,8 +793,15 @@ impl Drop for Connection {
                 // SAFETY: freed once; UCX releases it when the forced close completes it.
                 unsafe { sys::ucp_request_free(r) };
             }
-            let param = empty_param(sys::UCP_OP_ATTR_FIELD_FLAGS, sys::UCP_EP_CLOSE_FLAG_FORCE);
-            // SAFETY: a live endpoint, closed once; forced, so it does not wait for the peer.
+            // A healthy endpoint closes gracefully (the destination's worker drops its side
+            // too, so a later endpoint between the same workers starts clean); one that failed
+            // is closed by force, without waiting for the peer.
+            let param = if self.failed {
+                empty_param(sys::UCP_OP_ATTR_FIELD_FLAGS, sys::UCP_EP_CLOSE_FLAG_FORCE)
+            } else {
+                empty_param(0, 0)
+            };
+            // SAFETY: a live endpoint, closed once.
             unsafe { sys::ucp_ep_close_nbx(self.ep, &param) }
         };
         let _ = self

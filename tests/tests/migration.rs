@@ -111,6 +111,52 @@ fn requests_move_live_with_their_kv_over_shm_and_tcp_and_finish_once() {
     check_exactly_once(&redis, &mut [&mut a, &mut b], Duration::from_secs(40));
 }
 
+/// Over UCX with UCX's TCP transport (software RMA, the path an RDMA-less network takes) and
+/// with its shared-memory transports: both directions, every request exactly once.
+#[test]
+fn requests_move_over_ucx_with_its_tcp_and_shared_memory_transports() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (n, tls) in [(0, "tcp"), (1, "posix,cma")] {
+        let env = [("LLUMLET_TRANSPORT", "ucx"), ("UCX_TLS", tls)];
+        let (ida, idb) = (format!("ucx{n}-a"), format!("ucx{n}-b"));
+        let mut a = Instance::start(&redis, &ida, SimOpts::new(3 + n, 4), &env);
+        let mut b = Instance::start(&redis, &idb, SimOpts::new(5 + n, 4), &env);
+        for i in [&a, &b] {
+            status(&redis, &i.id, Duration::from_secs(15), |s| {
+                s.num_running_requests >= 3
+            });
+        }
+        let (port_a, port_b) = (kvt_port(&redis, &ida), kvt_port(&redis, &idb));
+        let (ok, msg) = migrate(&rt, &a, &b.id, port_b);
+        assert!(
+            ok,
+            "{msg}
+{}
+{}",
+            a.llumlet.stderr(),
+            b.llumlet.stderr()
+        );
+        check_moved(&a, &b);
+        let (ok, msg) = migrate(&rt, &b, &a.id, port_a);
+        assert!(
+            ok,
+            "{msg}
+{}
+{}",
+            b.llumlet.stderr(),
+            a.llumlet.stderr()
+        );
+        check_moved(&b, &a);
+        for i in [&a, &b] {
+            let log = i.llumlet.stderr();
+            assert!(log.contains("UCX transport ready"), "{log}");
+            assert!(log.contains("transport=\"ucx\""), "UCX_TLS={tls}: {log}");
+        }
+        check_exactly_once(&redis, &mut [&mut a, &mut b], Duration::from_secs(40));
+    }
+}
+
 #[test]
 fn migrate_to_a_closed_port_fails_and_the_request_keeps_running_at_the_source() {
     let redis = RedisServer::start();

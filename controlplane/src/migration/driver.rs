@@ -32,6 +32,7 @@ use super::machine::{
 };
 use crate::config::TransportChoice;
 use crate::migrate::SlotLedger;
+use crate::migration::ucx_side::UcxSide;
 
 /// How long one protocol step may wait for the peer or the engine.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,6 +119,7 @@ pub fn run_source(
     dst: SocketAddr,
     req: &OutRequest,
     choice: TransportChoice,
+    ucx: Option<&Arc<UcxSide>>,
     tuning: SourceTuning,
 ) -> SourceReport {
     let migration_id = link.next_id();
@@ -157,6 +159,8 @@ pub fn run_source(
     });
     let want = match choice {
         TransportChoice::Tcp => "tcp",
+        TransportChoice::Ucx if ucx.is_some() => "ucx",
+        TransportChoice::Ucx => "tcp",
         TransportChoice::Shm | TransportChoice::Auto => "shm",
     };
     let begin = Begin {
@@ -168,6 +172,7 @@ pub fn run_source(
         transport: want.into(),
         host: host_identity(),
         regions: regions.iter().map(region_msg).collect(),
+        ucx: ucx.is_some() && choice == TransportChoice::Auto,
     };
     let mut m = SourceMachine::new(tuning, begin, block_tokens);
     let mut stream: Option<TcpStream> = None;
@@ -312,7 +317,7 @@ pub fn run_source(
                         Ok(reply) => {
                             if let Msg::Reserved(r) = &reply {
                                 if r.ok {
-                                    match setup_transport(&mut transport, r, s, &regions) {
+                                    match setup_transport(&mut transport, r, s, &regions, ucx) {
                                         Ok(name) => used = name,
                                         Err(e) => {
                                             queue.extend(m.on(SrcEvent::Copied(Err(e))));
@@ -379,9 +384,19 @@ fn setup_transport(
     r: &llumlet_proto::migration::Reserved,
     s: &TcpStream,
     regions: &[KvRegion],
+    ucx: Option<&Arc<UcxSide>>,
 ) -> Result<&'static str, String> {
     let reserved = ReservedSet::new(&r.blocks);
-    if r.transport == "shm" {
+    if r.transport == "ucx" {
+        if t.is_none() {
+            let side = ucx.ok_or("the destination chose ucx, which this llumlet does not have")?;
+            *t = Some(side.transport(r, regions, reserved.clone(), STEP_TIMEOUT)?);
+        }
+        if let Some(t) = t.as_mut() {
+            t.set_reserved(reserved);
+        }
+        Ok("ucx")
+    } else if r.transport == "shm" {
         if t.is_none() {
             let dst: Vec<KvRegion> = r
                 .regions
@@ -459,6 +474,7 @@ pub struct TransferServer {
     swept: Mutex<usize>,
     known: Mutex<HashMap<(String, u64), Known>>,
     changed: Condvar,
+    ucx: OnceLock<Arc<UcxSide>>,
 }
 
 impl TransferServer {
@@ -475,6 +491,7 @@ impl TransferServer {
             swept: Mutex::new(0),
             known: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
+            ucx: OnceLock::new(),
         });
         let s = Arc::clone(&server);
         std::thread::Builder::new()
@@ -499,6 +516,12 @@ impl TransferServer {
     /// refused (the llumlet is still starting).
     pub fn set_ledger(&self, ledger: Arc<SlotLedger>) {
         let _ = self.ledger.set(ledger);
+    }
+
+    /// Lets migrations in use UCX (offered when a source asks for `ucx`, or for `auto` from
+    /// another host).
+    pub fn set_ucx(&self, ucx: Arc<UcxSide>) {
+        let _ = self.ucx.set(ucx);
     }
 
     /// Frees the reservations a previous llumlet of this engine left behind (requests still
@@ -699,7 +722,25 @@ impl TransferServer {
             }
         };
         let shm = b.transport == "shm" && !b.host.is_empty() && b.host == host_identity();
-        let transport = if shm { "shm" } else { "tcp" };
+        let wants_ucx = b.transport == "ucx" || (b.ucx && !shm);
+        // UCX: this worker's address and the regions registered, offered in `Reserved`.
+        let ucx_offer = match self.ucx.get() {
+            Some(side) if wants_ucx && verdict.is_none() => match side.offer(&regions) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot offer UCX for a migration in; using tcp");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let transport = if shm {
+            "shm"
+        } else if ucx_offer.is_some() {
+            "ucx"
+        } else {
+            "tcp"
+        };
         let mut machine = DestMachine::new();
         let local_id = self.link.next_id();
         let mut calls = Calls::new(Arc::clone(&self.link), local_id, STEP_TIMEOUT);
@@ -856,6 +897,10 @@ impl TransferServer {
                             if transport == "shm" {
                                 r.regions = regions.iter().map(region_msg).collect();
                             }
+                            if let Some((worker, offered)) = &ucx_offer {
+                                r.ucx_worker = worker.clone();
+                                r.ucx_regions = offered.clone();
+                            }
                         }
                     }
                     match send(&mut stream, msg) {
@@ -904,6 +949,7 @@ pub struct LiveMigrator {
     tuning: SourceTuning,
     active: Mutex<HashSet<u32>>,
     naming_dir: Option<std::path::PathBuf>,
+    ucx: Option<Arc<UcxSide>>,
 }
 
 impl LiveMigrator {
@@ -915,6 +961,7 @@ impl LiveMigrator {
         instance_id: String,
         choice: TransportChoice,
         naming_dir: Option<std::path::PathBuf>,
+        ucx: Option<Arc<UcxSide>>,
     ) -> Arc<LiveMigrator> {
         Arc::new(LiveMigrator {
             link,
@@ -923,6 +970,7 @@ impl LiveMigrator {
             tuning: SourceTuning::default(),
             active: Mutex::new(HashSet::new()),
             naming_dir,
+            ucx,
         })
     }
 
@@ -1026,8 +1074,9 @@ impl crate::migrate::Migrator for LiveMigrator {
             };
             let link = Arc::clone(&self.link);
             let (me, choice, tuning) = (self.instance_id.clone(), self.choice, self.tuning);
+            let ucx = self.ucx.clone();
             let r = tokio::task::spawn_blocking(move || {
-                let report = run_source(&link, &me, dst, &req, choice, tuning);
+                let report = run_source(&link, &me, dst, &req, choice, ucx.as_ref(), tuning);
                 (req, report)
             })
             .await;

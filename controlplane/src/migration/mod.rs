@@ -6,3 +6,4 @@ pub mod driver;
 pub mod journal;
 pub mod link;
 pub mod machine;
+pub mod ucx_side;
