@@ -340,6 +340,17 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Run over another transport (LLUMLET_TEST_TRANSPORT), every finished migration used it.
+    if let Ok(t) = std::env::var("LLUMLET_TEST_TRANSPORT") {
+        let all = logs(instances);
+        let want = format!("transport=\"{t}\"");
+        for l in all
+            .lines()
+            .filter(|l| l.contains("migration out finished") && l.contains("outcome=Migrated"))
+        {
+            assert!(l.contains(&want), "not over {t}: {l}");
+        }
+    }
     let mut seen = HashMap::new();
     for i in instances.iter() {
         let out = i.engine.stdout();
