@@ -16,6 +16,8 @@
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
 
 pub mod command;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod fault;
 pub mod kv;

@@ -29,6 +29,9 @@ use crate::kv::{KvRegion, MappedRegion};
 use crate::runs::BlockRun;
 use crate::transport::{check_layouts, check_src, layout, Reserved, Transport, TransportError};
 
+/// How long a waiting source polls its worker before it sleeps on the event descriptor.
+const SPIN: Duration = Duration::from_micros(200);
+
 /// UCX errors.
 #[derive(Debug, thiserror::Error)]
 pub enum UcxError {
@@ -220,7 +223,7 @@ impl Worker {
                 | sys::UCP_WORKER_PARAM_FIELD_EVENTS,
             thread_mode: sys::UCS_THREAD_MODE_SINGLE,
             cpu_mask: [0; 16],
-            events: sys::UCP_WAKEUP_RMA | sys::UCP_WAKEUP_TX,
+            events: sys::UCP_WAKEUP_RMA | sys::UCP_WAKEUP_TX | sys::UCP_WAKEUP_RX,
             user_data: std::ptr::null_mut(),
             event_fd: -1,
             flags: 0,
@@ -475,6 +478,7 @@ impl Shared {
             return check(what, sys::ucs_ptr_status(req));
         }
         let deadline = Instant::now() + timeout;
+        let spin_until = Instant::now() + SPIN;
         let mut w = self.lock();
         loop {
             w.progress();
@@ -496,6 +500,12 @@ impl Shared {
                     what,
                     after: timeout,
                 });
+            }
+            // While a transfer is in flight, poll for a moment before sleeping: the next
+            // completion is usually microseconds away, and a wakeup costs more than that.
+            if now < spin_until {
+                std::hint::spin_loop();
+                continue;
             }
             w = self.sleep(w, (deadline - now).min(Duration::from_millis(20)));
         }

@@ -59,6 +59,7 @@ static const uint64_t table[] = {
     UCP_OP_ATTR_FIELD_USER_DATA,
     UCP_ERR_HANDLING_MODE_NONE,
     (uint64_t)(int64_t)UCS_ERR_UNREACHABLE,
+    UCP_WAKEUP_RX,
 };
 
 uint64_t ucx_sys_layout(uint32_t i) { return i < sizeof(table) / sizeof(table[0]) ? table[i] : UINT64_MAX; }

@@ -159,6 +159,7 @@ pub const UCP_WORKER_PARAM_FIELD_EVENTS: u64 = 1 << 2;
 pub const UCP_WORKER_PARAM_FIELD_NAME: u64 = 1 << 6;
 pub const UCP_WAKEUP_RMA: c_uint = 1 << 0;
 pub const UCP_WAKEUP_TX: c_uint = 1 << 10;
+pub const UCP_WAKEUP_RX: c_uint = 1 << 11;
 pub const UCS_THREAD_MODE_SINGLE: c_uint = 0;
 pub const UCP_EP_PARAM_FIELD_REMOTE_ADDRESS: u64 = 1 << 0;
 pub const UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE: u64 = 1 << 1;
@@ -449,6 +450,7 @@ mod tests {
                 u64::from(UCP_ERR_HANDLING_MODE_NONE),
             ),
             ("UCS_ERR_UNREACHABLE", UCS_ERR_UNREACHABLE as i64 as u64),
+            ("UCP_WAKEUP_RX", u64::from(UCP_WAKEUP_RX)),
         ];
         for (i, (what, v)) in ours.iter().enumerate() {
             // SAFETY: a pure function of its argument, compiled from src/layout.c.

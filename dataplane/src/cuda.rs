@@ -1,0 +1,534 @@
+//! The CUDA IPC transport (feature `cuda`): an engine exports its GPU KV regions with
+//! `cuIpcGetMemHandle` and registers the 64 handle bytes; a llumlet on the same host opens
+//! both engines' handles (`cuIpcOpenMemHandle`) and copies each coalesced run device to device
+//! on its own stream, waiting on an event for completion.
+//!
+//! The driver library is loaded at run time (cudarc's dynamic loading), so the feature builds
+//! and runs on machines without a GPU or a driver. cudarc panics when `libcuda` or one of its
+//! symbols is missing, so nothing here calls into it before [`probe`] has found the library and
+//! every symbol this module uses: without them every entry point returns
+//! [`CudaError::Unavailable`] naming what is missing.
+
+use std::ffi::{c_void, CStr};
+use std::sync::OnceLock;
+
+use cudarc::driver::sys;
+
+use crate::runs::BlockRun;
+use crate::transport::{check_layouts, Reserved, TransportError};
+
+/// Every driver symbol this module calls.
+const SYMBOLS: [&str; 22] = [
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxSetCurrent",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuEventCreate",
+    "cuEventDestroy_v2",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuIpcGetMemHandle",
+    "cuIpcOpenMemHandle_v2",
+    "cuIpcCloseMemHandle",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuGetErrorString",
+];
+
+/// CUDA errors.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CudaError {
+    /// No driver library, a missing symbol, or no device.
+    #[error("CUDA unavailable: {0}")]
+    Unavailable(String),
+    /// A driver call failed.
+    #[error("{call}: {what}")]
+    Call {
+        /// The call.
+        call: &'static str,
+        /// The driver's error string.
+        what: String,
+    },
+    /// Bad input (a handle of the wrong size, a copy outside a region).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What [`probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    /// GPUs visible.
+    pub devices: i32,
+    /// The driver's CUDA version (12040 = 12.4).
+    pub driver_version: i32,
+}
+
+/// Looks for the driver library and every symbol used here, then initialises the driver and
+/// counts devices; the answer is cached. Never panics.
+pub fn probe() -> Result<Gpu, CudaError> {
+    static PROBE: OnceLock<Result<Gpu, CudaError>> = OnceLock::new();
+    PROBE.get_or_init(probe_once).clone()
+}
+
+fn probe_once() -> Result<Gpu, CudaError> {
+    let names = cudarc::get_lib_name_candidates("cuda");
+    let mut lib = std::ptr::null_mut();
+    for n in &names {
+        let Ok(c) = std::ffi::CString::new(n.as_str()) else {
+            continue;
+        };
+        // SAFETY: dlopen with a NUL-terminated name; the handle is kept open (cudarc opens the
+        // same library by the same names, so it will find it too).
+        lib = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if !lib.is_null() {
+            break;
+        }
+    }
+    if lib.is_null() {
+        return Err(CudaError::Unavailable(
+            "no CUDA driver library (libcuda) on this machine".into(),
+        ));
+    }
+    for s in SYMBOLS {
+        let c = std::ffi::CString::new(s).expect("symbol names have no NUL");
+        // SAFETY: a live handle from dlopen and a NUL-terminated symbol name.
+        if unsafe { libc::dlsym(lib, c.as_ptr()) }.is_null() {
+            return Err(CudaError::Unavailable(format!(
+                "the CUDA driver has no {s} (too old)"
+            )));
+        }
+    }
+    // SAFETY: the library and every symbol we call are present (checked above), so cudarc's
+    // loader does not panic.
+    call("cuInit", unsafe { sys::cuInit(0) }).map_err(|e| CudaError::Unavailable(e.to_string()))?;
+    let (mut devices, mut driver_version) = (0, 0);
+    // SAFETY: as above; each writes one int we own.
+    call("cuDeviceGetCount", unsafe {
+        sys::cuDeviceGetCount(&mut devices)
+    })
+    .map_err(|e| CudaError::Unavailable(e.to_string()))?;
+    // SAFETY: as above.
+    call("cuDriverGetVersion", unsafe {
+        sys::cuDriverGetVersion(&mut driver_version)
+    })
+    .map_err(|e| CudaError::Unavailable(e.to_string()))?;
+    if devices == 0 {
+        return Err(CudaError::Unavailable("no CUDA device".into()));
+    }
+    Ok(Gpu {
+        devices,
+        driver_version,
+    })
+}
+
+fn call(name: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut s: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: only reached after `probe` succeeded (every caller holds a Device, made after
+    // it); writes a pointer to a static string or leaves it null.
+    unsafe { sys::cuGetErrorString(r, &mut s) };
+    let what = if s.is_null() {
+        format!("{r:?}")
+    } else {
+        // SAFETY: a static NUL-terminated string from the driver.
+        unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+    };
+    Err(CudaError::Call { call: name, what })
+}
+
+/// One GPU: its primary context (made current on the calling thread by every method) and a
+/// stream for copies.
+pub struct Device {
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    done: sys::CUevent,
+}
+
+// SAFETY: the context is made current on whichever thread calls a method; the stream and event
+// are used by one thread at a time (&mut self for copies; Device is not Sync).
+unsafe impl Send for Device {}
+
+impl Device {
+    /// Opens GPU `ordinal` (after [`probe`]).
+    pub fn open(ordinal: i32) -> Result<Device, CudaError> {
+        probe()?;
+        let mut dev = 0;
+        // SAFETY: probe succeeded (library and symbols present); writes one handle.
+        call("cuDeviceGet", unsafe {
+            sys::cuDeviceGet(&mut dev, ordinal)
+        })?;
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: as above; the primary context is released in Drop.
+        call("cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+        })?;
+        let mut d = Device {
+            dev,
+            ctx,
+            stream: std::ptr::null_mut(),
+            done: std::ptr::null_mut(),
+        };
+        d.current()?;
+        // SAFETY: a current context; the stream and event are destroyed in Drop.
+        call("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(
+                &mut d.stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        })?;
+        // SAFETY: as above.
+        call("cuEventCreate", unsafe {
+            sys::cuEventCreate(
+                &mut d.done,
+                sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+                    | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32,
+            )
+        })?;
+        Ok(d)
+    }
+
+    fn current(&self) -> Result<(), CudaError> {
+        // SAFETY: a retained primary context.
+        call("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })
+    }
+
+    /// Allocates `bytes` of device memory (an engine's KV region; the tests' and the
+    /// benchmark's buffers).
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, CudaError> {
+        self.current()?;
+        let mut ptr = 0;
+        // SAFETY: a current context; freed in DeviceBuffer's Drop.
+        call("cuMemAlloc_v2", unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, bytes)
+        })?;
+        Ok(DeviceBuffer {
+            ctx: self.ctx,
+            ptr,
+            len: bytes,
+        })
+    }
+
+    /// Opens another process's exported allocation (64 handle bytes); `len` is what the
+    /// exporter registered (the driver maps the whole allocation).
+    pub fn open_ipc(&self, handle: &[u8], len: u64) -> Result<IpcMapping, CudaError> {
+        let h = ipc_handle(handle)?;
+        self.current()?;
+        let mut ptr = 0;
+        // SAFETY: a current context; the handle bytes are whatever the peer registered (the
+        // driver validates them); closed in Drop.
+        call("cuIpcOpenMemHandle_v2", unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        })?;
+        Ok(IpcMapping {
+            ctx: self.ctx,
+            ptr,
+            len,
+        })
+    }
+
+    /// Copies runs between opened regions on this device's stream and waits for the event
+    /// recorded after them; returns the bytes copied. Every run is checked first.
+    pub fn copy_runs(
+        &mut self,
+        src: &[DeviceRegion],
+        dst: &[DeviceRegion],
+        reserved: &Reserved,
+        runs: &[BlockRun],
+    ) -> Result<u64, TransportError> {
+        let shape = |v: &[DeviceRegion]| -> Vec<(u64, u64)> {
+            v.iter()
+                .map(|r| (r.num_blocks, r.block_size_bytes))
+                .collect()
+        };
+        check_layouts(&shape(src), &shape(dst))?;
+        for r in runs {
+            let end = |n: u64| r.len > 0 && u64::from(r.src) + u64::from(r.len) <= n;
+            if !src.iter().all(|s| end(s.num_blocks)) {
+                return Err(TransportError::OutOfSource {
+                    src: r.src,
+                    len: r.len,
+                });
+            }
+            let inside = dst
+                .iter()
+                .all(|d| u64::from(r.dst) + u64::from(r.len) <= d.num_blocks);
+            if !reserved.contains_run(r.dst, r.len) || !inside {
+                return Err(TransportError::OutOfReservation {
+                    region: 0,
+                    dst: r.dst,
+                    len: r.len,
+                });
+            }
+        }
+        let backend = |e: CudaError| TransportError::Backend(e.to_string());
+        self.current().map_err(backend)?;
+        let mut bytes = 0;
+        for (s, d) in src.iter().zip(dst) {
+            for r in runs {
+                let n = u64::from(r.len) * s.block_size_bytes;
+                let sp = s.base + u64::from(r.src) * s.block_size_bytes;
+                let dp = d.base + u64::from(r.dst) * d.block_size_bytes;
+                // SAFETY: both ranges lie inside their regions (checked above against
+                // num_blocks; each region lies inside its opened allocation, checked when the
+                // DeviceRegion was made); different allocations, so no overlap.
+                call("cuMemcpyDtoDAsync_v2", unsafe {
+                    sys::cuMemcpyDtoDAsync_v2(dp, sp, n as usize, self.stream)
+                })
+                .map_err(backend)?;
+                bytes += n;
+            }
+        }
+        // SAFETY: live event and stream of this context.
+        call("cuEventRecord", unsafe {
+            sys::cuEventRecord(self.done, self.stream)
+        })
+        .map_err(backend)?;
+        // SAFETY: a recorded event.
+        call("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.done)
+        })
+        .map_err(backend)?;
+        Ok(bytes)
+    }
+
+    /// The device ordinal's handle.
+    pub fn ordinal(&self) -> i32 {
+        self.dev
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.current();
+        // SAFETY: created in `open`, destroyed once; the primary context is released last.
+        unsafe {
+            if !self.done.is_null() {
+                sys::cuEventDestroy_v2(self.done);
+            }
+            if !self.stream.is_null() {
+                sys::cuStreamDestroy_v2(self.stream);
+            }
+            sys::cuDevicePrimaryCtxRelease_v2(self.dev);
+        }
+    }
+}
+
+fn ipc_handle(bytes: &[u8]) -> Result<sys::CUipcMemHandle, CudaError> {
+    if bytes.len() != 64 {
+        return Err(CudaError::Invalid(format!(
+            "a CUDA IPC handle is 64 bytes, got {}",
+            bytes.len()
+        )));
+    }
+    let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+    for (d, s) in h.reserved.iter_mut().zip(bytes) {
+        *d = *s as std::ffi::c_char;
+    }
+    Ok(h)
+}
+
+/// Device memory this process allocated.
+pub struct DeviceBuffer {
+    ctx: sys::CUcontext,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+// SAFETY: a device address and a context handle; the context is made current before use.
+unsafe impl Send for DeviceBuffer {}
+
+impl DeviceBuffer {
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The 64 bytes another process opens this allocation with.
+    pub fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
+        let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: the owning context made current; `ptr` is this allocation's base.
+        call("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })?;
+        // SAFETY: as above; writes the handle we own.
+        call("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(&mut h, self.ptr)
+        })?;
+        let mut out = [0u8; 64];
+        for (d, s) in out.iter_mut().zip(h.reserved) {
+            *d = s as u8;
+        }
+        Ok(out)
+    }
+
+    /// Host to device at `off`.
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<(), CudaError> {
+        write_at(self.ctx, self.ptr, self.len, off, data)
+    }
+
+    /// Device to host from `off`.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> Result<(), CudaError> {
+        read_at(self.ctx, self.ptr, self.len, off, out)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Device::alloc`, freed once, with its context current.
+        unsafe {
+            sys::cuCtxSetCurrent(self.ctx);
+            sys::cuMemFree_v2(self.ptr);
+        }
+    }
+}
+
+/// Another process's allocation, opened here.
+pub struct IpcMapping {
+    ctx: sys::CUcontext,
+    ptr: sys::CUdeviceptr,
+    len: u64,
+}
+
+// SAFETY: as DeviceBuffer.
+unsafe impl Send for IpcMapping {}
+
+impl IpcMapping {
+    /// The device address here.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// A region of `num_blocks` blocks of `block_size_bytes` at `offset` in this mapping,
+    /// checked against the registered length.
+    pub fn region(
+        &self,
+        offset: u64,
+        num_blocks: u64,
+        block_size_bytes: u64,
+    ) -> Result<DeviceRegion, CudaError> {
+        let end = num_blocks
+            .checked_mul(block_size_bytes)
+            .and_then(|l| l.checked_add(offset));
+        match end {
+            Some(e) if e <= self.len => Ok(DeviceRegion {
+                base: self.ptr + offset,
+                num_blocks,
+                block_size_bytes,
+            }),
+            _ => Err(CudaError::Invalid(format!(
+                "region of {num_blocks} blocks of {block_size_bytes} bytes at {offset} is larger than the {}-byte allocation",
+                self.len
+            ))),
+        }
+    }
+
+    /// Device to host from `off` (checks).
+    pub fn read(&self, off: usize, out: &mut [u8]) -> Result<(), CudaError> {
+        read_at(self.ctx, self.ptr, self.len as usize, off, out)
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        // SAFETY: opened in `Device::open_ipc`, closed once, with its context current.
+        unsafe {
+            sys::cuCtxSetCurrent(self.ctx);
+            sys::cuIpcCloseMemHandle(self.ptr);
+        }
+    }
+}
+
+/// Blocks in device memory: base address, count and size (checked against its allocation when
+/// made).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRegion {
+    base: u64,
+    num_blocks: u64,
+    block_size_bytes: u64,
+}
+
+impl DeviceRegion {
+    /// A region inside a buffer this process allocated.
+    pub fn in_buffer(
+        b: &DeviceBuffer,
+        offset: u64,
+        num_blocks: u64,
+        block_size_bytes: u64,
+    ) -> Result<DeviceRegion, CudaError> {
+        let end = num_blocks
+            .checked_mul(block_size_bytes)
+            .and_then(|l| l.checked_add(offset));
+        match end {
+            Some(e) if e <= b.len as u64 => Ok(DeviceRegion {
+                base: b.ptr + offset,
+                num_blocks,
+                block_size_bytes,
+            }),
+            _ => Err(CudaError::Invalid("region larger than its buffer".into())),
+        }
+    }
+}
+
+fn bounds(len: usize, off: usize, n: usize) -> Result<(), CudaError> {
+    match off.checked_add(n) {
+        Some(e) if e <= len => Ok(()),
+        _ => Err(CudaError::Invalid(format!(
+            "{n} bytes at {off} is outside a {len}-byte allocation"
+        ))),
+    }
+}
+
+fn write_at(
+    ctx: sys::CUcontext,
+    ptr: u64,
+    len: usize,
+    off: usize,
+    data: &[u8],
+) -> Result<(), CudaError> {
+    bounds(len, off, data.len())?;
+    // SAFETY: a live context.
+    call("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+    // SAFETY: the device range is inside the allocation (checked); `data` is readable.
+    call("cuMemcpyHtoD_v2", unsafe {
+        sys::cuMemcpyHtoD_v2(ptr + off as u64, data.as_ptr() as *const c_void, data.len())
+    })
+}
+
+fn read_at(
+    ctx: sys::CUcontext,
+    ptr: u64,
+    len: usize,
+    off: usize,
+    out: &mut [u8],
+) -> Result<(), CudaError> {
+    bounds(len, off, out.len())?;
+    // SAFETY: a live context.
+    call("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+    // SAFETY: the device range is inside the allocation (checked); `out` is writable and ours.
+    call("cuMemcpyDtoH_v2", unsafe {
+        sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut c_void, ptr + off as u64, out.len())
+    })
+}
