@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that sets up a fresh machine and runs every check: installs what the tests need
-# (redis-server and a C compiler from Debian, grpcio-tools for the Python client test), then fmt, clippy with
-# -D warnings, and the whole test suite.
+# (redis-server, a C compiler and UCX from Debian, grpcio-tools for the Python client test), then fmt,
+# clippy with -D warnings, and the whole test suite (the migration fault suite a second time over UCX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,9 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-benchmark >/dev/null || missing+=(redis-tools)
 command -v cc >/dev/null || missing+=(gcc)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+pkg-config --exists ucx 2>/dev/null || missing+=(libucx-dev)
+command -v ucx_perftest >/dev/null || missing+=(ucx-utils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   as_root apt-get update -qq
@@ -29,6 +32,8 @@ echo "== cargo build (binaries, and the C library the FFI tests link)"
 cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== the migration fault suite again, over UCX (its TCP transport: software RMA)"
+LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=tcp cargo test -p llumlet-tests --locked --test migration_faults
 echo "== loom models of the seqlock and the command queue (separate target dir: other cfg)"
 RUSTFLAGS="--cfg loom" cargo test -p llumlet-dataplane --lib --locked --target-dir target/loom loom_
 echo "== all checks passed"

@@ -255,6 +255,12 @@ fn run() -> ExitCode {
             }
         };
         config.transfer_port = transfer.port();
+        if cfg!(feature = "cuda") {
+            match crate::migration::cuda_side::available() {
+                Ok(gpu) => tracing::info!(cuda = %gpu, "GPU KV caches move over CUDA IPC"),
+                Err(why) => tracing::info!("{why}: GPU KV caches cannot migrate; host KV caches use shm, tcp or ucx"),
+            }
+        }
         // UCX, when built in and wanted: one context and worker for migrations in and out.
         let ucx = if cfg!(feature = "ucx") && config.transport != crate::config::TransportChoice::Tcp
             && config.transport != crate::config::TransportChoice::Shm

@@ -532,3 +532,88 @@ fn read_at(
         sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut c_void, ptr + off as u64, out.len())
     })
 }
+
+/// GPU regions named by IPC handles (one engine's KV cache), opened here: each distinct handle
+/// once, each region checked against what its allocation was registered with.
+pub struct OpenedRegions {
+    _maps: Vec<IpcMapping>,
+    regions: Vec<DeviceRegion>,
+}
+
+impl OpenedRegions {
+    /// Opens `regions` (`(handle, offset, num_blocks, block_size_bytes)` each) on `dev`.
+    pub fn open(
+        dev: &Device,
+        regions: &[(Vec<u8>, u64, u64, u64)],
+    ) -> Result<OpenedRegions, CudaError> {
+        let mut maps: Vec<(Vec<u8>, IpcMapping)> = Vec::new();
+        let mut out = Vec::with_capacity(regions.len());
+        for (handle, offset, blocks, bsz) in regions {
+            // The allocation is at least as long as the furthest region registered in it.
+            let len = regions
+                .iter()
+                .filter(|r| &r.0 == handle)
+                .filter_map(|r| r.2.checked_mul(r.3).and_then(|l| l.checked_add(r.1)))
+                .max()
+                .unwrap_or(0);
+            let i = match maps.iter().position(|(h, _)| h == handle) {
+                Some(i) => i,
+                None => {
+                    maps.push((handle.clone(), dev.open_ipc(handle, len)?));
+                    maps.len() - 1
+                }
+            };
+            out.push(maps[i].1.region(*offset, *blocks, *bsz)?);
+        }
+        Ok(OpenedRegions {
+            _maps: maps.into_iter().map(|(_, m)| m).collect(),
+            regions: out,
+        })
+    }
+}
+
+/// The source's end of the `cuda` transport: both engines' GPU regions opened in this llumlet,
+/// runs copied device to device on one stream, checked against the reservation first.
+pub struct CudaTransport {
+    dev: Device,
+    src: OpenedRegions,
+    dst: OpenedRegions,
+    reserved: Reserved,
+}
+
+impl CudaTransport {
+    /// A transport copying from `src` to `dst` (opened on `dev`) within `reserved`.
+    pub fn new(
+        dev: Device,
+        src: OpenedRegions,
+        dst: OpenedRegions,
+        reserved: Reserved,
+    ) -> CudaTransport {
+        CudaTransport {
+            dev,
+            src,
+            dst,
+            reserved,
+        }
+    }
+}
+
+impl crate::transport::Transport for CudaTransport {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn set_reserved(&mut self, reserved: Reserved) {
+        self.reserved = reserved;
+    }
+
+    /// `_host` is empty: the source's regions are the GPU regions opened in `new`.
+    fn copy(
+        &mut self,
+        _host: &[crate::kv::MappedRegion],
+        runs: &[BlockRun],
+    ) -> Result<u64, TransportError> {
+        self.dev
+            .copy_runs(&self.src.regions, &self.dst.regions, &self.reserved, runs)
+    }
+}

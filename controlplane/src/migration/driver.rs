@@ -64,7 +64,11 @@ fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String
 fn region_msg(r: &KvRegion) -> Region {
     Region {
         layer: r.layer,
-        handle: String::from_utf8_lossy(&r.handle).into_owned(),
+        handle: if r.memory == MemoryKind::CudaIpc {
+            super::cuda_side::handle_text(r)
+        } else {
+            String::from_utf8_lossy(&r.handle).into_owned()
+        },
         offset: r.offset,
         num_blocks: r.num_blocks,
         block_size_bytes: r.block_size_bytes,
@@ -81,6 +85,37 @@ fn host_regions(seg: &ControlSegment) -> Result<Vec<KvRegion>, String> {
         }
     }
     Ok(v)
+}
+
+fn gpu_regions(seg: &ControlSegment) -> Result<Vec<KvRegion>, String> {
+    let mut v = Vec::new();
+    for r in seg.kv().regions() {
+        let r = r.map_err(|e| e.to_string())?;
+        if r.memory == MemoryKind::CudaIpc {
+            v.push(r);
+        }
+    }
+    Ok(v)
+}
+
+/// The source's KV cache: host regions mapped here, or (none registered) GPU regions that the
+/// `cuda` transport opens later; `true` for GPU.
+fn source_regions(
+    seg: &ControlSegment,
+) -> Result<(Vec<KvRegion>, Vec<MappedRegion>, bool), String> {
+    let host = host_regions(seg)?;
+    if !host.is_empty() {
+        let maps = map_all(&host)?;
+        return Ok((host, maps, false));
+    }
+    let gpu = gpu_regions(seg)?;
+    if gpu.is_empty() {
+        return Err("the engine registered no KV regions".into());
+    }
+    match super::cuda_side::available() {
+        Ok(_) => Ok((gpu, Vec::new(), true)),
+        Err(why) => Err(format!("the engine's KV cache is on the GPU and {why}")),
+    }
 }
 
 fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
@@ -134,16 +169,8 @@ pub fn run_source(
     };
     // Nothing is asked of the engine or the destination before the KV cache is known to be
     // readable here.
-    let mapped = host_regions(&seg)
-        .and_then(|r| {
-            if r.is_empty() {
-                Err("the engine registered no host KV regions (GPU regions move with the cuda transport, not available yet)".to_string())
-            } else {
-                Ok(r)
-            }
-        })
-        .and_then(|r| map_all(&r).map(|m| (r, m)));
-    let (regions, src_maps) = match mapped {
+    let mapped = source_regions(&seg);
+    let (regions, src_maps, on_gpu) = match mapped {
         Ok(x) => x,
         Err(e) => {
             return SourceReport {
@@ -158,6 +185,8 @@ pub fn run_source(
         (r.block_size_bytes / r.token_size_bytes.max(1)) as u32
     });
     let want = match choice {
+        // GPU KV caches move device to device (same host).
+        _ if on_gpu => "cuda",
         TransportChoice::Tcp => "tcp",
         TransportChoice::Ucx if ucx.is_some() => "ucx",
         TransportChoice::Ucx => "tcp",
@@ -172,7 +201,7 @@ pub fn run_source(
         transport: want.into(),
         host: host_identity(),
         regions: regions.iter().map(region_msg).collect(),
-        ucx: ucx.is_some() && choice == TransportChoice::Auto,
+        ucx: ucx.is_some() && choice == TransportChoice::Auto && !on_gpu,
     };
     let mut m = SourceMachine::new(tuning, begin, block_tokens);
     let mut stream: Option<TcpStream> = None;
@@ -387,7 +416,19 @@ fn setup_transport(
     ucx: Option<&Arc<UcxSide>>,
 ) -> Result<&'static str, String> {
     let reserved = ReservedSet::new(&r.blocks);
-    if r.transport == "ucx" {
+    if r.transport == "cuda" {
+        if t.is_none() {
+            *t = Some(super::cuda_side::transport(
+                regions,
+                &r.regions,
+                reserved.clone(),
+            )?);
+        }
+        if let Some(t) = t.as_mut() {
+            t.set_reserved(reserved);
+        }
+        Ok("cuda")
+    } else if r.transport == "ucx" {
         if t.is_none() {
             let side = ucx.ok_or("the destination chose ucx, which this llumlet does not have")?;
             *t = Some(side.transport(r, regions, reserved.clone(), STEP_TIMEOUT)?);
@@ -671,14 +712,34 @@ impl TransferServer {
         seg: Option<&Arc<ControlSegment>>,
     ) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), String> {
         let seg = seg.ok_or("the destination has no engine attached")?;
-        let regions = host_regions(seg)?;
-        let maps = map_all(&regions)?;
+        let (regions, maps) = if b.transport == "cuda" {
+            // The source opens this engine's GPU regions itself: same host only.
+            if b.host.is_empty() || b.host != host_identity() {
+                return Err(
+                    "a GPU KV cache moves over CUDA IPC, which needs both engines on one host"
+                        .into(),
+                );
+            }
+            let gpu = gpu_regions(seg)?;
+            if gpu.is_empty() {
+                return Err("the destination engine has no GPU KV regions".into());
+            }
+            (gpu, Vec::new())
+        } else {
+            let host = host_regions(seg)?;
+            let maps = map_all(&host)?;
+            (host, maps)
+        };
+        let layout: Vec<(u64, u64)> = regions
+            .iter()
+            .map(|r| (r.num_blocks, r.block_size_bytes))
+            .collect();
         let src: Vec<(u64, u64)> = b
             .regions
             .iter()
             .map(|r| (r.num_blocks, r.block_size_bytes))
             .collect();
-        check_layouts(&src, &layout(&maps)).map_err(|e| e.to_string())?;
+        check_layouts(&src, &layout).map_err(|e| e.to_string())?;
         if b.request_id.is_empty() || b.request_id.len() > mailbox::MAX_ID_BYTES {
             return Err(format!("bad request id {:?}", b.request_id));
         }
@@ -734,7 +795,9 @@ impl TransferServer {
             },
             _ => None,
         };
-        let transport = if shm {
+        let transport = if b.transport == "cuda" {
+            "cuda"
+        } else if shm {
             "shm"
         } else if ucx_offer.is_some() {
             "ucx"
@@ -894,7 +957,7 @@ impl TransferServer {
                     if let Msg::Reserved(r) = &mut msg {
                         if r.ok {
                             sink.set_reserved(ReservedSet::new(&r.blocks));
-                            if transport == "shm" {
+                            if transport == "shm" || transport == "cuda" {
                                 r.regions = regions.iter().map(region_msg).collect();
                             }
                             if let Some((worker, offered)) = &ucx_offer {
@@ -1098,5 +1161,94 @@ impl crate::migrate::Migrator for LiveMigrator {
             (0, Some(e)) => Err(MigrateError::Failed(e)),
             _ => Ok(moved),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llumlet_dataplane::engine::EngineEndpoint;
+    use llumlet_dataplane::segment::Attach;
+
+    fn gpu_only_engine(tag: &str) -> (EngineEndpoint, std::path::PathBuf) {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/llumlet-ctl-unit-gpu-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let e = EngineEndpoint::create_at(&path).unwrap();
+        for layer in 0..2 {
+            e.register_kv_region(&KvRegion {
+                memory: MemoryKind::CudaIpc,
+                layout: LayoutKind::KvTogether,
+                layer,
+                offset: u64::from(layer) * 4096 * 16,
+                num_blocks: 16,
+                block_size_bytes: 4096,
+                token_size_bytes: 256,
+                handle: vec![7; 64],
+            })
+            .unwrap();
+        }
+        (e, path)
+    }
+
+    /// An engine whose KV cache is only on the GPU: the source takes the `cuda` path where
+    /// CUDA works, and otherwise refuses before asking anything of anyone, saying why (on this
+    /// machine without a GPU: no driver, or built without the feature).
+    #[test]
+    fn a_gpu_only_kv_cache_takes_the_cuda_path_or_is_refused_with_the_reason() {
+        let (e, path) = gpu_only_engine("src");
+        match super::super::cuda_side::available() {
+            Ok(_) => {
+                let (regions, maps, on_gpu) = source_regions(e.segment()).unwrap();
+                assert!(on_gpu && maps.is_empty() && regions.len() == 2);
+                assert_eq!(region_msg(&regions[0]).handle, "07".repeat(64));
+            }
+            Err(why) => {
+                let err = source_regions(e.segment()).err().unwrap();
+                assert!(
+                    err.starts_with("the engine's KV cache is on the GPU and ")
+                        && err.contains(&why),
+                    "{err}"
+                );
+            }
+        }
+        drop(e);
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A destination offers its GPU regions (handles in hex) only to a source on its host.
+    #[test]
+    fn a_destination_offers_gpu_regions_only_on_the_same_host() {
+        let (e, path) = gpu_only_engine("dst");
+        let Attach::Ready(seg) = ControlSegment::attach(&path).unwrap() else {
+            panic!("attach")
+        };
+        let seg = Arc::new(seg);
+        let link = EngineLink::new(path.clone());
+        let (server, _) = TransferServer::start(link, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let regions: Vec<Region> = gpu_regions(&seg).unwrap().iter().map(region_msg).collect();
+        let mut b = Begin {
+            request_id: "r".into(),
+            transport: "cuda".into(),
+            host: host_identity(),
+            regions,
+            ..Default::default()
+        };
+        let (maps, offered) = server.verdict(&b, Some(&seg)).unwrap();
+        assert!(maps.is_empty());
+        assert_eq!(offered.len(), 2);
+        b.host = "another-host".into();
+        let err = server.verdict(&b, Some(&seg)).err().unwrap();
+        assert!(err.contains("one host"), "{err}");
+        b.host = host_identity();
+        b.regions.pop();
+        assert!(
+            server.verdict(&b, Some(&seg)).is_err(),
+            "layouts must match"
+        );
+        drop(e);
+        let _ = std::fs::remove_file(path);
     }
 }

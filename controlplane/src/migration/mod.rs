@@ -2,6 +2,7 @@
 //! queues ([`link`]), the drivers that run them over real connections ([`driver`]), and the
 //! source's journal that settles migrations a dead or in-doubt llumlet left behind ([`journal`]).
 
+pub mod cuda_side;
 pub mod driver;
 pub mod journal;
 pub mod link;
