@@ -32,8 +32,9 @@ echo "== cargo build (binaries, and the C library the FFI tests link)"
 cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
-echo "== the migration fault suite again, over UCX (its TCP transport: software RMA)"
+echo "== the migration fault suite again, over UCX: its TCP transport (software RMA), then its shared memory"
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=tcp cargo test -p llumlet-tests --locked --test migration_faults
+LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=posix,cma cargo test -p llumlet-tests --locked --test migration_faults
 echo "== loom models of the seqlock and the command queue (separate target dir: other cfg)"
 RUSTFLAGS="--cfg loom" cargo test -p llumlet-dataplane --lib --locked --target-dir target/loom loom_
 echo "== all checks passed"

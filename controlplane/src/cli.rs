@@ -261,10 +261,9 @@ fn run() -> ExitCode {
                 Err(why) => tracing::info!("{why}: GPU KV caches cannot migrate; host KV caches use shm, tcp or ucx"),
             }
         }
-        // UCX, when built in and wanted: one context and worker for migrations in and out.
-        let ucx = if cfg!(feature = "ucx") && config.transport != crate::config::TransportChoice::Tcp
-            && config.transport != crate::config::TransportChoice::Shm
-        {
+        // UCX, when built in: one context and worker for migrations in and out (a destination
+        // offers it to sources that ask, whatever this llumlet's own outgoing choice).
+        let ucx = if cfg!(feature = "ucx") {
             match crate::migration::ucx_side::UcxSide::start() {
                 Ok(side) => {
                     tracing::info!(ucx = %side.describe(), "UCX transport ready");

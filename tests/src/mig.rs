@@ -111,16 +111,16 @@ impl Instance {
         env.insert("LLUMNIX_MAX_REQ_MIG_IN".into(), "4".into());
         // A fixed transfer port, so that a restarted llumlet is found where it was.
         env.insert("LLUMLET_TRANSFER_PORT".into(), free_port().to_string());
-        // The whole suite can run over another transport: LLUMLET_TEST_TRANSPORT=ucx (UCX's
-        // own UCX_* settings pass through).
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        // The whole suite can run over another transport: LLUMLET_TEST_TRANSPORT=ucx overrides
+        // every instance's choice (UCX's own UCX_* settings pass through).
         if let Ok(t) = std::env::var("LLUMLET_TEST_TRANSPORT") {
             env.insert("LLUMLET_TRANSPORT".into(), t);
         }
         for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("UCX_")) {
-            env.insert(k, v);
-        }
-        for (k, v) in extra {
-            env.insert(k.to_string(), v.to_string());
+            env.entry(k).or_insert(v);
         }
         let llumlet = LlumletProcess::spawn(&env);
         Instance {
