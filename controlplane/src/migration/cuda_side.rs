@@ -12,6 +12,7 @@ pub fn handle_text(r: &KvRegion) -> String {
     r.handle.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn handle_bytes(s: &str) -> Result<Vec<u8>, String> {
     if s.len() != 128 || !s.is_ascii() {
         return Err(format!("bad CUDA IPC handle {s:?}"));

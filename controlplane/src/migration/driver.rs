@@ -145,6 +145,8 @@ pub struct SourceReport {
     pub downtime: Option<Duration>,
     /// The transport used.
     pub transport: &'static str,
+    /// KV bytes copied (all stages, all regions).
+    pub bytes: u64,
 }
 
 /// Migrates one request to the transfer endpoint at `dst`.
@@ -165,6 +167,7 @@ pub fn run_source(
             stages: 0,
             downtime: None,
             transport: "none",
+            bytes: 0,
         };
     };
     // Nothing is asked of the engine or the destination before the KV cache is known to be
@@ -178,6 +181,7 @@ pub fn run_source(
                 stages: 0,
                 downtime: None,
                 transport: "none",
+                bytes: 0,
             }
         }
     };
@@ -228,6 +232,7 @@ pub fn run_source(
         }
     };
     let mut copies = 0u32;
+    let mut copied = 0u64;
     while let Some(a) = queue.pop_front() {
         let ev = match a {
             SrcAction::Engine(op) => {
@@ -301,6 +306,9 @@ pub fn run_source(
                     None => Err("no transport".into()),
                 };
                 copies += 1;
+                if let Ok(b) = &r {
+                    copied += b;
+                }
                 if copies == 1 && fault::at("src-after-stage0") == Some(fault::Action::Cut) {
                     cut(&stream);
                 }
@@ -386,6 +394,7 @@ pub fn run_source(
                     stages: m.stages(),
                     downtime,
                     transport: used,
+                    bytes: copied,
                 };
             }
         };
@@ -398,6 +407,7 @@ pub fn run_source(
         stages: m.stages(),
         downtime,
         transport: used,
+        bytes: copied,
     }
 }
 
@@ -1147,7 +1157,7 @@ impl crate::migrate::Migrator for LiveMigrator {
             match r {
                 Ok((req, rep)) => {
                     tracing::info!(request = %req.id, outcome = ?rep.outcome, stages = rep.stages,
-                        downtime_us = rep.downtime.map(|d| d.as_micros() as u64), transport = rep.transport, %dst,
+                        downtime_us = rep.downtime.map(|d| d.as_micros() as u64), transport = rep.transport, bytes = rep.bytes, %dst,
                         "migration out finished");
                     match rep.outcome {
                         Outcome::Migrated => moved += 1,
