@@ -36,6 +36,13 @@ enum Command {
     /// Run the simulated decode engine (publishes its status through the shared-memory
     /// interface, as a real engine linked to llumlet-rs does).
     SimEngine(SimArgs),
+    /// Start a small local cluster (simulated engines, their llumlets, a CMS), feed it skewed
+    /// load, rebalance it with live migrations, and print what happened (and plot it).
+    Demo(crate::demo::DemoArgs),
+    /// Measuring tools: KV transfer throughput by transport, its baselines, migration downtime
+    /// by sequence length, status path costs. One JSON object per measurement on stdout.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCmd),
     /// List every environment variable with its default and meaning.
     Env {
         /// Print the Markdown table of docs/configuration.md.
@@ -191,6 +198,8 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(),
         Command::SimEngine(a) => sim_engine(a),
+        Command::Demo(a) => crate::demo::run(a),
+        Command::Bench(b) => crate::bench::run(b),
         Command::Env { markdown: true } => {
             print!("{}", crate::env::markdown_table());
             ExitCode::SUCCESS

@@ -10,9 +10,11 @@
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod cms;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod env;
 pub mod kv_transfer;

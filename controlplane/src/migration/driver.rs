@@ -45,12 +45,12 @@ pub fn host_identity() -> String {
         .unwrap_or_default()
 }
 
-fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
+pub(crate) fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
     let bytes = Envelope { msg: Some(m) }.encode_to_vec();
     write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
+pub(crate) fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
     match read_frame(stream, buf) {
         Ok(FRAME_CONTROL) => Envelope::decode(&buf[..])
             .ok()
@@ -61,7 +61,7 @@ fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String
     }
 }
 
-fn region_msg(r: &KvRegion) -> Region {
+pub(crate) fn region_msg(r: &KvRegion) -> Region {
     Region {
         layer: r.layer,
         handle: if r.memory == MemoryKind::CudaIpc {
@@ -118,7 +118,7 @@ fn source_regions(
     }
 }
 
-fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
+pub(crate) fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
     regions
         .iter()
         .map(|r| MappedRegion::map(r).map_err(|e| e.to_string()))
@@ -418,7 +418,7 @@ fn cut(stream: &Option<TcpStream>) {
     }
 }
 
-fn setup_transport(
+pub(crate) fn setup_transport(
     t: &mut Option<Box<dyn Transport>>,
     r: &llumlet_proto::migration::Reserved,
     s: &TcpStream,

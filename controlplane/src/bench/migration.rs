@@ -1,0 +1,231 @@
+//! `llumlet bench migration`: live migrations of one decoding request by sequence length, with
+//! the real processes of a deployment: two simulated engines (an 8B-model-shaped KV layout:
+//! blocks of 16 tokens × 8 KV heads × 128 × K,V × fp16, in `--layers` layers), their llumlets,
+//! the embedded CMS, and `Migrate` over gRPC. The request moves back and forth `--repeat` times;
+//! downtime (the source's suspend to the destination's commit answer), stages and KV bytes come
+//! from the source llumlet's `migration out finished` log line, the total time is the `Migrate`
+//! call's. Each arrival's KV bytes and token stream are checked by the receiving engine.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use llumlet_proto::cms::InstanceStatus;
+use prost::Message;
+use serde_json::json;
+
+use super::{percentile, round, Progress};
+use crate::demo::{field, migrate, wait_registered, Cms, EmbeddedCms, Instance};
+
+/// `llumlet bench migration` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrationArgs {
+    /// Sequence lengths (prompt tokens of the migrated request), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536")]
+    pub tokens: Vec<u32>,
+    /// Migrations per length (the request moves back and forth).
+    #[arg(long, default_value_t = 5)]
+    pub repeat: u32,
+    /// Engine step in milliseconds (the engine takes commands between steps).
+    #[arg(long, default_value_t = 5)]
+    pub step_ms: u64,
+    /// KV layers (an 8B model has 32; 2 keeps a 64k-token request at 512 MiB per engine).
+    #[arg(long, default_value_t = 2)]
+    pub layers: u32,
+    /// The llumlets' LLUMLET_TRANSPORT (`shm`, `tcp`, `ucx` where built with it).
+    #[arg(long, default_value = "shm")]
+    pub transport: String,
+    /// Where to keep the processes' logs (default: a new directory under the system temp dir).
+    #[arg(long)]
+    pub logs: Option<PathBuf>,
+}
+
+/// Output tokens the request may still produce: it must keep decoding through every migration.
+const HEADROOM_TOKENS: u32 = 8192;
+
+/// Runs the bench; one JSON line per sequence length.
+pub fn run(a: &MigrationArgs) -> Result<(), String> {
+    if a.tokens.is_empty() || a.tokens.contains(&0) || a.repeat == 0 || a.layers == 0 {
+        return Err("--tokens must be positive, --repeat and --layers at least 1".into());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.block_on(async {
+        let cms = EmbeddedCms::start()
+            .await
+            .map_err(|e| format!("cannot start the embedded CMS: {e}"))?;
+        let dir = match &a.logs {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir().join(format!("llumlet-bench-{}", std::process::id())),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let progress = Progress::new();
+        let mut first: Option<f64> = None;
+        for &tokens in &a.tokens {
+            let r = one_length(a, &Cms::local(cms.addr().port()), &dir, tokens, &progress).await?;
+            progress.done();
+            let p50 = r["downtime_p50_us"].as_f64().unwrap_or(0.0);
+            println!("{r}");
+            match first {
+                None => first = Some(p50),
+                Some(f) if f > 0.0 => println!(
+                    "{}",
+                    json!({"bench": "migration", "tokens": tokens, "tokens_first": a.tokens[0],
+                           "downtime_ratio_to_first": round(p50 / f, 3)})
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn status(
+    conn: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+) -> Result<Option<InstanceStatus>, String> {
+    let v: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(llumlet_proto::status_key(id))
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("CMS: {e}"))?;
+    Ok(v.and_then(|v| InstanceStatus::decode(&v[..]).ok()))
+}
+
+async fn one_length(
+    a: &MigrationArgs,
+    cms: &Cms,
+    dir: &std::path::Path,
+    tokens: u32,
+    progress: &Progress,
+) -> Result<serde_json::Value, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let blocks = (tokens + HEADROOM_TOKENS).div_ceil(16) + 16;
+    let engine = |requests: u32| {
+        vec![
+            ("--requests", requests.to_string()),
+            ("--min-prompt", tokens.to_string()),
+            ("--max-prompt", tokens.to_string()),
+            ("--max-tokens", HEADROOM_TOKENS.to_string()),
+            ("--num-blocks", blocks.to_string()),
+            ("--block-size", "16".to_string()),
+            ("--layers", a.layers.to_string()),
+            ("--kv-heads", "8".to_string()),
+            ("--head-size", "128".to_string()),
+            ("--step-ms", a.step_ms.to_string()),
+        ]
+    };
+    let env = [("LLUMLET_TRANSPORT", a.transport.clone())];
+    let mut instances = Vec::new();
+    for (i, requests) in [1, 0].into_iter().enumerate() {
+        let id = format!("bench-{tokens}-{i}");
+        instances.push(
+            Instance::spawn(&exe, dir, cms, id, &engine(requests), &env)
+                .map_err(|e| format!("cannot start an instance: {e}"))?,
+        );
+    }
+    let client = redis::Client::open(cms.url()).map_err(|e| format!("CMS: {e}"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("CMS: {e}"))?;
+    let metas = wait_registered(&mut conn, &instances, Duration::from_secs(30)).await?;
+    // The request is admitted and prefilled at the first engine's first steps.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&mut conn, &instances[0].id).await?;
+        if s.is_some_and(|s| s.num_running_requests >= 1) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the {tokens}-token request never ran at {}",
+                instances[0].id
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut totals = Vec::new();
+    let mut failures = Vec::new();
+    let mut holder = 0;
+    for k in 0..a.repeat {
+        progress.tick(&format!(
+            "{tokens} tokens: migration {}/{} over {}",
+            k + 1,
+            a.repeat,
+            a.transport
+        ));
+        let t0 = Instant::now();
+        let (ok, message) = tokio::time::timeout(
+            Duration::from_secs(120),
+            migrate(&metas[holder], &metas[1 - holder]),
+        )
+        .await
+        .unwrap_or((false, "no answer within 120 s".into()));
+        if ok {
+            totals.push(t0.elapsed().as_secs_f64());
+            holder = 1 - holder;
+        } else {
+            failures.push(message);
+        }
+        // Let the engines take the request's next steps before it moves again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in &mut instances {
+        i.llumlet.terminate(Duration::from_secs(5));
+    }
+    for i in &mut instances {
+        i.engine.terminate(Duration::from_secs(5));
+    }
+    let (mut downtimes, mut stages, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut verified = 0;
+    for i in &instances {
+        for l in i.llumlet.output().lines() {
+            if l.contains("migration out finished") && field(l, "outcome") == Some("Migrated") {
+                downtimes.extend(field(l, "downtime_us").and_then(|v| v.parse::<f64>().ok()));
+                stages.extend(field(l, "stages").and_then(|v| v.parse::<f64>().ok()));
+                bytes.extend(field(l, "bytes").and_then(|v| v.parse::<f64>().ok()));
+            }
+        }
+        verified += i
+            .engine
+            .output()
+            .lines()
+            .filter(|l| l.starts_with("sim-engine: migrated-in ") && l.contains("kv=ok tokens=ok"))
+            .count();
+    }
+    if totals.is_empty() {
+        return Err(format!(
+            "no migration of the {tokens}-token request succeeded: {}",
+            failures.join("; ")
+        ));
+    }
+    if verified != totals.len() || downtimes.len() != totals.len() {
+        return Err(format!(
+            "{} migrations answered success, {} were logged by the sources, {} arrived verified (logs in {})",
+            totals.len(),
+            downtimes.len(),
+            verified,
+            dir.display()
+        ));
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok(json!({
+        "bench": "migration",
+        "transport": a.transport,
+        "tokens": tokens,
+        "layers": a.layers,
+        "step_ms": a.step_ms,
+        "migrations": totals.len(),
+        "failed": failures.len(),
+        "downtime_p50_us": percentile(&downtimes, 0.5),
+        "downtime_p99_us": percentile(&downtimes, 0.99),
+        "downtime_max_us": percentile(&downtimes, 1.0),
+        "total_p50_ms": round(percentile(&totals, 0.5) * 1e3, 3),
+        "stages_mean": round(mean(&stages), 2),
+        "kv_bytes_mean": mean(&bytes).round(),
+        "verified": true,
+    }))
+}

@@ -1,0 +1,515 @@
+//! `llumlet bench`: the measuring tools. Each prints one JSON object per measurement on stdout
+//! (progress goes to stderr, and only when it is a terminal), so runs can be piped into files
+//! and compared. Every throughput comes with a baseline the same command can measure in the
+//! same run (`--with-baseline`, or `llumlet bench baseline`), so a figure reads as a ratio.
+//!
+//! - `transfer`: KV-shaped blocks between two processes (or hosts) over `shm`, `tcp` or `ucx`,
+//!   through a migration's own code path (see [`transfer`]);
+//! - `baseline`: a plain memcpy between two shared-memory mappings and a single-stream loopback
+//!   TCP copy of the same size;
+//! - `migration`: downtime and total time of live migrations by sequence length, with real
+//!   simulated engines and llumlets (see [`migration`]);
+//! - `status`: engine publish and llumlet read of the status ring, and the llumlet's CPU per
+//!   status push to a Redis (see [`status`]).
+
+pub mod migration;
+pub mod status;
+pub mod transfer;
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use transfer::Shape;
+
+/// `llumlet bench ...`
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchCmd {
+    /// Move KV-shaped blocks from this process to a receiver (a second process started here,
+    /// or `llumlet bench receive` on another host with --peer) through a migration's code path.
+    Transfer(TransferArgs),
+    /// A plain memcpy between two shared-memory mappings, and a single-stream loopback TCP copy,
+    /// of each size: the baselines for `transfer`.
+    Baseline(SizeArgs),
+    /// Live migrations of one request by sequence length (two simulated engines with their
+    /// llumlets, an embedded CMS, `Migrate` over gRPC): downtime and total time.
+    Migration(migration::MigrationArgs),
+    /// Status path costs: engine publish and llumlet read of the status ring, and the llumlet's
+    /// CPU per status push to a Redis.
+    Status(status::StatusArgs),
+    /// The receiving side of `transfer` (prints its port, then serves until killed).
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: String,
+    },
+}
+
+/// Sizes to measure.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SizeArgs {
+    /// Bytes per transfer, comma-separated; K/M/G suffixes are binary (64M = 64 MiB).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1M,16M,64M,256M")]
+    pub size: Vec<u64>,
+    /// Timed copies per size (default: about 2 GiB per size, between 5 and 200).
+    #[arg(long)]
+    pub iters: Option<u32>,
+}
+
+/// `llumlet bench transfer` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TransferArgs {
+    /// `shm` (same host), `tcp`, or `ucx` (feature `ucx`; UCX_TLS applies); `cuda` is not in the
+    /// perf tool yet (it says so).
+    #[arg(long)]
+    pub transport: String,
+    #[command(flatten)]
+    pub sizes: SizeArgs,
+    /// Bytes per KV block and layer (default: 16 tokens × 8 KV heads × 128 × K,V × fp16).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub block_bytes: u64,
+    /// KV regions (layers) the size is spread over.
+    #[arg(long, default_value_t = 2)]
+    pub layers: u32,
+    /// A receiver started with `llumlet bench receive` (host:port); default: one started here.
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Also measure, in the same run, the baseline for this transport (memcpy for shm and ucx,
+    /// loopback TCP for tcp) and report the ratio.
+    #[arg(long)]
+    pub with_baseline: bool,
+}
+
+/// `4096`, `64K`, `64KiB`, `16M`, `1G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of bytes such as 4096, 64K or 16M"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?}: must be between 1 byte and 16 EiB"))
+}
+
+/// A progress line on stderr when it is a terminal; nothing otherwise.
+pub struct Progress {
+    tty: bool,
+}
+
+impl Progress {
+    /// For stderr as it is now.
+    pub fn new() -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Replaces the progress line.
+    pub fn tick(&self, s: &str) {
+        if self.tty {
+            eprint!("\r\x1b[2K{s}");
+        }
+    }
+
+    /// Clears it.
+    pub fn done(&self) {
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+/// One throughput measurement: `bytes` moved per iteration, each iteration's seconds.
+#[derive(Debug, Clone)]
+pub struct Measure {
+    /// Which bench.
+    pub bench: &'static str,
+    /// What moved the bytes (`shm`, `tcp`, `memcpy`, `tcp-loopback`, ...).
+    pub transport: String,
+    /// Bytes per iteration.
+    pub bytes: u64,
+    /// Seconds of each timed iteration.
+    pub times: Vec<f64>,
+    /// More fields for the JSON line.
+    pub extra: Vec<(&'static str, Value)>,
+}
+
+impl Measure {
+    /// A transfer measurement.
+    pub fn new(transport: &str, bytes: u64, times: &[f64]) -> Measure {
+        Measure {
+            bench: "transfer",
+            transport: transport.into(),
+            bytes,
+            times: times.to_vec(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Total seconds.
+    pub fn seconds(&self) -> f64 {
+        self.times.iter().sum()
+    }
+
+    /// 10^9 bytes per second over all iterations.
+    pub fn gb_per_s(&self) -> f64 {
+        self.bytes as f64 * self.times.len() as f64 / self.seconds().max(f64::MIN_POSITIVE) / 1e9
+    }
+
+    /// The JSON object.
+    pub fn json(&self) -> Value {
+        let mut v = json!({
+            "bench": self.bench,
+            "transport": self.transport,
+            "bytes": self.bytes,
+            "iters": self.times.len(),
+            "seconds": round(self.seconds(), 6),
+            "p50_s": round(percentile(&self.times, 0.5), 9),
+            "gb_per_s": round(self.gb_per_s(), 3),
+        });
+        for (k, x) in &self.extra {
+            v[*k] = x.clone();
+        }
+        v
+    }
+}
+
+/// Prints `m` as one JSON line on stdout.
+pub fn json_line(m: &Measure) {
+    println!("{}", m.json());
+}
+
+/// The `p` quantile (nearest rank) of `v`; 0 when empty.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return 0.0;
+    }
+    let i = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+fn default_iters(bytes: u64) -> u32 {
+    ((2u64 << 30) / bytes).clamp(5, 200) as u32
+}
+
+/// Runs `llumlet bench ...`; the exit code.
+pub fn run(cmd: BenchCmd) -> ExitCode {
+    let r = match cmd {
+        BenchCmd::Transfer(a) => run_transfer(&a),
+        BenchCmd::Baseline(a) => run_baseline(&a),
+        BenchCmd::Migration(a) => migration::run(&a),
+        BenchCmd::Status(a) => status::run(&a),
+        BenchCmd::Receive { listen } => transfer::receive(&listen),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llumlet bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A `llumlet bench receive` child on loopback, killed when dropped.
+struct Receiver {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Receiver {
+    fn start() -> Result<Receiver, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+        let mut child = Command::new(exe)
+            .args(["bench", "receive", "--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the receiver: {e}"))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        let port: u16 = match line.trim().parse() {
+            Ok(p) => p,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the receiver did not start (see above)".into());
+            }
+        };
+        Ok(Receiver {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn check_transport(t: &str) -> Result<(), String> {
+    match t {
+        "shm" | "tcp" => Ok(()),
+        "ucx" if cfg!(feature = "ucx") => Ok(()),
+        "ucx" => Err("--transport ucx: this llumlet was built without the `ucx` feature (cargo build --release --features ucx)".into()),
+        "cuda" => Err(match crate::migration::cuda_side::available() {
+            Ok(gpu) => format!("--transport cuda: {gpu}, but the perf tool does not drive the CUDA IPC transport yet; `cargo test -p llumlet-dataplane --features cuda` runs the GPU copy tests"),
+            Err(why) => format!("--transport cuda: {why}; use shm, tcp or ucx"),
+        }),
+        other => Err(format!("--transport {other:?}: expected shm, tcp, ucx or cuda")),
+    }
+}
+
+fn run_transfer(a: &TransferArgs) -> Result<(), String> {
+    check_transport(&a.transport)?;
+    let shapes = a
+        .sizes
+        .size
+        .iter()
+        .map(|b| Shape::for_bytes(*b, a.block_bytes, a.layers))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (peer, _receiver) = match &a.peer {
+        Some(p) => {
+            let addr = p
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut i| i.next())
+                .ok_or_else(|| format!("--peer {p:?}: not a reachable host:port"))?;
+            (addr, None)
+        }
+        None => {
+            let r = Receiver::start()?;
+            (r.addr, Some(r))
+        }
+    };
+    let progress = Progress::new();
+    for shape in shapes {
+        let iters = a
+            .sizes
+            .iters
+            .unwrap_or_else(|| default_iters(shape.bytes()));
+        let mut m = transfer::send_to(peer, &a.transport, shape, iters, &progress)?;
+        if a.with_baseline {
+            let mut src = Source::new(shape.bytes())?;
+            let b = if a.transport == "tcp" {
+                tcp_loopback(&mut src, iters)?
+            } else {
+                memcpy(&mut src, iters)?
+            };
+            m.extra.push(("baseline", b.transport.clone().into()));
+            m.extra
+                .push(("baseline_gb_per_s", round(b.gb_per_s(), 3).into()));
+            m.extra
+                .push(("ratio", round(m.gb_per_s() / b.gb_per_s(), 3).into()));
+        }
+        progress.done();
+        json_line(&m);
+    }
+    Ok(())
+}
+
+fn run_baseline(a: &SizeArgs) -> Result<(), String> {
+    let progress = Progress::new();
+    for &bytes in &a.size {
+        let iters = a.iters.unwrap_or_else(|| default_iters(bytes));
+        progress.tick(&format!("baselines {} MiB", bytes >> 20));
+        let mut src = Source::new(bytes)?;
+        let m = memcpy(&mut src, iters)?;
+        let t = tcp_loopback(&mut src, iters)?;
+        progress.done();
+        json_line(&m);
+        json_line(&t);
+    }
+    Ok(())
+}
+
+/// A mapped /dev/shm file of this process (the file is removed at once; the mapping stays).
+struct ShmBuf {
+    map: memmap2::MmapMut,
+}
+
+impl ShmBuf {
+    fn new(tag: &str, len: u64) -> Result<ShmBuf, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = format!("/dev/shm/llumlet-bench-{tag}-{}", std::process::id());
+        let _ = std::fs::remove_file(&path);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        let _ = std::fs::remove_file(&path);
+        f.set_len(len).map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: the file was created exclusively by this process and unlinked at once, so no
+        // other process can map, truncate or write it while the mapping lives.
+        let mut map =
+            unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(|e| format!("{path}: {e}"))?;
+        map.fill(0x5a); // first touch: no page fault is timed
+        Ok(ShmBuf { map })
+    }
+}
+
+/// The bytes a baseline copies: a filled shared-memory mapping, as a KV cache is.
+struct Source {
+    from: ShmBuf,
+}
+
+impl Source {
+    fn new(bytes: u64) -> Result<Source, String> {
+        Ok(Source {
+            from: ShmBuf::new("from", bytes)?,
+        })
+    }
+}
+
+/// A plain memcpy of the source into another shared-memory mapping, `iters` times.
+fn memcpy(src: &mut Source, iters: u32) -> Result<Measure, String> {
+    let mut to = ShmBuf::new("to", src.from.map.len() as u64)?;
+    to.map.copy_from_slice(&src.from.map);
+    let mut times = Vec::with_capacity(iters as usize);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        to.map
+            .copy_from_slice(std::hint::black_box(&src.from.map[..]));
+        std::hint::black_box(to.map[to.map.len() - 1]);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mut m = Measure::new("memcpy", src.from.map.len() as u64, &times);
+    m.bench = "baseline";
+    Ok(m)
+}
+
+/// The source written to one loopback TCP stream, read by another thread into a 4 MiB buffer,
+/// one byte of acknowledgement per iteration (as `transfer` waits for each `StageAck`).
+fn tcp_loopback(src: &mut Source, iters: u32) -> Result<Measure, String> {
+    let bytes = src.from.map.len();
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let _ = s.set_nodelay(true);
+        let mut buf = vec![0u8; 4 << 20];
+        for _ in 0..=iters {
+            let mut left = bytes;
+            while left > 0 {
+                let n = s.read(&mut buf[..left.min(4 << 20)])?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                left -= n;
+            }
+            s.write_all(b"k")?;
+        }
+        Ok(())
+    });
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    let mut ack = [0u8; 1];
+    let mut once = |s: &mut TcpStream| -> Result<(), String> {
+        s.write_all(&src.from.map).map_err(|e| e.to_string())?;
+        s.read_exact(&mut ack).map_err(|e| e.to_string())
+    };
+    once(&mut s)?; // warm-up
+    let mut times = Vec::with_capacity(iters as usize);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        once(&mut s)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    drop(s);
+    reader
+        .join()
+        .map_err(|_| "the loopback reader panicked".to_string())?
+        .map_err(|e| format!("loopback reader: {e}"))?;
+    let mut m = Measure::new("tcp-loopback", bytes as u64, &times);
+    m.bench = "baseline";
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_bad_ones_are_named() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("0").unwrap_err().contains("between"));
+        assert!(parse_size("12X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("lots")
+            .unwrap_err()
+            .contains("expected a number"));
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn shapes_split_sizes_into_layers_of_whole_blocks() {
+        let s = Shape::for_bytes(64 << 20, 64 << 10, 2).unwrap();
+        assert_eq!((s.layers, s.blocks, s.bytes()), (2, 512, 64 << 20));
+        assert!(Shape::for_bytes(1000, 64 << 10, 2)
+            .unwrap_err()
+            .contains("multiple of --layers"));
+        assert!(Shape::for_bytes(1 << 20, 100, 1)
+            .unwrap_err()
+            .contains("--block-bytes"));
+    }
+
+    #[test]
+    fn percentiles_and_throughput() {
+        let m = Measure::new("x", 1_000_000_000, &[0.5, 1.0, 1.5, 1.0]);
+        assert_eq!(percentile(&m.times, 0.5), 1.0);
+        assert!((m.gb_per_s() - 1.0).abs() < 1e-9);
+        let j = m.json();
+        assert_eq!(j["transport"], "x");
+        assert_eq!(j["iters"], 4);
+        assert_eq!(j["gb_per_s"], 1.0);
+    }
+
+    #[test]
+    fn the_digest_sees_one_changed_word() {
+        let shape = Shape::for_bytes(256 << 10, 64 << 10, 2).unwrap();
+        let mut a = transfer::kv_cache("digest-a", shape).unwrap();
+        transfer::fill(&mut a, shape, 7);
+        let maps = |c: &llumlet_dataplane::kv::HostKvCache| {
+            crate::migration::driver::map_all(&c.regions().unwrap()).unwrap()
+        };
+        let d = transfer::digest(&maps(&a));
+        assert_eq!(d, transfer::digest(&maps(&a)));
+        a.token_mut(1, 1, 3).unwrap()[5] ^= 1;
+        assert_ne!(d, transfer::digest(&maps(&a)));
+    }
+}

@@ -1,0 +1,388 @@
+//! `llumlet bench transfer` and `llumlet bench receive`: KV-shaped blocks moved between two
+//! processes (or two hosts) through a migration's own code path. The two sides speak the
+//! migration protocol (`Begin` → `Reserved`, one `StageDone` → `StageAck` per copy, `Commit` →
+//! `Committed`), the sender builds its transport from the receiver's `Reserved` answer with the
+//! driver's `setup_transport`, and the receiver applies tcp data frames with the destination's
+//! `DataSink`. The `Commit` carries a digest of the sender's KV bytes; the receiver answers
+//! whether its own bytes match, so every measurement is also a check that the bytes arrived.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use llumlet_dataplane::kv::{HostKvCache, KvRegion, MappedRegion};
+use llumlet_dataplane::runs::{coalesce, BlockRun};
+use llumlet_dataplane::sim::SplitMix64;
+use llumlet_dataplane::transport::{
+    receive_frame, DataSink, Frame, Reserved as ReservedSet, Transport,
+};
+use llumlet_proto::migration::{
+    envelope::Msg, Begin, Commit, Committed, Envelope, Reserved, StageAck, StageDone,
+};
+use prost::Message;
+
+use super::{Measure, Progress};
+use crate::migration::driver::{
+    host_identity, map_all, recv_control, region_msg, send, setup_transport,
+};
+use crate::migration::ucx_side::UcxSide;
+
+/// Tokens per block in the bench's KV layout (the llumlet only needs it for slot accounting).
+pub const BLOCK_TOKENS: u64 = 16;
+
+/// How long either side waits for the other.
+const PEER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A KV cache's shape: `layers` regions of `blocks` blocks of `block_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Regions (one per layer).
+    pub layers: u32,
+    /// Blocks per region.
+    pub blocks: u64,
+    /// Bytes per block.
+    pub block_bytes: u64,
+}
+
+impl Shape {
+    /// The shape moving `bytes` in blocks of `block_bytes` over `layers` layers, or why not.
+    pub fn for_bytes(bytes: u64, block_bytes: u64, layers: u32) -> Result<Shape, String> {
+        if block_bytes == 0 || !block_bytes.is_multiple_of(BLOCK_TOKENS * 8) {
+            return Err(format!(
+                "--block-bytes {block_bytes}: must be a positive multiple of {} ({BLOCK_TOKENS} tokens of whole 8-byte words)",
+                BLOCK_TOKENS * 8
+            ));
+        }
+        if layers == 0 {
+            return Err("--layers must be at least 1".into());
+        }
+        let per_block = block_bytes * u64::from(layers);
+        if bytes == 0 || !bytes.is_multiple_of(per_block) {
+            return Err(format!(
+                "--size {bytes}: must be a positive multiple of --layers × --block-bytes ({per_block} bytes)"
+            ));
+        }
+        let blocks = bytes / per_block;
+        if blocks > u64::from(u32::MAX) {
+            return Err(format!(
+                "--size {bytes}: {blocks} blocks per layer is more than a block table holds"
+            ));
+        }
+        Ok(Shape {
+            layers,
+            blocks,
+            block_bytes,
+        })
+    }
+
+    /// Bytes in all.
+    pub fn bytes(&self) -> u64 {
+        self.blocks * self.block_bytes * u64::from(self.layers)
+    }
+}
+
+/// A fresh /dev/shm KV cache of `shape` for this process (removed when dropped).
+pub fn kv_cache(tag: &str, shape: Shape) -> Result<HostKvCache, String> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = PathBuf::from(format!(
+        "/dev/shm/llumlet-bench-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    HostKvCache::create(
+        &path,
+        shape.layers,
+        shape.blocks,
+        shape.block_bytes,
+        shape.block_bytes / BLOCK_TOKENS,
+    )
+    .map_err(|e| format!("cannot create the KV cache {}: {e}", path.display()))
+}
+
+/// Fills every token of `cache` with pseudo-random words from `seed`.
+pub fn fill(cache: &mut HostKvCache, shape: Shape, seed: u64) {
+    let mut rng = SplitMix64(seed);
+    for layer in 0..shape.layers {
+        for block in 0..shape.blocks {
+            for slot in 0..BLOCK_TOKENS {
+                if let Some(t) = cache.token_mut(layer, block, slot) {
+                    for w in t.chunks_exact_mut(8) {
+                        w.copy_from_slice(&rng.next_u64().to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A digest of every block of `maps`, in order (both sides compute it the same way).
+pub fn digest(maps: &[MappedRegion]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut block = Vec::new();
+    for m in maps {
+        let r = m.region();
+        block.resize(r.block_size_bytes as usize, 0);
+        for b in 0..r.num_blocks {
+            if !m.read_block(b, &mut block) {
+                return 0;
+            }
+            for w in block.chunks_exact(8) {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(w);
+                h = (h ^ u64::from_le_bytes(x)).wrapping_mul(0x0000_0100_0000_01b3);
+                h ^= h >> 29;
+            }
+        }
+    }
+    h
+}
+
+fn shape_of(regions: &[llumlet_proto::migration::Region]) -> Result<Shape, String> {
+    let first = regions.first().ok_or("the sender named no regions")?;
+    if regions
+        .iter()
+        .any(|r| r.num_blocks != first.num_blocks || r.block_size_bytes != first.block_size_bytes)
+    {
+        return Err("the sender's regions differ in shape".into());
+    }
+    let shape = Shape::for_bytes(
+        first.num_blocks * first.block_size_bytes * regions.len() as u64,
+        first.block_size_bytes,
+        regions.len() as u32,
+    )?;
+    Ok(shape)
+}
+
+/// The receiving side: one migration-shaped transfer per connection, until killed. Prints the
+/// port it listens on as the first line of stdout.
+pub fn receive(listen: &str) -> Result<(), String> {
+    let listener =
+        TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    println!("{port}");
+    let _ = std::io::stdout().flush();
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        match serve(stream) {
+            Ok(()) => {}
+            Err(e) => eprintln!("llumlet bench receive: transfer from {peer} failed: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn refuse(stream: &mut TcpStream, error: String) -> Result<(), String> {
+    let _ = send(
+        stream,
+        Msg::Reserved(Reserved {
+            ok: false,
+            error: error.clone(),
+            ..Default::default()
+        }),
+    );
+    Err(error)
+}
+
+fn serve(mut stream: TcpStream) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(PEER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let b: Begin = match recv_control(&mut stream, &mut buf)? {
+        Msg::Begin(b) => b,
+        other => return Err(format!("expected Begin, got {other:?}")),
+    };
+    let shape = match shape_of(&b.regions) {
+        Ok(s) => s,
+        Err(e) => return refuse(&mut stream, e),
+    };
+    let cache = match kv_cache("rx", shape) {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut stream, e),
+    };
+    let regions: Vec<KvRegion> = cache.regions().map_err(|e| e.to_string())?;
+    let maps = map_all(&regions)?;
+    let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
+    let mut reserved = Reserved {
+        ok: true,
+        blocks: blocks.clone(),
+        transport: b.transport.clone(),
+        ..Default::default()
+    };
+    // Held until the transfer ends: its worker serves the sender's puts.
+    let mut _ucx: Option<std::sync::Arc<UcxSide>> = None;
+    match b.transport.as_str() {
+        "shm" if !b.host.is_empty() && b.host == host_identity() => {
+            reserved.regions = regions.iter().map(region_msg).collect();
+        }
+        "shm" => {
+            return refuse(
+                &mut stream,
+                "shm needs both sides on one host (the receiver's boot id differs)".into(),
+            )
+        }
+        "tcp" => {}
+        "ucx" => {
+            let side = match UcxSide::start() {
+                Ok(s) => s,
+                Err(e) => return refuse(&mut stream, format!("the receiver has no UCX: {e}")),
+            };
+            let (worker, offered) = match side.offer(&regions) {
+                Ok(o) => o,
+                Err(e) => return refuse(&mut stream, format!("UCX registration failed: {e}")),
+            };
+            reserved.ucx_worker = worker;
+            reserved.ucx_regions = offered;
+            _ucx = Some(side);
+        }
+        other => return refuse(&mut stream, format!("unknown transport {other:?}")),
+    }
+    send(&mut stream, Msg::Reserved(reserved)).map_err(|e| e.to_string())?;
+    let sink = DataSink::new(maps, ReservedSet::new(&blocks));
+    loop {
+        match receive_frame(&mut stream, &mut buf, &sink).map_err(|e| e.to_string())? {
+            Frame::Data(r) => {
+                r.map_err(|e| e.to_string())?;
+            }
+            Frame::Control => match Envelope::decode(&buf[..]).ok().and_then(|e| e.msg) {
+                Some(Msg::StageDone(s)) => send(
+                    &mut stream,
+                    Msg::StageAck(StageAck {
+                        stage: s.stage,
+                        ok: true,
+                        error: String::new(),
+                    }),
+                )
+                .map_err(|e| e.to_string())?,
+                Some(Msg::Commit(c)) => {
+                    let mine = digest(sink.regions());
+                    let theirs = c
+                        .state
+                        .get(..8)
+                        .and_then(|s| s.try_into().ok())
+                        .map(u64::from_le_bytes);
+                    let ok = theirs == Some(mine);
+                    send(
+                        &mut stream,
+                        Msg::Committed(Committed {
+                            ok,
+                            error: if ok {
+                                String::new()
+                            } else {
+                                format!(
+                                    "the receiver's KV bytes differ from the sender's (digest {mine:016x}, sender {:016x})",
+                                    theirs.unwrap_or(0)
+                                )
+                            },
+                        }),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                Some(Msg::Abort(_)) => return Ok(()),
+                other => return Err(format!("unexpected message {other:?}")),
+            },
+        }
+    }
+}
+
+/// Sends `shape`-sized KV caches to the receiver at `peer` over `transport`: one warm-up copy,
+/// then `iters` timed copies (each: the transport's copy of every run, then `StageDone` and the
+/// receiver's `StageAck`, so the bytes have landed), then the digest check.
+pub fn send_to(
+    peer: SocketAddr,
+    transport: &str,
+    shape: Shape,
+    iters: u32,
+    progress: &Progress,
+) -> Result<Measure, String> {
+    let mut src = kv_cache("tx", shape)?;
+    fill(&mut src, shape, shape.bytes() ^ 0x5eed);
+    let regions = src.regions().map_err(|e| e.to_string())?;
+    let maps = map_all(&regions)?;
+    let want = digest(&maps);
+    let mut stream = TcpStream::connect_timeout(&peer, Duration::from_secs(10))
+        .map_err(|e| format!("cannot reach the receiver at {peer}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(PEER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
+    send(
+        &mut stream,
+        Msg::Begin(Begin {
+            migration_id: 1,
+            src_instance_id: "bench".into(),
+            dst_instance_id: String::new(),
+            request_id: "bench".into(),
+            blocks: shape.blocks as u32,
+            transport: transport.into(),
+            host: host_identity(),
+            regions: regions.iter().map(region_msg).collect(),
+            ucx: transport == "ucx",
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let r = match recv_control(&mut stream, &mut buf)? {
+        Msg::Reserved(r) if r.ok => r,
+        Msg::Reserved(r) => return Err(format!("the receiver refused: {}", r.error)),
+        other => return Err(format!("expected Reserved, got {other:?}")),
+    };
+    let ucx = if transport == "ucx" {
+        Some(UcxSide::start()?)
+    } else {
+        None
+    };
+    let mut t: Option<Box<dyn Transport>> = None;
+    setup_transport(&mut t, &r, &stream, &regions, ucx.as_ref())?;
+    let mut t = t.ok_or("no transport")?;
+    let mut runs: Vec<BlockRun> = Vec::new();
+    coalesce(&blocks, &r.blocks, 0..blocks.len(), &mut runs);
+    let mut stage = |i: u32| -> Result<(), String> {
+        let bytes = t.copy(&maps, &runs).map_err(|e| e.to_string())?;
+        send(&mut stream, Msg::StageDone(StageDone { stage: i, bytes }))
+            .map_err(|e| e.to_string())?;
+        match recv_control(&mut stream, &mut buf)? {
+            Msg::StageAck(a) if a.ok && a.stage == i => Ok(()),
+            other => Err(format!("expected StageAck {i}, got {other:?}")),
+        }
+    };
+    stage(0)?; // warm-up: connection set-up, first touch of the pages on both sides
+    let mut times = Vec::with_capacity(iters as usize);
+    for i in 1..=iters {
+        let t0 = Instant::now();
+        stage(i)?;
+        times.push(t0.elapsed().as_secs_f64());
+        progress.tick(&format!(
+            "{transport} {} MiB: {i}/{iters}",
+            shape.bytes() >> 20
+        ));
+    }
+    drop(stage);
+    send(
+        &mut stream,
+        Msg::Commit(Commit {
+            state: want.to_le_bytes().to_vec(),
+            blocks: shape.blocks as u32,
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    match recv_control(&mut stream, &mut buf)? {
+        Msg::Committed(c) if c.ok => {}
+        Msg::Committed(c) => return Err(c.error),
+        other => return Err(format!("expected Committed, got {other:?}")),
+    }
+    let mut m = Measure::new(t.name(), shape.bytes(), &times);
+    m.extra.push(("block_bytes", shape.block_bytes.into()));
+    m.extra.push(("layers", shape.layers.into()));
+    m.extra.push(("runs", (runs.len() * regions.len()).into()));
+    m.extra.push(("verified", true.into()));
+    Ok(m)
+}
