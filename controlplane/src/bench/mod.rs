@@ -411,25 +411,20 @@ fn memcpy(src: &mut Source, iters: u32) -> Result<Measure, String> {
     Ok(m)
 }
 
-/// The source written to one loopback TCP stream, read by another thread into a 4 MiB buffer,
-/// one byte of acknowledgement per iteration (as `transfer` waits for each `StageAck`).
+/// The source written to one loopback TCP stream and read by another thread straight into a
+/// second shared-memory mapping of the same size (a copy of the bytes over a socket, as the tcp
+/// transport's receiver does), one byte of acknowledgement per iteration (as `transfer` waits
+/// for each `StageAck`).
 fn tcp_loopback(src: &mut Source, iters: u32) -> Result<Measure, String> {
     let bytes = src.from.map.len();
+    let mut to = ShmBuf::new("tcp-to", bytes as u64)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let reader = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = listener.accept()?;
         let _ = s.set_nodelay(true);
-        let mut buf = vec![0u8; 4 << 20];
         for _ in 0..=iters {
-            let mut left = bytes;
-            while left > 0 {
-                let n = s.read(&mut buf[..left.min(4 << 20)])?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                left -= n;
-            }
+            s.read_exact(&mut to.map[..])?;
             s.write_all(b"k")?;
         }
         Ok(())

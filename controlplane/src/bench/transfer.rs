@@ -386,3 +386,84 @@ pub fn send_to(
     m.extra.push(("verified", true.into()));
     Ok(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiver serving one connection on a thread; the sender's side of the stream.
+    fn receiver() -> (TcpStream, std::thread::JoinHandle<Result<(), String>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = std::thread::spawn(move || serve(l.accept().unwrap().0));
+        (TcpStream::connect(addr).unwrap(), h)
+    }
+
+    fn begin(transport: &str, host: &str, regions: &[KvRegion]) -> Msg {
+        Msg::Begin(Begin {
+            transport: transport.into(),
+            host: host.into(),
+            regions: regions.iter().map(region_msg).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_receiver_commits_only_the_bytes_the_sender_has() {
+        let shape = Shape::for_bytes(256 << 10, 64 << 10, 2).unwrap();
+        let mut src = kv_cache("t-src", shape).unwrap();
+        let regions = src.regions().unwrap();
+        let mut buf = Vec::new();
+        // Nothing was sent: the receiver holds zeros, the sender's digest is of other bytes.
+        fill(&mut src, shape, 1);
+        let sent = digest(&map_all(&regions).unwrap());
+        let (mut s, h) = receiver();
+        send(&mut s, begin("tcp", "", &regions)).unwrap();
+        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Reserved(r) if r.ok));
+        let commit = |d: u64| {
+            Msg::Commit(Commit {
+                state: d.to_le_bytes().to_vec(),
+                blocks: 0,
+            })
+        };
+        send(&mut s, commit(sent)).unwrap();
+        match recv_control(&mut s, &mut buf).unwrap() {
+            Msg::Committed(c) => assert!(!c.ok && c.error.contains("differ"), "{c:?}"),
+            other => panic!("{other:?}"),
+        }
+        h.join().unwrap().unwrap();
+        // The digest of what the receiver does hold (zeros) commits.
+        let zeros = kv_cache("t-zeros", shape).unwrap();
+        let held = digest(&map_all(&zeros.regions().unwrap()).unwrap());
+        let (mut s, h) = receiver();
+        send(&mut s, begin("tcp", "", &regions)).unwrap();
+        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Reserved(r) if r.ok));
+        send(&mut s, commit(held)).unwrap();
+        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Committed(c) if c.ok));
+        h.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn shm_from_another_host_and_unknown_transports_are_refused() {
+        let shape = Shape::for_bytes(128 << 10, 64 << 10, 1).unwrap();
+        let src = kv_cache("t-refuse", shape).unwrap();
+        let regions = src.regions().unwrap();
+        let mut buf = Vec::new();
+        for (t, host, why) in [
+            ("shm", "another-boot-id", "one host"),
+            ("carrier-pigeon", "", "unknown transport"),
+        ] {
+            let (mut s, h) = receiver();
+            send(&mut s, begin(t, host, &regions)).unwrap();
+            match recv_control(&mut s, &mut buf).unwrap() {
+                Msg::Reserved(r) => assert!(!r.ok && r.error.contains(why), "{r:?}"),
+                other => panic!("{other:?}"),
+            }
+            assert!(h.join().unwrap().unwrap_err().contains(why));
+        }
+        let (mut s, h) = receiver();
+        send(&mut s, begin("tcp", "", &[])).unwrap();
+        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Reserved(r) if !r.ok));
+        assert!(h.join().unwrap().is_err());
+    }
+}

@@ -521,7 +521,15 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
     }
     let calls = calls.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let report = Report::gather(&instances, &calls);
+    let logs: Vec<Logs> = instances
+        .iter()
+        .map(|i| Logs {
+            id: i.id.clone(),
+            llumlet: i.llumlet.output(),
+            engine: i.engine.output(),
+        })
+        .collect();
+    let report = Report::gather(&logs, &calls);
     print!("{}", report.table(a.duration));
     let svg = plot::svg(&ids, &samples, &calls, a.duration);
     match std::fs::write(&a.plot, svg) {
@@ -590,6 +598,16 @@ pub(crate) async fn migrate(src: &InstanceMetadata, dst: &InstanceMetadata) -> (
     }
 }
 
+/// What one instance's processes wrote.
+pub struct Logs {
+    /// Instance id.
+    pub id: String,
+    /// The llumlet's log.
+    pub llumlet: String,
+    /// The simulated engine's stdout.
+    pub engine: String,
+}
+
 /// What the processes' logs say happened.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -624,7 +642,7 @@ pub(crate) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 impl Report {
-    fn gather(instances: &[Instance], calls: &[Call]) -> Report {
+    fn gather(instances: &[Logs], calls: &[Call]) -> Report {
         let mut r = Report {
             calls_ok: calls.iter().filter(|c| c.ok).count(),
             calls_failed: calls.iter().filter(|c| !c.ok).count(),
@@ -634,7 +652,6 @@ impl Report {
         for i in instances {
             for l in i
                 .llumlet
-                .output()
                 .lines()
                 .filter(|l| l.contains("migration out finished"))
             {
@@ -652,7 +669,7 @@ impl Report {
                     r.aborted += 1;
                 }
             }
-            for l in i.engine.output().lines() {
+            for l in i.engine.lines() {
                 let Some(ev) = l.strip_prefix("sim-engine: ") else {
                     continue;
                 };
@@ -805,6 +822,49 @@ mod tests {
         assert_eq!(decide(&s, &[true, false, false]), Some((1, 2)));
         let balanced = [st(500, 0, 5), st(450, 0, 5)];
         assert_eq!(decide(&balanced, &[false; 2]), None);
+    }
+
+    fn logs(llumlet: &str, engine: &str) -> Logs {
+        Logs {
+            id: "demo-0".into(),
+            llumlet: llumlet.into(),
+            engine: engine.into(),
+        }
+    }
+
+    const MOVED: &str = "[demo-0] t INFO migration out finished request=sim-1-3 outcome=Migrated stages=3 downtime_us=7821 transport=\"shm\" bytes=1048576 dst=x\n";
+
+    #[test]
+    fn the_verdict_is_ok_only_when_every_move_arrived_verified_and_nothing_ran_twice() {
+        let ok = Report::gather(
+            &[logs(MOVED, "sim-engine: migrated-in sim-1-3 output=5 kv=ok tokens=ok\nsim-engine: finished sim-1-3 output=9 migrated_in=true tokens=ok\n")],
+            &[],
+        );
+        assert!(ok.problems.is_empty(), "{:?}", ok.problems);
+        assert_eq!((ok.moved, ok.bytes, ok.verified_finishes), (1, 1048576, 1));
+        let bad_kv = Report::gather(
+            &[logs(
+                MOVED,
+                "sim-engine: migrated-in sim-1-3 output=5 kv=BAD tokens=ok\n",
+            )],
+            &[],
+        );
+        assert!(bad_kv.problems.iter().any(|p| p.contains("different KV")));
+        let lost = Report::gather(&[logs(MOVED, "")], &[]);
+        assert!(lost.problems.iter().any(|p| p.contains("arrived verified")));
+        let twice = Report::gather(
+            &[logs(MOVED, "sim-engine: migrated-in sim-1-3 output=5 kv=ok tokens=ok\nsim-engine: finished sim-1-3 output=9\nsim-engine: finished sim-1-3 output=9\n")],
+            &[],
+        );
+        assert!(twice
+            .problems
+            .iter()
+            .any(|p| p.contains("finished 2 times")));
+        let nothing = Report::gather(&[logs("", "")], &[]);
+        assert!(nothing
+            .problems
+            .iter()
+            .any(|p| p.contains("no request migrated")));
     }
 
     #[test]
