@@ -8,42 +8,16 @@
 use std::process::Command;
 use std::time::Duration;
 
+use llumlet::bench::status::{self, children_cpu_seconds};
 use llumlet_proto::cms::InstanceStatus;
 use llumlet_tests::{base_env, free_port, grpc_client, LlumletProcess, RedisServer};
 
-/// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz
-}
-
-/// user + system CPU of every waited-for child so far, in seconds.
-fn children_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_CHILDREN is a valid target.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
-        ru
-    };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
+    status::cpu_seconds(pid).expect("read /proc/<pid>/stat")
 }
 
 fn metric(port: u16, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    status::metric(port, name).unwrap()
 }
 
 fn main() {

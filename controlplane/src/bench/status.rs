@@ -102,7 +102,7 @@ fn ring() -> Result<(), String> {
 }
 
 /// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64, String> {
+pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat
@@ -132,7 +132,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// user + system CPU of every waited-for child so far, in seconds.
-fn children_cpu_seconds() -> f64 {
+pub fn children_cpu_seconds() -> f64 {
     // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_CHILDREN is a valid target and `ru` is a live, writable rusage.
@@ -142,7 +142,7 @@ fn children_cpu_seconds() -> f64 {
 }
 
 /// A counter from the llumlet's /metrics.
-fn metric(port: u16, name: &str) -> Result<f64, String> {
+pub fn metric(port: u16, name: &str) -> Result<f64, String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .map_err(|e| e.to_string())?;

@@ -365,7 +365,6 @@ pub fn send_to(
             shape.bytes() >> 20
         ));
     }
-    drop(stage);
     send(
         &mut stream,
         Msg::Commit(Commit {
