@@ -22,8 +22,9 @@ use crate::status_ring::{RequestId, RequestIdTooLong};
 
 /// Live requests the table holds.
 pub const MAX_REQUESTS: usize = 256;
-/// Blocks one request may hold (64k tokens at 16 tokens per block).
-pub const MAX_BLOCKS_PER_REQUEST: usize = 4096;
+/// Blocks one request may hold (128k tokens at 16 tokens per block: a 64k-token prompt and its
+/// decoding fit with room to spare).
+pub const MAX_BLOCKS_PER_REQUEST: usize = 8192;
 const BLOCK_WORDS: usize = MAX_BLOCKS_PER_REQUEST / 2;
 
 /// A request's state.

@@ -43,7 +43,7 @@ use crate::status_ring::{
 /// `LLUMLETC`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"LLUMLETC");
 /// Bumped whenever the layout changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// The value of `ready` once the header is complete.
 pub const READY: u32 = 0x5244_5921;
 /// Directory of the segments.
@@ -676,14 +676,22 @@ mod tests {
         // A segment of another layout version.
         std::fs::remove_file(&p).unwrap();
         let seg = ControlSegment::create(&p).unwrap();
-        seg.header().layout_version.store(2, Ordering::Relaxed);
+        let other = LAYOUT_VERSION + 1;
+        seg.header().layout_version.store(other, Ordering::Relaxed);
         match ControlSegment::attach(&p).unwrap() {
             Attach::Incompatible(Incompatible::Field {
                 field,
                 expected,
                 found,
             }) => {
-                assert_eq!((field, expected, found), ("layout_version", 1, 2))
+                assert_eq!(
+                    (field, expected, found),
+                    (
+                        "layout_version",
+                        u64::from(LAYOUT_VERSION),
+                        u64::from(other)
+                    )
+                )
             }
             other => panic!("{other:?}"),
         }

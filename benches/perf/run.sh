@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One run of the perf tool, every figure beside its baseline: what docs/BENCHMARKS.md's
+# "perf tool" section reports. Builds the release llumlet with UCX, then prints JSON lines
+# (one per measurement) to stdout; keep them with `benches/perf/run.sh > perf.jsonl`.
+# Needs /dev/shm room for 4 GiB, libucx-dev (scripts/test.sh installs it) and redis-server for
+# the status push figure (else the embedded CMS is used, and the JSON says so).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --locked -p llumlet --features ucx >&2
+L=./target/release/llumlet
+sizes=${SIZES:-1M,16M,64M,256M,1G}
+$L bench transfer --transport shm --size "$sizes" --with-baseline
+$L bench transfer --transport tcp --size "$sizes" --with-baseline
+UCX_TLS=tcp $L bench transfer --transport ucx --size 1M,16M,64M,256M --with-baseline
+UCX_TLS=posix,cma $L bench transfer --transport ucx --size 1M,16M,64M,256M --with-baseline
+$L bench migration --tokens 1024,4096,16384,65536 --step-ms 5
+$L bench migration --tokens 1024,4096,16384,65536 --step-ms 1
+$L bench status --seconds 10
