@@ -251,15 +251,22 @@ fn serve(mut stream: TcpStream) -> Result<(), String> {
                 r.map_err(|e| e.to_string())?;
             }
             Frame::Control => match Envelope::decode(&buf[..]).ok().and_then(|e| e.msg) {
-                Some(Msg::StageDone(s)) => send(
-                    &mut stream,
-                    Msg::StageAck(StageAck {
-                        stage: s.stage,
-                        ok: true,
-                        error: String::new(),
-                    }),
-                )
-                .map_err(|e| e.to_string())?,
+                Some(Msg::StageDone(s)) => {
+                    // Every sender has mapped what it needs by its first stage: the name can go,
+                    // so a receiver killed mid-transfer leaves nothing in /dev/shm.
+                    if s.stage == 0 {
+                        let _ = std::fs::remove_file(cache.path());
+                    }
+                    send(
+                        &mut stream,
+                        Msg::StageAck(StageAck {
+                            stage: s.stage,
+                            ok: true,
+                            error: String::new(),
+                        }),
+                    )
+                    .map_err(|e| e.to_string())?
+                }
                 Some(Msg::Commit(c)) => {
                     let mine = digest(sink.regions());
                     let theirs = c

@@ -164,11 +164,32 @@ impl Drop for Proc {
     }
 }
 
-/// A simulated engine and its llumlet.
+/// A simulated engine and its llumlet. Dropping it stops both and removes what they left in
+/// /dev/shm (the control segment is this run's alone, so are the llumlet's migration records
+/// and mailboxes named after it).
 pub(crate) struct Instance {
     pub(crate) id: String,
     pub(crate) engine: Proc,
     pub(crate) llumlet: Proc,
+    shm: String,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        for p in [&mut self.llumlet, &mut self.engine] {
+            if let Ok(None) = p.child.try_wait() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(llumlet_dataplane::segment::SHM_DIR) {
+            for e in rd.filter_map(Result::ok) {
+                if e.file_name().to_string_lossy().starts_with(&self.shm) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 /// One load sample of one instance.
@@ -277,6 +298,7 @@ impl Instance {
             id,
             engine,
             llumlet,
+            shm,
         })
     }
 }
