@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use llumlet::bench::status::{self, children_cpu_seconds};
+use llumlet::bench::status;
 use llumlet_proto::cms::InstanceStatus;
 use llumlet_tests::{base_env, free_port, grpc_client, LlumletProcess, RedisServer};
 
@@ -68,32 +68,11 @@ fn main() {
 
     // Floor: redis-benchmark, one client, one SET at a time (CPU of the client process).
     let n = (pushes as u64).max(1000);
-    let before = children_cpu_seconds();
-    let ok = Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "-c",
-            "1",
-            "-n",
-            &n.to_string(),
-            "-t",
-            "set",
-            "-d",
-            "200",
-            "-q",
-        ])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        let cpu = children_cpu_seconds() - before;
-        println!(
-            "{{\"what\":\"redis-benchmark SET, 1 client (floor)\",\"requests\":{n},\"cpu_s\":{cpu:.3},\"cpu_us_per_request\":{:.2}}}",
-            cpu / n as f64 * 1e6
-        );
-    } else {
-        eprintln!("redis-benchmark not available; no floor measured");
+    match status::redis_benchmark_cpu_us("127.0.0.1", redis.port, None, n) {
+        Some(per) => println!(
+            "{{\"what\":\"redis-benchmark SET, 1 client (floor)\",\"requests\":{n},\"cpu_us_per_request\":{per:.2}}}"
+        ),
+        None => eprintln!("redis-benchmark not available; no floor measured"),
     }
 
     let script = concat!(

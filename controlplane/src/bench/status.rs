@@ -141,6 +141,37 @@ pub fn children_cpu_seconds() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
+/// CPU microseconds per request of `redis-benchmark` doing `n` 200-byte SETs, one client, one
+/// request at a time, against `host:port` (the floor of one write); `None` when it is not on
+/// PATH or fails.
+pub fn redis_benchmark_cpu_us(
+    host: &str,
+    port: u16,
+    password: Option<&str>,
+    n: u64,
+) -> Option<f64> {
+    let before = children_cpu_seconds();
+    let ok = Command::new("redis-benchmark")
+        .args(["-h", host, "-p", &port.to_string()])
+        .args([
+            "-c",
+            "1",
+            "-n",
+            &n.to_string(),
+            "-t",
+            "set",
+            "-d",
+            "200",
+            "-q",
+        ])
+        .args(password.iter().flat_map(|p| ["-a", *p]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| (children_cpu_seconds() - before) / n as f64 * 1e6)
+}
+
 /// A counter from the llumlet's /metrics.
 pub fn metric(port: u16, name: &str) -> Result<f64, String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -290,29 +321,9 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
                "cpu_us_per_push": round(ours, 2)})
     );
     let n = (pushes as u64).max(1000);
-    let before = children_cpu_seconds();
-    let floor = Command::new("redis-benchmark")
-        .args(["-h", &cms.host, "-p", &cms.port.to_string()])
-        .args([
-            "-c",
-            "1",
-            "-n",
-            &n.to_string(),
-            "-t",
-            "set",
-            "-d",
-            "200",
-            "-q",
-        ])
-        .args(cms.password.iter().flat_map(|p| ["-a", p.as_str()]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if floor {
-        let cpu = children_cpu_seconds() - before;
-        let per = cpu / n as f64 * 1e6;
+    let floor = redis_benchmark_cpu_us(&cms.host, cms.port, cms.password.as_deref(), n);
+    if let Some(per) = floor {
+        let cpu = per * n as f64 / 1e6;
         println!(
             "{}",
             json!({"bench": "status", "what": "baseline: redis-benchmark SET, 1 client", "cms": which,
