@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that sets up a fresh machine and runs every check: installs what the tests need
 # (redis-server, a C compiler and UCX from Debian, grpcio-tools for the Python client test), then fmt,
-# clippy with -D warnings, and the whole test suite (the migration fault suite a second time over UCX).
+# clippy with -D warnings, and the whole test suite (the migration fault suite again over tcp and UCX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +32,8 @@ echo "== cargo build (binaries, and the C library the FFI tests link)"
 cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== the migration fault suite again over the tcp transport (one host picks shm by default)"
+LLUMLET_TEST_TRANSPORT=tcp cargo test -p llumlet-tests --locked --test migration_faults
 echo "== the migration fault suite again, over UCX: its TCP transport (software RMA), then its shared memory"
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=tcp cargo test -p llumlet-tests --locked --test migration_faults
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=posix,cma cargo test -p llumlet-tests --locked --test migration_faults

@@ -216,17 +216,69 @@ pub fn layout(regions: &[MappedRegion]) -> Vec<(u64, u64)> {
 /// Any two hosts: data frames on the transfer connection.
 pub struct TcpTransport {
     stream: TcpStream,
-    buf: Vec<u8>,
 }
 
 impl TcpTransport {
     /// A transport writing to `stream` (a clone of the migration's transfer connection).
     pub fn new(stream: TcpStream) -> TcpTransport {
-        TcpTransport {
-            stream,
-            buf: Vec::new(),
-        }
+        TcpTransport { stream }
     }
+}
+
+/// Writes `head`, then the `len` bytes at `data`, to `stream` with `writev`: the blocks go from
+/// the engine's mapping to the socket without a copy in between. The blocks are passed to the
+/// kernel as a raw pointer, never as a Rust reference: the engine may be writing them while a
+/// stage copies them (the next stage resends what changed).
+///
+/// # Safety
+/// `data .. data + len` must lie inside a live mapping for the whole call.
+unsafe fn write_head_and_blocks(
+    stream: &TcpStream,
+    head: &[u8],
+    data: *const u8,
+    len: usize,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (mut head_done, mut data_done) = (0usize, 0usize);
+    while head_done < head.len() || data_done < len {
+        let iov = [
+            libc::iovec {
+                iov_base: head[head_done..].as_ptr() as *mut libc::c_void,
+                iov_len: head.len() - head_done,
+            },
+            libc::iovec {
+                // SAFETY: data_done <= len, so the pointer stays inside the caller's range.
+                iov_base: unsafe { data.add(data_done) } as *mut libc::c_void,
+                iov_len: len - data_done,
+            },
+        ];
+        let first = usize::from(head_done == head.len());
+        // SAFETY: both iovecs describe readable memory (our `head`, and the caller's range);
+        // the kernel only reads them; the fd is the stream's, open for the whole call.
+        let n = unsafe {
+            libc::writev(
+                stream.as_raw_fd(),
+                iov[first..].as_ptr(),
+                (iov.len() - first) as libc::c_int,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        let h = n.min(head.len() - head_done);
+        head_done += h;
+        n -= h;
+        data_done += n;
+    }
+    Ok(())
 }
 
 impl Transport for TcpTransport {
@@ -245,13 +297,12 @@ impl Transport for TcpTransport {
                 while done < r.len {
                     let n = per_frame.min(r.len - done);
                     let len = n as usize * bsz;
-                    self.buf.clear();
-                    self.buf.resize(5 + DATA_HEADER + len, 0);
+                    let mut head = [0u8; 5 + DATA_HEADER];
                     let payload = (DATA_HEADER + len) as u32;
-                    self.buf[..4].copy_from_slice(&payload.to_le_bytes());
-                    self.buf[4] = FRAME_DATA;
+                    head[..4].copy_from_slice(&payload.to_le_bytes());
+                    head[4] = FRAME_DATA;
                     for (k, w) in [i as u32, r.dst + done, n, 0].into_iter().enumerate() {
-                        self.buf[5 + 4 * k..9 + 4 * k].copy_from_slice(&w.to_le_bytes());
+                        head[5 + 4 * k..9 + 4 * k].copy_from_slice(&w.to_le_bytes());
                     }
                     let sp = s.block_ptr(u64::from(r.src + done)).ok_or(
                         TransportError::OutOfSource {
@@ -260,15 +311,8 @@ impl Transport for TcpTransport {
                         },
                     )?;
                     // SAFETY: blocks src+done .. src+done+n lie inside the mapping
-                    // (`check_src`); the buffer holds `len` bytes after the headers and is ours.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            sp,
-                            self.buf.as_mut_ptr().add(5 + DATA_HEADER),
-                            len,
-                        )
-                    };
-                    self.stream.write_all(&self.buf)?;
+                    // (`check_src`), which `src` keeps alive for the whole call.
+                    unsafe { write_head_and_blocks(&self.stream, &head, sp, len) }?;
                     bytes += len as u64;
                     done += n;
                 }
