@@ -41,9 +41,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The CMS client could not be built.
-    #[error("invalid CMS Redis settings: {0}")]
-    Redis(#[from] redis::RedisError),
     /// Registration failed on every attempt.
     #[error("could not register in the CMS after {REGISTER_ATTEMPTS} attempts: {0}")]
     Register(crate::cms::CmsError),
@@ -130,7 +127,7 @@ impl Agent {
             config.cms_expired_time,
             backoff_max,
             metrics.clone(),
-        )?);
+        ));
 
         let listener = bind_rpc(config.rpc_port).await?;
         let rpc_addr = listener.local_addr().map_err(|source| StartError::Bind {

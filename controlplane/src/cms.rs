@@ -1,12 +1,18 @@
 //! The CMS writer: `SET key value EX ttl` and `DEL` against a real Redis, with reconnection and
 //! backoff. A failed write is logged once per outage; when Redis is back, [`Cms::recovered`] wakes
 //! whoever must re-register.
+//!
+//! It speaks RESP itself over one TCP connection (`AUTH` when a password is set, then `SET` and
+//! `DEL`): each command is one `write` of a frame built in a reused buffer and one read of the
+//! one-line reply, on the calling task. A general client's multiplexer (a driver task fed
+//! through a channel, a response timer, a streaming parser) cost the status path three times the
+//! CPU of the write itself (docs/BENCHMARKS.md).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
@@ -15,24 +21,91 @@ use crate::metrics::Metrics;
 /// A CMS operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CmsError {
-    /// Redis refused or failed the command, or the connection broke.
-    #[error("redis {op} {key}: {source}")]
+    /// Redis refused or failed the command, or the connection broke or timed out.
+    #[error("redis {op} {key}: {why}")]
     Redis {
         /// The command.
         op: &'static str,
         /// The key.
         key: String,
-        /// What Redis said.
-        #[source]
-        source: redis::RedisError,
+        /// What went wrong (Redis's error reply, or the connection's).
+        why: String,
     },
     /// No connection: the last attempt failed recently and the backoff has not run out.
     #[error("redis unreachable, next connection attempt in {0:?}")]
     Backoff(Duration),
 }
 
+/// The connection: the stream, and the buffers reused for every command.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    frame: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+/// Longest reply line accepted (replies here are `+OK`, `:1` or an error message).
+const MAX_REPLY: usize = 64 << 10;
+
+impl Conn {
+    async fn connect(cfg: &RedisConfig) -> Result<Conn, String> {
+        let stream = TcpStream::connect((cfg.host.as_str(), cfg.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let mut c = Conn {
+            stream: BufReader::new(stream),
+            frame: Vec::with_capacity(1024),
+            reply: Vec::with_capacity(64),
+        };
+        if !cfg.password.is_empty() {
+            if cfg.username.is_empty() {
+                c.command(&[b"AUTH", cfg.password.as_bytes()]).await?;
+            } else {
+                c.command(&[b"AUTH", cfg.username.as_bytes(), cfg.password.as_bytes()])
+                    .await?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Sends one command and reads its one-line reply: `Ok` for `+...` and `:n`, Redis's
+    /// message for `-...`.
+    async fn command(&mut self, args: &[&[u8]]) -> Result<(), String> {
+        use std::io::Write;
+        self.frame.clear();
+        let _ = write!(self.frame, "*{}\r\n", args.len());
+        for a in args {
+            let _ = write!(self.frame, "${}\r\n", a.len());
+            self.frame.extend_from_slice(a);
+            self.frame.extend_from_slice(b"\r\n");
+        }
+        self.stream
+            .get_mut()
+            .write_all(&self.frame)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.reply.clear();
+        let n = (&mut self.stream)
+            .take(MAX_REPLY as u64)
+            .read_until(b'\n', &mut self.reply)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed by Redis".into());
+        }
+        let line = self.reply.strip_suffix(b"\r\n").ok_or("malformed reply")?;
+        match line.first() {
+            Some(b'+') | Some(b':') => Ok(()),
+            Some(b'-') => Err(String::from_utf8_lossy(&line[1..]).into_owned()),
+            _ => Err(format!(
+                "unexpected reply {:?}",
+                String::from_utf8_lossy(&line[..line.len().min(64)])
+            )),
+        }
+    }
+}
+
 struct ConnState {
-    conn: Option<MultiplexedConnection>,
     healthy: bool,
     failures: u64,
     next_attempt: Instant,
@@ -44,10 +117,10 @@ const BACKOFF_START: Duration = Duration::from_millis(50);
 
 /// Writes the instance's two keys into the CMS.
 pub struct Cms {
-    client: redis::Client,
-    conn_config: AsyncConnectionConfig,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     cfg: RedisConfig,
-    ttl: u64,
+    /// The TTL in seconds, as sent.
+    ttl: String,
     backoff_max: Duration,
     state: Mutex<ConnState>,
     recovered: Notify,
@@ -57,34 +130,13 @@ pub struct Cms {
 impl Cms {
     /// A writer for the Redis `cfg` names, with `ttl` seconds on every key; reconnection attempts
     /// back off up to `backoff_max`.
-    pub fn new(
-        cfg: &RedisConfig,
-        ttl: u64,
-        backoff_max: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Result<Cms, redis::RedisError> {
-        let mut redis_info = RedisConnectionInfo::default();
-        if !cfg.password.is_empty() {
-            if !cfg.username.is_empty() {
-                redis_info = redis_info.set_username(&cfg.username);
-            }
-            redis_info = redis_info.set_password(&cfg.password);
-        }
-        let info = ConnectionAddr::Tcp(cfg.host.clone(), cfg.port)
-            .into_connection_info()?
-            .set_redis_settings(redis_info);
-        let client = redis::Client::open(info)?;
-        let conn_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(cfg.socket_timeout))
-            .set_response_timeout(Some(cfg.socket_timeout));
-        Ok(Cms {
-            client,
-            conn_config,
+    pub fn new(cfg: &RedisConfig, ttl: u64, backoff_max: Duration, metrics: Arc<Metrics>) -> Cms {
+        Cms {
+            conn: tokio::sync::Mutex::new(None),
             cfg: cfg.clone(),
-            ttl,
+            ttl: ttl.to_string(),
             backoff_max: backoff_max.max(BACKOFF_START),
             state: Mutex::new(ConnState {
-                conn: None,
                 healthy: true,
                 failures: 0,
                 next_attempt: Instant::now(),
@@ -92,7 +144,7 @@ impl Cms {
             }),
             recovered: Notify::new(),
             metrics,
-        })
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
@@ -110,61 +162,59 @@ impl Cms {
         self.lock().healthy
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, CmsError> {
-        {
-            let st = self.lock();
-            if let Some(c) = &st.conn {
-                return Ok(c.clone());
+    /// Runs `args` on the connection (made first if there is none and the backoff allows);
+    /// a failure drops the connection, so the next command reconnects.
+    async fn attempt(&self, op: &'static str, key: &str, args: &[&[u8]]) -> Result<(), CmsError> {
+        let mut conn = self.conn.lock().await;
+        let timeout = self.cfg.socket_timeout;
+        let failed = |why: String| CmsError::Redis {
+            op,
+            key: key.to_string(),
+            why,
+        };
+        if conn.is_none() {
+            {
+                let st = self.lock();
+                let now = Instant::now();
+                if now < st.next_attempt {
+                    return Err(CmsError::Backoff(st.next_attempt - now));
+                }
             }
-            let now = Instant::now();
-            if now < st.next_attempt {
-                return Err(CmsError::Backoff(st.next_attempt - now));
+            let made = tokio::time::timeout(timeout, Conn::connect(&self.cfg))
+                .await
+                .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")));
+            match made {
+                Ok(c) => *conn = Some(c),
+                Err(why) => {
+                    let mut st = self.lock();
+                    st.next_attempt = Instant::now() + st.backoff;
+                    st.backoff = (st.backoff * 2).min(self.backoff_max);
+                    return Err(CmsError::Redis {
+                        op: "CONNECT",
+                        key: format!("{}:{}", self.cfg.host, self.cfg.port),
+                        why,
+                    });
+                }
             }
         }
-        match self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.conn_config)
+        let Some(c) = conn.as_mut() else {
+            return Err(failed("no connection".into()));
+        };
+        let r = tokio::time::timeout(timeout, c.command(args))
             .await
-        {
-            Ok(c) => {
-                self.lock().conn = Some(c.clone());
-                Ok(c)
-            }
-            Err(source) => {
-                let mut st = self.lock();
-                st.next_attempt = Instant::now() + st.backoff;
-                st.backoff = (st.backoff * 2).min(self.backoff_max);
-                Err(CmsError::Redis {
-                    op: "CONNECT",
-                    key: format!("{}:{}", self.cfg.host, self.cfg.port),
-                    source,
-                })
-            }
+            .unwrap_or_else(|_| Err(format!("no reply within {timeout:?}")));
+        if r.is_err() {
+            *conn = None;
         }
+        r.map_err(failed)
     }
 
-    async fn run(&self, op: &'static str, key: &str, cmd: &redis::Cmd) -> Result<(), CmsError> {
+    async fn run(&self, op: &'static str, key: &str, args: &[&[u8]]) -> Result<(), CmsError> {
         let mut attempt = 0;
         let result = loop {
-            let r = match self.connection().await {
-                Ok(mut c) => {
-                    cmd.query_async::<()>(&mut c)
-                        .await
-                        .map_err(|source| CmsError::Redis {
-                            op,
-                            key: key.to_string(),
-                            source,
-                        })
-                }
-                Err(e) => Err(e),
-            };
-            match r {
+            match self.attempt(op, key, args).await {
                 Ok(()) => break Ok(()),
                 Err(e) => {
-                    if let CmsError::Redis { .. } = e {
-                        // The connection may be broken: make the next attempt reconnect.
-                        self.lock().conn = None;
-                    }
                     if attempt >= self.cfg.retry_times || matches!(e, CmsError::Backoff(_)) {
                         break Err(e);
                     }
@@ -205,15 +255,100 @@ impl Cms {
 
     /// `SET key value EX ttl`.
     pub async fn set(&self, key: &str, value: &[u8]) -> Result<(), CmsError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value).arg("EX").arg(self.ttl);
-        self.run("SET", key, &cmd).await
+        let args: [&[u8]; 5] = [b"SET", key.as_bytes(), value, b"EX", self.ttl.as_bytes()];
+        self.run("SET", key, &args).await
     }
 
     /// `DEL key`.
     pub async fn del(&self, key: &str) -> Result<(), CmsError> {
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(key);
-        self.run("DEL", key, &cmd).await
+        self.run("DEL", key, &[b"DEL", key.as_bytes()]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    fn config(port: u16, password: &str) -> RedisConfig {
+        RedisConfig {
+            host: "127.0.0.1".into(),
+            port,
+            username: String::new(),
+            password: password.into(),
+            socket_timeout: Duration::from_millis(500),
+            retry_times: 0,
+            retry_interval: Duration::from_millis(10),
+        }
+    }
+
+    /// Reads one command's bytes (`want` long) from `s` and checks them.
+    async fn expect(s: &mut tokio::net::TcpStream, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+    }
+
+    const SET: &[u8] = b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv1\r\n$2\r\nEX\r\n$1\r\n7\r\n";
+
+    #[tokio::test]
+    async fn commands_are_resp_frames_and_a_dropped_connection_is_made_again() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            expect(&mut s, SET).await;
+            s.write_all(b"+OK\r\n").await.unwrap();
+            expect(&mut s, b"*2\r\n$3\r\nDEL\r\n$1\r\nk\r\n").await;
+            s.write_all(b":1\r\n").await.unwrap();
+            drop(s); // the next command finds the connection closed
+            let (mut s, _) = l.accept().await.unwrap();
+            expect(&mut s, SET).await;
+            s.write_all(b"+OK\r\n").await.unwrap();
+            // Never answers the next one.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        let cms = Cms::new(&config(port, ""), 7, BACKOFF_START, Arc::default());
+        cms.set("k", b"v1").await.unwrap();
+        cms.del("k").await.unwrap();
+        let e = cms.set("k", b"v1").await.unwrap_err().to_string();
+        assert!(e.contains("redis SET k"), "{e}");
+        assert!(!cms.healthy());
+        cms.set("k", b"v1").await.unwrap();
+        assert!(cms.healthy());
+        let e = cms.set("k", b"v1").await.unwrap_err().to_string();
+        assert!(e.contains("no reply within"), "{e}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_password_is_named_and_backs_off() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                expect(&mut s, b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n").await;
+                s.write_all(b"-WRONGPASS invalid username-password pair\r\n")
+                    .await
+                    .unwrap();
+            }
+        });
+        let cms = Cms::new(
+            &config(port, "secret"),
+            7,
+            Duration::from_secs(1),
+            Arc::default(),
+        );
+        let e = cms.set("k", b"v1").await.unwrap_err().to_string();
+        assert!(e.contains("CONNECT") && e.contains("WRONGPASS"), "{e}");
+        // Within the backoff no new connection is attempted.
+        assert!(matches!(
+            cms.set("k", b"v1").await,
+            Err(CmsError::Backoff(_))
+        ));
+        server.abort();
     }
 }

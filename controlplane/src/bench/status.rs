@@ -184,6 +184,13 @@ pub fn metric(port: u16, name: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("{name} not in the llumlet's /metrics"))
 }
 
+/// The metrics port in the llumlet's `llumlet listening ... metrics=Some(addr:port)` line.
+fn metrics_port(log: &str) -> Option<u16> {
+    let l = log.lines().find(|l| l.contains("llumlet listening"))?;
+    let addr = l.split("metrics=Some(").nth(1)?.split(')').next()?;
+    addr.rsplit(':').next()?.parse().ok()
+}
+
 /// A `redis-server` on a free loopback port, killed when dropped.
 struct RedisChild(Child, u16);
 
@@ -256,10 +263,6 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("llumlet-bench-status-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let mport = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
     let engine = [
         ("--requests", "64".to_string()),
         ("--max-tokens", "100000".to_string()),
@@ -269,16 +272,21 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
     ];
     let env = [
         ("LLUMNIX_STATUS_PUSH_INTERVAL", a.interval.to_string()),
-        ("LLUMLET_METRICS_PORT", mport.to_string()),
-        ("LLUMNIX_LOGGING_LEVEL", "WARNING".to_string()),
+        // A free port, which the llumlet names in its start-up line (INFO; it logs nothing
+        // per push at that level).
+        ("LLUMLET_METRICS_PORT", "0".to_string()),
+        ("LLUMNIX_LOGGING_LEVEL", "INFO".to_string()),
     ];
     let mut inst = Instance::spawn(&exe, &dir, &cms, "bench-status".into(), &engine, &env)
         .map_err(|e| format!("cannot start the llumlet: {e}"))?;
     let pid = inst.llumlet.pid();
     let progress = Progress::new();
-    // Until its metrics answer and it has pushed a while.
+    // Until its start-up line names the metrics port, its metrics answer, and it has pushed a
+    // while.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(mport, crate::metrics::names::STATUS_PUSHES).is_err() {
+    let mut mport = None;
+    while mport.is_none_or(|p| metric(p, crate::metrics::names::STATUS_PUSHES).is_err()) {
+        mport = mport.or_else(|| metrics_port(&inst.llumlet.output()));
         if Instant::now() > deadline {
             return Err(format!(
                 "the llumlet did not start:\n{}",
@@ -287,6 +295,7 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let mport = mport.ok_or("no metrics port")?;
     std::thread::sleep(Duration::from_secs(1));
     let (cpu0, n0) = (
         cpu_seconds(pid)?,

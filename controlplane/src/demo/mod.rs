@@ -238,12 +238,6 @@ fn skew(instances: u32) -> Vec<u32> {
         .collect()
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl Instance {
     /// Starts simulated engine `id` (with `engine_args` after its own) and its llumlet (with
     /// `llumlet_env` after the defaults here), logging to `dir`.
@@ -272,8 +266,12 @@ impl Instance {
         for (k, v) in [
             ("LLUMLET_INSTANCE_ID", id.clone()),
             ("LLUMLET_HOST_IP", "127.0.0.1".into()),
-            ("LLUMNIX_VLLM_API_SERVER_PORT", free_port()?.to_string()),
-            ("LLUMNIX_RPC_PORT", free_port()?.to_string()),
+            // Metadata only (nothing listens there in a simulated engine).
+            ("LLUMNIX_VLLM_API_SERVER_PORT", "8000".into()),
+            // The llumlet binds a free port itself and publishes it in its CMS metadata, which
+            // is where the rebalancer finds it (no port picked here that another process could
+            // take first).
+            ("LLUMNIX_RPC_PORT", "-1".into()),
             ("LLUMNIX_CMS_REDIS_ADDRESS", cms.host.clone()),
             ("LLUMNIX_CMS_REDIS_PORT", cms.port.to_string()),
             ("LLUMNIX_STATUS_PUSH_INTERVAL", "0.1".into()),
