@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Largest bulk string or array accepted (values here are a few hundred bytes).
@@ -79,7 +79,10 @@ impl Drop for EmbeddedCms {
 #[derive(Debug)]
 struct Protocol(String);
 
-async fn read_line(r: &mut BufReader<TcpStream>, buf: &mut Vec<u8>) -> Result<bool, Protocol> {
+async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, Protocol> {
     buf.clear();
     let n = (&mut *r)
         .take(MAX_BULK as u64 + 2)
@@ -105,8 +108,8 @@ fn number(line: &[u8], max: usize) -> Result<usize, Protocol> {
 }
 
 /// Reads one command: an array of bulk strings, or an inline command.
-async fn read_command(
-    r: &mut BufReader<TcpStream>,
+async fn read_command<R: AsyncBufRead + Unpin>(
+    r: &mut R,
     line: &mut Vec<u8>,
 ) -> Result<Option<Vec<Vec<u8>>>, Protocol> {
     if !read_line(r, line).await? {
@@ -172,15 +175,33 @@ fn encode(r: &Reply, out: &mut Vec<u8>) {
     }
 }
 
-/// `*` and `?` glob, as Redis's KEYS/SCAN MATCH use them (no character classes).
+/// `*` and `?` glob, as Redis's KEYS/SCAN MATCH use them (no character classes). Iterative,
+/// backtracking only to the last `*`: at most len(p) × len(s) steps and no recursion, so no
+/// pattern or key a client sends can exhaust the stack or take exponential time.
 fn glob(p: &[u8], s: &[u8]) -> bool {
-    match (p.first(), s.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
-        (Some(b'?'), Some(_)) => glob(&p[1..], &s[1..]),
-        (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
-        _ => false,
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == s[si] => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some((sp, ss)) => {
+                    pi = sp + 1;
+                    si = ss + 1;
+                    star = Some((sp, ss + 1));
+                }
+                None => return false,
+            },
+        }
     }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 fn int_arg(a: &[u8]) -> Option<i64> {
@@ -376,6 +397,78 @@ mod tests {
         ));
         assert!(glob(b"a?c", b"abc") && !glob(b"a?c", b"ac"));
         assert!(glob(b"*", b""));
+    }
+
+    #[test]
+    fn globs_stay_fast_on_adversarial_patterns_and_long_keys() {
+        let key = vec![b'a'; 1 << 20];
+        let mut pat = b"*a".repeat(30);
+        pat.push(b'b');
+        let t = std::time::Instant::now();
+        assert!(!glob(&pat, &key));
+        assert!(glob(b"*a*", &key) && glob(&vec![b'?'; 1 << 20], &key));
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    /// The stable companion of a fuzz target: random and mutated RESP never panics the parser
+    /// or the executor; each input is a command, a clean end, or a protocol error.
+    #[tokio::test]
+    async fn random_and_mutated_input_is_parsed_or_refused_without_panicking() {
+        let store = Mutex::new(Store::default());
+        let valid: &[&[u8]] = &[
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
+            b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n$2\r\nEX\r\n$2\r\n10\r\n",
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+            b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nMATCH\r\n$3\r\n*k*\r\n",
+            b"PING\r\n",
+        ];
+        let mut rng = llumlet_dataplane::sim::SplitMix64(11);
+        let (mut commands, mut errors) = (0, 0);
+        for i in 0..20_000u32 {
+            let mut input = valid[(i as usize) % valid.len()].to_vec();
+            let edits = if i % 3 == 0 {
+                0
+            } else {
+                1 + rng.next_u64() % 4
+            };
+            for _ in 0..edits {
+                let at = (rng.next_u64() as usize) % input.len();
+                match rng.next_u64() % 3 {
+                    0 => input[at] = rng.next_u64() as u8,
+                    1 => input.truncate(at),
+                    _ => input.insert(at, b"*$:\r\n-9"[(rng.next_u64() % 7) as usize]),
+                }
+                if input.is_empty() {
+                    input.push(b'*');
+                }
+            }
+            if i % 97 == 0 {
+                input = (0..64).map(|_| rng.next_u64() as u8).collect();
+            }
+            let mut r = BufReader::new(&input[..]);
+            let mut line = Vec::new();
+            loop {
+                match read_command(&mut r, &mut line).await {
+                    Ok(None) => break,
+                    Ok(Some(args)) => {
+                        commands += 1;
+                        if !args.is_empty() {
+                            let _ = execute(&store, &args);
+                        }
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        // Both paths were taken many times.
+        assert!(commands > 5_000 && errors > 5_000, "{commands} {errors}");
     }
 
     #[tokio::test]
