@@ -163,7 +163,7 @@ impl Cms {
     }
 
     /// Runs `args` on the connection (made first if there is none and the backoff allows);
-    /// a failure drops the connection, so the next command reconnects.
+    /// a failure (or cancellation) drops the connection, so the next command reconnects.
     async fn attempt(&self, op: &'static str, key: &str, args: &[&[u8]]) -> Result<(), CmsError> {
         let mut conn = self.conn.lock().await;
         let timeout = self.cfg.socket_timeout;
@@ -172,39 +172,42 @@ impl Cms {
             key: key.to_string(),
             why,
         };
-        if conn.is_none() {
-            {
-                let st = self.lock();
-                let now = Instant::now();
-                if now < st.next_attempt {
-                    return Err(CmsError::Backoff(st.next_attempt - now));
+        // The connection is taken out while a command runs and put back only once its reply is
+        // read: a command cancelled midway (its task aborted) drops the connection with it, so
+        // no later command reads an earlier one's reply.
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => {
+                {
+                    let st = self.lock();
+                    let now = Instant::now();
+                    if now < st.next_attempt {
+                        return Err(CmsError::Backoff(st.next_attempt - now));
+                    }
+                }
+                let made = tokio::time::timeout(timeout, Conn::connect(&self.cfg))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")));
+                match made {
+                    Ok(c) => c,
+                    Err(why) => {
+                        let mut st = self.lock();
+                        st.next_attempt = Instant::now() + st.backoff;
+                        st.backoff = (st.backoff * 2).min(self.backoff_max);
+                        return Err(CmsError::Redis {
+                            op: "CONNECT",
+                            key: format!("{}:{}", self.cfg.host, self.cfg.port),
+                            why,
+                        });
+                    }
                 }
             }
-            let made = tokio::time::timeout(timeout, Conn::connect(&self.cfg))
-                .await
-                .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")));
-            match made {
-                Ok(c) => *conn = Some(c),
-                Err(why) => {
-                    let mut st = self.lock();
-                    st.next_attempt = Instant::now() + st.backoff;
-                    st.backoff = (st.backoff * 2).min(self.backoff_max);
-                    return Err(CmsError::Redis {
-                        op: "CONNECT",
-                        key: format!("{}:{}", self.cfg.host, self.cfg.port),
-                        why,
-                    });
-                }
-            }
-        }
-        let Some(c) = conn.as_mut() else {
-            return Err(failed("no connection".into()));
         };
         let r = tokio::time::timeout(timeout, c.command(args))
             .await
             .unwrap_or_else(|_| Err(format!("no reply within {timeout:?}")));
-        if r.is_err() {
-            *conn = None;
+        if r.is_ok() {
+            *conn = Some(c);
         }
         r.map_err(failed)
     }
@@ -321,6 +324,32 @@ mod tests {
         let e = cms.set("k", b"v1").await.unwrap_err().to_string();
         assert!(e.contains("no reply within"), "{e}");
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_command_cancelled_midway_does_not_leave_its_reply_to_the_next() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            expect(&mut s, SET).await;
+            // Answers late: the caller has given up by then.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = s.write_all(b"+OK\r\n").await;
+            let (mut s2, _) = l.accept().await.unwrap();
+            expect(&mut s2, b"*2\r\n$3\r\nDEL\r\n$1\r\nk\r\n").await;
+            s2.write_all(b"-ERR from the second connection\r\n")
+                .await
+                .unwrap();
+        });
+        let cms = Cms::new(&config(port, ""), 7, BACKOFF_START, Arc::default());
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), cms.set("k", b"v1")).await;
+        assert!(cancelled.is_err(), "the SET should still be waiting");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // On the old connection this DEL would read the SET's +OK and succeed.
+        let e = cms.del("k").await.unwrap_err().to_string();
+        assert!(e.contains("from the second connection"), "{e}");
+        server.await.unwrap();
     }
 
     #[tokio::test]
