@@ -3,6 +3,7 @@
 //! deadline, remove the instance from the CMS).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The status thread could not be started.
+    #[error("cannot start the status thread: {source}")]
+    Thread {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Registration failed on every attempt.
     #[error("could not register in the CMS after {REGISTER_ATTEMPTS} attempts: {0}")]
     Register(crate::cms::CmsError),
@@ -55,6 +63,7 @@ pub struct Agent {
     server_stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     loops: Vec<JoinHandle<()>>,
+    status: Option<StatusThread>,
     stop_requested: Arc<Notify>,
 }
 
@@ -213,11 +222,19 @@ impl Agent {
         let sources: Vec<Arc<dyn StatusSource>> = std::iter::once(pushed as Arc<dyn StatusSource>)
             .chain(source)
             .collect();
-        loops.push(tokio::spawn(status_loop(
-            cms.clone(),
-            shared.clone(),
-            sources,
-        )));
+        let status = StatusThread::start(cms.clone(), shared.clone(), sources)
+            .map_err(|source| StartError::Thread { source })?;
+        // The thread sleeps between ticks; an engine failure wakes it at once.
+        loops.push(tokio::spawn({
+            let (shared, wake, thread) = (shared.clone(), status.wake.clone(), status.thread());
+            async move {
+                loop {
+                    shared.engine_failed.notified().await;
+                    wake.engine_failed.store(true, Ordering::SeqCst);
+                    thread.unpark();
+                }
+            }
+        }));
 
         let stop_requested = Arc::new(Notify::new());
         if let Some(pid) = config.parent_pid {
@@ -236,6 +253,7 @@ impl Agent {
             server_stop: Some(stop_tx),
             server,
             loops,
+            status: Some(status),
             stop_requested,
         })
     }
@@ -265,6 +283,10 @@ impl Agent {
     pub async fn shutdown(mut self) {
         for l in &self.loops {
             l.abort();
+        }
+        // Stopped and joined before the keys are deleted, so no late push re-creates one.
+        if let Some(t) = self.status.take() {
+            let _ = tokio::task::spawn_blocking(move || t.stop()).await;
         }
         if let Some(tx) = self.server_stop.take() {
             let _ = tx.send(());
@@ -313,7 +335,67 @@ async fn metadata_loop(
     }
 }
 
-async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn StatusSource>>) {
+/// What wakes the status thread before its next tick.
+#[derive(Default)]
+struct Wake {
+    stop: AtomicBool,
+    engine_failed: AtomicBool,
+}
+
+/// The status loop on its own thread: it sleeps until each tick and writes the status with a
+/// blocking socket ([`Cms::set_blocking`]), so a push costs a sleep, a `write` and a `read`
+/// and no async scheduling (docs/BENCHMARKS.md: the llumlet's CPU per push).
+struct StatusThread {
+    handle: Option<std::thread::JoinHandle<()>>,
+    wake: Arc<Wake>,
+}
+
+impl StatusThread {
+    fn start(
+        cms: Arc<Cms>,
+        shared: Arc<Shared>,
+        sources: Vec<Arc<dyn StatusSource>>,
+    ) -> std::io::Result<StatusThread> {
+        let wake = Arc::new(Wake::default());
+        let w = wake.clone();
+        let handle = std::thread::Builder::new()
+            .name("llumlet-status".into())
+            .spawn(move || status_loop(&cms, &shared, &sources, &w))?;
+        Ok(StatusThread {
+            handle: Some(handle),
+            wake,
+        })
+    }
+
+    fn thread(&self) -> std::thread::Thread {
+        match &self.handle {
+            Some(h) => h.thread().clone(),
+            None => std::thread::current(),
+        }
+    }
+
+    /// Stops the thread and waits for it (at most one push in flight, bounded by the socket
+    /// timeout).
+    fn stop(mut self) {
+        self.wake.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for StatusThread {
+    fn drop(&mut self) {
+        // Dropped without `stop` (the agent dropped without shutting down): stop, do not wait.
+        self.wake.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = &self.handle {
+            h.thread().unpark();
+        }
+    }
+}
+
+fn status_loop(cms: &Cms, shared: &Shared, sources: &[Arc<dyn StatusSource>], wake: &Wake) {
     let config = &shared.config;
     let key = llumlet_proto::status_key(&config.instance_id);
     let mut reporter = StatusReporter::new(
@@ -322,18 +404,35 @@ async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn St
         config.metric_mask,
         config.engine_get_status_timeout,
     );
-    let mut ticker = tokio::time::interval(config.status_push_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = config.status_push_interval;
+    let mut next = Instant::now();
     let mut last_tick = Tick::NoStatus;
     let mut last_debug = Instant::now();
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shared.engine_failed.notified() => reporter.mark_engine_failed(),
+        // Until the next tick (the first is at once), or an engine failure, or stop. A late tick
+        // delays the ones after it rather than bunching them up.
+        loop {
+            if wake.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if wake.engine_failed.swap(false, Ordering::SeqCst) {
+                reporter.mark_engine_failed();
+                break;
+            }
+            let now = Instant::now();
+            if now >= next {
+                next = if next + interval <= now {
+                    now + interval
+                } else {
+                    next + interval
+                };
+                break;
+            }
+            std::thread::park_timeout(next - now);
         }
         let now = Instant::now();
         let mut fresh = false;
-        for s in &sources {
+        for s in sources {
             if s.engine_failed() {
                 reporter.mark_engine_failed();
             }
@@ -362,7 +461,7 @@ async fn status_loop(cms: Arc<Cms>, shared: Arc<Shared>, sources: Vec<Arc<dyn St
             last_debug = now;
             tracing::debug!(status = ?reporter.last(), "instance status");
         }
-        if cms.set(&key, reporter.encoded()).await.is_ok() {
+        if cms.set_blocking(&key, reporter.encoded()).is_ok() {
             shared.metrics.status_pushes.inc();
         }
     }

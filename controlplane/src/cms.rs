@@ -68,17 +68,9 @@ impl Conn {
         Ok(c)
     }
 
-    /// Sends one command and reads its one-line reply: `Ok` for `+...` and `:n`, Redis's
-    /// message for `-...`.
+    /// Sends one command and reads its one-line reply ([`parse_reply`]).
     async fn command(&mut self, args: &[&[u8]]) -> Result<(), String> {
-        use std::io::Write;
-        self.frame.clear();
-        let _ = write!(self.frame, "*{}\r\n", args.len());
-        for a in args {
-            let _ = write!(self.frame, "${}\r\n", a.len());
-            self.frame.extend_from_slice(a);
-            self.frame.extend_from_slice(b"\r\n");
-        }
+        encode(args, &mut self.frame);
         self.stream
             .get_mut()
             .write_all(&self.frame)
@@ -90,18 +82,96 @@ impl Conn {
             .read_until(b'\n', &mut self.reply)
             .await
             .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed by Redis".into());
+        parse_reply(&self.reply[..n])
+    }
+}
+
+/// The same connection with a blocking socket, for the status thread: one `write` and one
+/// `read` per command, no scheduler in between.
+struct BlockingConn {
+    stream: std::io::BufReader<std::net::TcpStream>,
+    frame: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+impl BlockingConn {
+    fn connect(cfg: &RedisConfig) -> Result<BlockingConn, String> {
+        use std::net::ToSocketAddrs;
+        let timeout = cfg.socket_timeout;
+        let addr = (cfg.host.as_str(), cfg.port)
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("the host name resolves to no address")?;
+        let stream =
+            std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| stream.set_write_timeout(Some(timeout)))
+            .map_err(|e| e.to_string())?;
+        let mut c = BlockingConn {
+            stream: std::io::BufReader::new(stream),
+            frame: Vec::with_capacity(1024),
+            reply: Vec::with_capacity(64),
+        };
+        if !cfg.password.is_empty() {
+            if cfg.username.is_empty() {
+                c.command(&[b"AUTH", cfg.password.as_bytes()])?;
+            } else {
+                c.command(&[b"AUTH", cfg.username.as_bytes(), cfg.password.as_bytes()])?;
+            }
         }
-        let line = self.reply.strip_suffix(b"\r\n").ok_or("malformed reply")?;
-        match line.first() {
-            Some(b'+') | Some(b':') => Ok(()),
-            Some(b'-') => Err(String::from_utf8_lossy(&line[1..]).into_owned()),
-            _ => Err(format!(
-                "unexpected reply {:?}",
-                String::from_utf8_lossy(&line[..line.len().min(64)])
-            )),
-        }
+        Ok(c)
+    }
+
+    fn command(&mut self, args: &[&[u8]]) -> Result<(), String> {
+        use std::io::{BufRead, Read, Write};
+        encode(args, &mut self.frame);
+        let timed_out = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                "no reply within the socket timeout".to_string()
+            }
+            _ => e.to_string(),
+        };
+        self.stream
+            .get_mut()
+            .write_all(&self.frame)
+            .map_err(timed_out)?;
+        self.reply.clear();
+        let n = (&mut self.stream)
+            .take(MAX_REPLY as u64)
+            .read_until(b'\n', &mut self.reply)
+            .map_err(timed_out)?;
+        parse_reply(&self.reply[..n])
+    }
+}
+
+/// `args` as a RESP array of bulk strings, into `frame`.
+fn encode(args: &[&[u8]], frame: &mut Vec<u8>) {
+    use std::io::Write;
+    frame.clear();
+    let _ = write!(frame, "*{}\r\n", args.len());
+    for a in args {
+        let _ = write!(frame, "${}\r\n", a.len());
+        frame.extend_from_slice(a);
+        frame.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A one-line reply: `Ok` for `+...` and `:n`, Redis's message for `-...`.
+fn parse_reply(reply: &[u8]) -> Result<(), String> {
+    if reply.is_empty() {
+        return Err("connection closed by Redis".into());
+    }
+    let line = reply.strip_suffix(b"\r\n").ok_or("malformed reply")?;
+    match line.first() {
+        Some(b'+') | Some(b':') => Ok(()),
+        Some(b'-') => Err(String::from_utf8_lossy(&line[1..]).into_owned()),
+        _ => Err(format!(
+            "unexpected reply {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(64)])
+        )),
     }
 }
 
@@ -118,6 +188,8 @@ const BACKOFF_START: Duration = Duration::from_millis(50);
 /// Writes the instance's two keys into the CMS.
 pub struct Cms {
     conn: tokio::sync::Mutex<Option<Conn>>,
+    /// The status thread's connection ([`Cms::set_blocking`]).
+    blocking: Mutex<Option<BlockingConn>>,
     cfg: RedisConfig,
     /// The TTL in seconds, as sent.
     ttl: String,
@@ -133,6 +205,7 @@ impl Cms {
     pub fn new(cfg: &RedisConfig, ttl: u64, backoff_max: Duration, metrics: Arc<Metrics>) -> Cms {
         Cms {
             conn: tokio::sync::Mutex::new(None),
+            blocking: Mutex::new(None),
             cfg: cfg.clone(),
             ttl: ttl.to_string(),
             backoff_max: backoff_max.max(BACKOFF_START),
@@ -178,29 +251,11 @@ impl Cms {
         let mut c = match conn.take() {
             Some(c) => c,
             None => {
-                {
-                    let st = self.lock();
-                    let now = Instant::now();
-                    if now < st.next_attempt {
-                        return Err(CmsError::Backoff(st.next_attempt - now));
-                    }
-                }
+                self.may_connect()?;
                 let made = tokio::time::timeout(timeout, Conn::connect(&self.cfg))
                     .await
                     .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")));
-                match made {
-                    Ok(c) => c,
-                    Err(why) => {
-                        let mut st = self.lock();
-                        st.next_attempt = Instant::now() + st.backoff;
-                        st.backoff = (st.backoff * 2).min(self.backoff_max);
-                        return Err(CmsError::Redis {
-                            op: "CONNECT",
-                            key: format!("{}:{}", self.cfg.host, self.cfg.port),
-                            why,
-                        });
-                    }
-                }
+                made.map_err(|why| self.connect_failed(why))?
             }
         };
         let r = tokio::time::timeout(timeout, c.command(args))
@@ -210,6 +265,76 @@ impl Cms {
             *conn = Some(c);
         }
         r.map_err(failed)
+    }
+
+    /// Whether a connection attempt may be made now (the backoff after a failed one ran out).
+    fn may_connect(&self) -> Result<(), CmsError> {
+        let st = self.lock();
+        let now = Instant::now();
+        if now < st.next_attempt {
+            return Err(CmsError::Backoff(st.next_attempt - now));
+        }
+        Ok(())
+    }
+
+    /// Records a failed connection attempt (the backoff doubles) and says why it failed.
+    fn connect_failed(&self, why: String) -> CmsError {
+        let mut st = self.lock();
+        st.next_attempt = Instant::now() + st.backoff;
+        st.backoff = (st.backoff * 2).min(self.backoff_max);
+        CmsError::Redis {
+            op: "CONNECT",
+            key: format!("{}:{}", self.cfg.host, self.cfg.port),
+            why,
+        }
+    }
+
+    /// [`Cms::attempt`] on the blocking connection.
+    fn attempt_blocking(
+        &self,
+        op: &'static str,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<(), CmsError> {
+        let mut conn = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => {
+                self.may_connect()?;
+                BlockingConn::connect(&self.cfg).map_err(|why| self.connect_failed(why))?
+            }
+        };
+        let r = c.command(args);
+        if r.is_ok() {
+            *conn = Some(c);
+        }
+        r.map_err(|why| CmsError::Redis {
+            op,
+            key: key.to_string(),
+            why,
+        })
+    }
+
+    /// `SET key value EX ttl` from a thread that may block (the status thread): its own
+    /// connection with a blocking socket, the same retries, backoff and outage accounting as
+    /// [`Cms::set`].
+    pub fn set_blocking(&self, key: &str, value: &[u8]) -> Result<(), CmsError> {
+        let args: [&[u8]; 5] = [b"SET", key.as_bytes(), value, b"EX", self.ttl.as_bytes()];
+        let mut attempt = 0;
+        let result = loop {
+            match self.attempt_blocking("SET", key, &args) {
+                Ok(()) => break Ok(()),
+                Err(e) => {
+                    if attempt >= self.cfg.retry_times || matches!(e, CmsError::Backoff(_)) {
+                        break Err(e);
+                    }
+                    attempt += 1;
+                    std::thread::sleep(self.cfg.retry_interval);
+                }
+            }
+        };
+        self.record(&result);
+        result
     }
 
     async fn run(&self, op: &'static str, key: &str, args: &[&[u8]]) -> Result<(), CmsError> {
