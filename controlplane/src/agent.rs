@@ -481,3 +481,109 @@ async fn parent_watch(pid: u32, parent_at_start: u32, stop: Arc<Notify>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::mpsc;
+
+    struct Env(HashMap<&'static str, String>);
+
+    impl crate::config::Lookup for Env {
+        fn get(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+    }
+
+    /// A Redis stand-in on loopback that answers `+OK` to everything and sends each SET's value
+    /// through the channel.
+    fn fake_redis() -> (u16, mpsc::Receiver<Vec<u8>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let n: usize = line[1..].trim().parse().unwrap();
+                        let mut args = Vec::new();
+                        for _ in 0..n {
+                            line.clear();
+                            r.read_line(&mut line).unwrap();
+                            let len: usize = line[1..].trim().parse().unwrap();
+                            let mut a = vec![0u8; len + 2];
+                            r.read_exact(&mut a).unwrap();
+                            a.truncate(len);
+                            args.push(a);
+                        }
+                        if args[0] == b"SET" {
+                            let _ = tx.send(args[2].clone());
+                        }
+                        w.write_all(b"+OK\r\n").unwrap();
+                    }
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    #[test]
+    fn the_status_thread_pushes_at_once_on_an_engine_failure_and_stops_promptly() {
+        let (port, sets) = fake_redis();
+        let env = Env(HashMap::from([
+            ("LLUMLET_INSTANCE_ID", "t".to_string()),
+            ("LLUMNIX_VLLM_API_SERVER_PORT", "8000".to_string()),
+            ("LLUMNIX_CMS_REDIS_ADDRESS", "127.0.0.1".to_string()),
+            ("LLUMNIX_CMS_REDIS_PORT", port.to_string()),
+            // Far longer than the test: every push after the first is a wake-up.
+            ("LLUMNIX_STATUS_PUSH_INTERVAL", "60".to_string()),
+        ]));
+        let config = Arc::new(Config::from_lookup(&env).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let pushed = Arc::new(PushedStatus::default());
+        pushed.push(llumlet_proto::cms::InstanceStatus {
+            schedulable: true,
+            num_total_gpu_tokens: 100,
+            ..Default::default()
+        });
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            pushed: pushed.clone(),
+            ledger: SlotLedger::new(config.migration.clone()),
+            migrator: Arc::new(crate::migrate::NoMigrator),
+            engine: Arc::new(crate::engine::NoEngine),
+            metrics: metrics.clone(),
+            engine_failed: Arc::new(Notify::new()),
+        });
+        let cms = Arc::new(Cms::new(&config.redis, 10, Duration::from_secs(1), metrics));
+        let t = StatusThread::start(cms, shared, vec![pushed as Arc<dyn StatusSource>]).unwrap();
+        let decode = |b: Vec<u8>| llumlet_proto::cms::InstanceStatus::decode(&b[..]).unwrap();
+        // The first tick is at once.
+        let first = decode(sets.recv_timeout(Duration::from_secs(5)).unwrap());
+        assert!(first.schedulable);
+        assert!(sets.recv_timeout(Duration::from_millis(300)).is_err());
+        // An engine failure is reported at once, not a minute later.
+        t.wake.engine_failed.store(true, Ordering::SeqCst);
+        t.thread().unpark();
+        let failed = decode(sets.recv_timeout(Duration::from_secs(5)).unwrap());
+        assert!(!failed.schedulable);
+        let begin = Instant::now();
+        t.stop();
+        assert!(
+            begin.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            begin.elapsed()
+        );
+    }
+}
