@@ -57,13 +57,8 @@ impl Conn {
             frame: Vec::with_capacity(1024),
             reply: Vec::with_capacity(64),
         };
-        if !cfg.password.is_empty() {
-            if cfg.username.is_empty() {
-                c.command(&[b"AUTH", cfg.password.as_bytes()]).await?;
-            } else {
-                c.command(&[b"AUTH", cfg.username.as_bytes(), cfg.password.as_bytes()])
-                    .await?;
-            }
+        if let Some(auth) = auth(cfg) {
+            c.command(&auth).await?;
         }
         Ok(c)
     }
@@ -115,12 +110,8 @@ impl BlockingConn {
             frame: Vec::with_capacity(1024),
             reply: Vec::with_capacity(64),
         };
-        if !cfg.password.is_empty() {
-            if cfg.username.is_empty() {
-                c.command(&[b"AUTH", cfg.password.as_bytes()])?;
-            } else {
-                c.command(&[b"AUTH", cfg.username.as_bytes(), cfg.password.as_bytes()])?;
-            }
+        if let Some(auth) = auth(cfg) {
+            c.command(&auth)?;
         }
         Ok(c)
     }
@@ -144,6 +135,15 @@ impl BlockingConn {
             .read_until(b'\n', &mut self.reply)
             .map_err(timed_out)?;
         parse_reply(&self.reply[..n])
+    }
+}
+
+/// The `AUTH` command `cfg` asks for: none without a password, the ACL form with a user.
+fn auth(cfg: &RedisConfig) -> Option<Vec<&[u8]>> {
+    match (cfg.username.as_str(), cfg.password.as_str()) {
+        (_, "") => None,
+        ("", p) => Some(vec![b"AUTH", p.as_bytes()]),
+        (u, p) => Some(vec![b"AUTH", u.as_bytes(), p.as_bytes()]),
     }
 }
 

@@ -320,11 +320,11 @@ fn run_transfer(a: &TransferArgs) -> Result<(), String> {
             .unwrap_or_else(|| default_iters(shape.bytes()));
         let mut m = transfer::send_to(peer, &a.transport, shape, iters, &progress)?;
         if a.with_baseline {
-            let mut src = Source::new(shape.bytes())?;
+            let src = ShmBuf::new("from", shape.bytes())?;
             let b = if a.transport == "tcp" {
-                tcp_loopback(&mut src, iters)?
+                tcp_loopback(&src, iters)?
             } else {
-                memcpy(&mut src, iters)?
+                memcpy(&src, iters)?
             };
             m.extra.push(("baseline", b.transport.clone().into()));
             m.extra
@@ -343,9 +343,9 @@ fn run_baseline(a: &SizeArgs) -> Result<(), String> {
     for &bytes in &a.size {
         let iters = a.iters.unwrap_or_else(|| default_iters(bytes));
         progress.tick(&format!("baselines {} MiB", bytes >> 20));
-        let mut src = Source::new(bytes)?;
-        let m = memcpy(&mut src, iters)?;
-        let t = tcp_loopback(&mut src, iters)?;
+        let src = ShmBuf::new("from", bytes)?;
+        let m = memcpy(&src, iters)?;
+        let t = tcp_loopback(&src, iters)?;
         progress.done();
         json_line(&m);
         json_line(&t);
@@ -381,32 +381,19 @@ impl ShmBuf {
     }
 }
 
-/// The bytes a baseline copies: a filled shared-memory mapping, as a KV cache is.
-struct Source {
-    from: ShmBuf,
-}
-
-impl Source {
-    fn new(bytes: u64) -> Result<Source, String> {
-        Ok(Source {
-            from: ShmBuf::new("from", bytes)?,
-        })
-    }
-}
-
-/// A plain memcpy of the source into another shared-memory mapping, `iters` times.
-fn memcpy(src: &mut Source, iters: u32) -> Result<Measure, String> {
-    let mut to = ShmBuf::new("to", src.from.map.len() as u64)?;
-    to.map.copy_from_slice(&src.from.map);
+/// A plain memcpy of `src` (a filled shared-memory mapping, as a KV cache is) into another
+/// shared-memory mapping, `iters` times.
+fn memcpy(src: &ShmBuf, iters: u32) -> Result<Measure, String> {
+    let mut to = ShmBuf::new("to", src.map.len() as u64)?;
+    to.map.copy_from_slice(&src.map);
     let mut times = Vec::with_capacity(iters as usize);
     for _ in 0..iters {
         let t0 = Instant::now();
-        to.map
-            .copy_from_slice(std::hint::black_box(&src.from.map[..]));
+        to.map.copy_from_slice(std::hint::black_box(&src.map[..]));
         std::hint::black_box(to.map[to.map.len() - 1]);
         times.push(t0.elapsed().as_secs_f64());
     }
-    let mut m = Measure::new("memcpy", src.from.map.len() as u64, &times);
+    let mut m = Measure::new("memcpy", src.map.len() as u64, &times);
     m.bench = "baseline";
     Ok(m)
 }
@@ -415,8 +402,8 @@ fn memcpy(src: &mut Source, iters: u32) -> Result<Measure, String> {
 /// second shared-memory mapping of the same size (a copy of the bytes over a socket, as the tcp
 /// transport's receiver does), one byte of acknowledgement per iteration (as `transfer` waits
 /// for each `StageAck`).
-fn tcp_loopback(src: &mut Source, iters: u32) -> Result<Measure, String> {
-    let bytes = src.from.map.len();
+fn tcp_loopback(src: &ShmBuf, iters: u32) -> Result<Measure, String> {
+    let bytes = src.map.len();
     let mut to = ShmBuf::new("tcp-to", bytes as u64)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -433,7 +420,7 @@ fn tcp_loopback(src: &mut Source, iters: u32) -> Result<Measure, String> {
     let _ = s.set_nodelay(true);
     let mut ack = [0u8; 1];
     let mut once = |s: &mut TcpStream| -> Result<(), String> {
-        s.write_all(&src.from.map).map_err(|e| e.to_string())?;
+        s.write_all(&src.map).map_err(|e| e.to_string())?;
         s.read_exact(&mut ack).map_err(|e| e.to_string())
     };
     once(&mut s)?; // warm-up
