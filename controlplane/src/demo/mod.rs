@@ -24,7 +24,7 @@ use llumlet_proto::llumlet::migrate_request::MigrationValue;
 use llumlet_proto::llumlet::MigrateRequest;
 use prost::Message;
 
-pub use cms::EmbeddedCms;
+pub use cms::{serve_bytes, EmbeddedCms};
 
 /// `llumlet demo` options.
 #[derive(clap::Args, Debug, Clone)]
