@@ -19,6 +19,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Removes every file in /dev/shm whose name starts with `prefix` (what an engine killed with
+/// SIGKILL leaves: its control segment, KV cache, mailboxes, journals).
+pub fn remove_shm_files(prefix: &str) {
+    if let Ok(rd) = fs::read_dir("/dev/shm") {
+        for e in rd.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Calls [`remove_shm_files`] when dropped: declared before the processes that create the
+/// files, it runs after they are killed.
+pub struct ShmCleanup(pub String);
+
+impl Drop for ShmCleanup {
+    fn drop(&mut self) {
+        remove_shm_files(&self.0);
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -226,14 +226,7 @@ impl Drop for Instance {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
-        let prefix = self.env["LLUMLET_ENGINE_SHM"].clone();
-        if let Ok(rd) = std::fs::read_dir("/dev/shm") {
-            for e in rd.filter_map(Result::ok) {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        crate::remove_shm_files(&self.env["LLUMLET_ENGINE_SHM"]);
     }
 }
 

@@ -40,6 +40,7 @@ fn engine(shm: &str, seed: u64, requests: u32) -> LlumletProcess {
 fn sim_engine_status_reaches_the_cms_and_engine_faults_are_reported() {
     let redis = RedisServer::start();
     let shm = format!("llumlet-ctl-test-ring-{}", std::process::id());
+    let _cleanup = ShmCleanup(shm.clone());
     let mut eng = engine(&shm, 1, 6);
     let mut env = base_env(&redis, "ring", free_port());
     env.insert("LLUMLET_ENGINE_SHM".into(), shm.clone());
@@ -142,6 +143,7 @@ fn sim_engine_status_reaches_the_cms_and_engine_faults_are_reported() {
 fn pull_mode_asks_the_engine_over_the_command_queue() {
     let redis = RedisServer::start();
     let shm = format!("llumlet-ctl-test-pull-{}", std::process::id());
+    let _cleanup = ShmCleanup(shm.clone());
     let mut env = base_env(&redis, "pull", free_port());
     env.insert("LLUMLET_ENGINE_SHM".into(), shm.clone());
     env.insert("LLUMNIX_UPDATE_INSTANCE_STATUS_MODE".into(), "PULL".into());
@@ -191,6 +193,7 @@ fn request_table_is_visible_across_processes() {
     use llumlet_dataplane::segment::{segment_path, Attach, ControlSegment};
 
     let shm = format!("llumlet-ctl-test-table-{}", std::process::id());
+    let _cleanup = ShmCleanup(shm.clone());
     // Room for every request at full length: no preemption, so a snapshot has no block twice.
     let eng = LlumletProcess::spawn_args(
         &[
