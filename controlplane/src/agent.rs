@@ -347,6 +347,7 @@ struct Wake {
 /// and no async scheduling (docs/BENCHMARKS.md: the llumlet's CPU per push).
 struct StatusThread {
     handle: Option<std::thread::JoinHandle<()>>,
+    thread: std::thread::Thread,
     wake: Arc<Wake>,
 }
 
@@ -362,24 +363,22 @@ impl StatusThread {
             .name("llumlet-status".into())
             .spawn(move || status_loop(&cms, &shared, &sources, &w))?;
         Ok(StatusThread {
+            thread: handle.thread().clone(),
             handle: Some(handle),
             wake,
         })
     }
 
     fn thread(&self) -> std::thread::Thread {
-        match &self.handle {
-            Some(h) => h.thread().clone(),
-            None => std::thread::current(),
-        }
+        self.thread.clone()
     }
 
     /// Stops the thread and waits for it (at most one push in flight, bounded by the socket
     /// timeout).
     fn stop(mut self) {
         self.wake.stop.store(true, Ordering::SeqCst);
+        self.thread.unpark();
         if let Some(h) = self.handle.take() {
-            h.thread().unpark();
             let _ = h.join();
         }
     }
@@ -389,9 +388,7 @@ impl Drop for StatusThread {
     fn drop(&mut self) {
         // Dropped without `stop` (the agent dropped without shutting down): stop, do not wait.
         self.wake.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = &self.handle {
-            h.thread().unpark();
-        }
+        self.thread.unpark();
     }
 }
 

@@ -133,7 +133,12 @@ impl Proc {
     }
 
     pub(crate) fn terminate(&mut self, within: Duration) {
-        // SAFETY: kill(2) on our own child's pid; harmless if it already exited.
+        // Reaped already: its pid may belong to another process by now.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid, which is not reaped (checked above), so it
+        // cannot have been reused.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
