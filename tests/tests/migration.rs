@@ -8,20 +8,41 @@ use std::time::Duration;
 use llumlet_tests::mig::*;
 use llumlet_tests::*;
 
+/// The request the source's last successful migration moved (its llumlet logs it before
+/// `Migrate` answers), once both engines have printed its events (each at its next step):
+/// freed at the source, arrived at the destination with identical KV bytes and tokens.
 fn check_moved(src: &Instance, dst: &Instance) -> String {
-    let moved_in = dst.events("migrated-in ");
-    let id = moved_in.last().cloned().expect("a request arrived");
-    assert!(
-        src.events("migrated-out ").contains(&id),
-        "freed at the source"
-    );
-    let line = dst
-        .engine
-        .stdout()
+    let log = src.llumlet.stderr();
+    let id = log
         .lines()
-        .find(|l| l.contains(&format!("migrated-in {id} ")))
-        .unwrap()
+        .rev()
+        .find(|l| l.contains("migration out finished") && l.contains("outcome=Migrated"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("request="))
+        })
+        .unwrap_or_else(|| panic!("no migration logged by the source:\n{log}"))
         .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let arrived = dst
+            .engine
+            .stdout()
+            .lines()
+            .find(|l| l.contains(&format!("migrated-in {id} ")))
+            .map(str::to_string);
+        if let (Some(line), true) = (&arrived, src.events("migrated-out ").contains(&id)) {
+            break line.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id}: arrived {arrived:?}, freed at the source: {}\n{}\n{}",
+            src.events("migrated-out ").contains(&id),
+            src.logs(),
+            dst.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         line.contains("kv=ok") && line.contains("tokens=ok"),
         "KV bytes and tokens identical on arrival: {line}"
