@@ -247,6 +247,7 @@ impl Side {
             min_prompt: prompt,
             update_steps: 1,
             push: true,
+            kv_on_gpu: false,
             layers: LAYERS,
             kv_heads: 8,
             head_size: 128,

@@ -103,6 +103,10 @@ struct SimArgs {
         ignore_case = true
     )]
     status_mode: String,
+    /// Where the KV cache lives: `host` (shared memory), `gpu` (GPU 0, exported as a CUDA IPC
+    /// handle; needs the `cuda` feature and a GPU), or `auto` (the GPU when there is one).
+    #[arg(long, default_value = "host", ignore_case = true)]
+    kv: String,
 }
 
 fn sim_engine(a: SimArgs) -> ExitCode {
@@ -140,7 +144,17 @@ fn sim_engine(a: SimArgs) -> ExitCode {
         "pull" => false,
         other => return bad(format!("--status-mode {other:?}: must be push or pull")),
     };
+    let kv_on_gpu = match a.kv.to_ascii_lowercase().as_str() {
+        "host" => false,
+        "gpu" => match crate::migration::cuda_side::available() {
+            Ok(_) => true,
+            Err(why) => return bad(format!("--kv gpu: {why}")),
+        },
+        "auto" => crate::migration::cuda_side::available().is_ok(),
+        other => return bad(format!("--kv {other:?}: must be host, gpu or auto")),
+    };
     let cfg = llumlet_dataplane::sim::SimConfig {
+        kv_on_gpu,
         push,
         layers: a.layers,
         kv_heads: a.kv_heads,
@@ -166,7 +180,15 @@ fn sim_engine(a: SimArgs) -> ExitCode {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stop2, path) = (stop.clone(), cfg.segment.clone());
     let engine = std::thread::spawn(move || llumlet_dataplane::sim::run(cfg, &stop2));
-    eprintln!("llumlet sim-engine: publishing to {}", path.display());
+    let kv = if kv_on_gpu {
+        "on GPU 0"
+    } else {
+        "in host memory"
+    };
+    eprintln!(
+        "llumlet sim-engine: publishing to {}, KV cache {kv}",
+        path.display()
+    );
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {

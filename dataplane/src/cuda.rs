@@ -69,6 +69,9 @@ pub struct Gpu {
     pub devices: i32,
     /// The driver's CUDA version (12040 = 12.4).
     pub driver_version: i32,
+    /// The driver is the test double (tests/fake-cuda): host memory standing in for a GPU.
+    /// Nothing measured over it is a GPU figure.
+    pub test_double: bool,
 }
 
 /// Looks for the driver library and every symbol used here, then initialises the driver and
@@ -106,6 +109,8 @@ fn probe_once() -> Result<Gpu, CudaError> {
             )));
         }
     }
+    // SAFETY: a live handle and a NUL-terminated name; only the test double exports it.
+    let test_double = !unsafe { libc::dlsym(lib, c"llumlet_fake_cuda".as_ptr()) }.is_null();
     // SAFETY: the library and every symbol we call are present (checked above), so cudarc's
     // loader does not panic.
     call("cuInit", unsafe { sys::cuInit(0) }).map_err(|e| CudaError::Unavailable(e.to_string()))?;
@@ -126,6 +131,7 @@ fn probe_once() -> Result<Gpu, CudaError> {
     Ok(Gpu {
         devices,
         driver_version,
+        test_double,
     })
 }
 
@@ -304,6 +310,37 @@ impl Device {
         })
         .map_err(backend)?;
         Ok(bytes)
+    }
+
+    /// The plain device-to-device copy the `cuda` transport is measured against: the first
+    /// `bytes` of `src` into `dst` as one copy on this device's stream, then the same event
+    /// wait as [`Device::copy_runs`].
+    pub fn copy_buffer(
+        &mut self,
+        dst: &DeviceBuffer,
+        src: &DeviceBuffer,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
+        if bytes > dst.len || bytes > src.len {
+            return Err(CudaError::Invalid(format!(
+                "{bytes} bytes do not fit buffers of {} and {}",
+                src.len, dst.len
+            )));
+        }
+        self.current()?;
+        // SAFETY: both ranges lie inside their allocations (checked above); different
+        // allocations (two DeviceBuffers), so no overlap.
+        call("cuMemcpyDtoDAsync_v2", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst.ptr, src.ptr, bytes, self.stream)
+        })?;
+        // SAFETY: live event and stream of this context.
+        call("cuEventRecord", unsafe {
+            sys::cuEventRecord(self.done, self.stream)
+        })?;
+        // SAFETY: a recorded event.
+        call("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.done)
+        })
     }
 
     /// The device ordinal's handle.
@@ -615,5 +652,131 @@ impl crate::transport::Transport for CudaTransport {
     ) -> Result<u64, TransportError> {
         self.dev
             .copy_runs(&self.src.regions, &self.dst.regions, &self.reserved, runs)
+    }
+}
+
+/// An engine's KV cache on the GPU (the simulated engine's GPU mode): one allocation holding
+/// `layers` regions of `num_blocks` blocks each, exported as one IPC handle. The engine writes
+/// token slots with host-to-device copies and reads them back to verify.
+pub struct GpuKvCache {
+    // Dropped before `dev`, whose primary context it is freed in.
+    buf: DeviceBuffer,
+    _dev: Device,
+    layers: u32,
+    num_blocks: u64,
+    block_size_bytes: u64,
+    token_size_bytes: u64,
+}
+
+impl GpuKvCache {
+    /// Allocates the cache on GPU `ordinal`, zeroed.
+    pub fn create(
+        ordinal: i32,
+        layers: u32,
+        num_blocks: u64,
+        block_size_bytes: u64,
+        token_size_bytes: u64,
+    ) -> Result<GpuKvCache, CudaError> {
+        let total = u64::from(layers)
+            .checked_mul(num_blocks)
+            .and_then(|x| x.checked_mul(block_size_bytes))
+            .filter(|t| {
+                *t > 0
+                    && token_size_bytes > 0
+                    && block_size_bytes.is_multiple_of(token_size_bytes)
+                    && usize::try_from(*t).is_ok()
+            })
+            .ok_or_else(|| CudaError::Invalid("empty or overflowing KV cache shape".into()))?;
+        let dev = Device::open(ordinal)?;
+        let buf = dev.alloc(total as usize)?;
+        let zeros = vec![0u8; (total as usize).min(8 << 20)];
+        let mut off = 0;
+        while off < total as usize {
+            let n = zeros.len().min(total as usize - off);
+            buf.write(off, &zeros[..n])?;
+            off += n;
+        }
+        Ok(GpuKvCache {
+            buf,
+            _dev: dev,
+            layers,
+            num_blocks,
+            block_size_bytes,
+            token_size_bytes,
+        })
+    }
+
+    /// The regions to register, one per layer, each naming the allocation's IPC handle.
+    pub fn regions(&self) -> Result<Vec<crate::kv::KvRegion>, CudaError> {
+        let handle = self.buf.ipc_handle()?.to_vec();
+        Ok((0..self.layers)
+            .map(|layer| crate::kv::KvRegion {
+                memory: crate::kv::MemoryKind::CudaIpc,
+                layout: crate::kv::LayoutKind::KvTogether,
+                layer,
+                offset: u64::from(layer) * self.num_blocks * self.block_size_bytes,
+                num_blocks: self.num_blocks,
+                block_size_bytes: self.block_size_bytes,
+                token_size_bytes: self.token_size_bytes,
+                handle: handle.clone(),
+            })
+            .collect())
+    }
+
+    /// Bytes of one token slot.
+    pub fn token_size_bytes(&self) -> u64 {
+        self.token_size_bytes
+    }
+
+    /// The byte offset of `n` token slots of one block from `slot`, or `None` outside it.
+    fn span(&self, layer: u32, block: u64, slot: u64, n: u64) -> Option<usize> {
+        let per_block = self.block_size_bytes / self.token_size_bytes;
+        let inside = slot.checked_add(n).is_some_and(|e| e <= per_block);
+        if layer >= self.layers || block >= self.num_blocks || n == 0 || !inside {
+            return None;
+        }
+        let off = (u64::from(layer) * self.num_blocks + block) * self.block_size_bytes
+            + slot * self.token_size_bytes;
+        Some(off as usize)
+    }
+
+    /// Writes `data` (whole token slots) into one block from `slot`.
+    pub fn write_tokens(
+        &self,
+        layer: u32,
+        block: u64,
+        slot: u64,
+        data: &[u8],
+    ) -> Result<(), CudaError> {
+        let n = data.len() as u64 / self.token_size_bytes;
+        match self.span(layer, block, slot, n) {
+            Some(off) if n * self.token_size_bytes == data.len() as u64 => {
+                self.buf.write(off, data)
+            }
+            _ => Err(CudaError::Invalid(format!(
+                "{} bytes at layer {layer} block {block} slot {slot} are not whole token slots inside the block",
+                data.len()
+            ))),
+        }
+    }
+
+    /// Reads whole token slots of one block from `slot` into `out`.
+    pub fn read_tokens(
+        &self,
+        layer: u32,
+        block: u64,
+        slot: u64,
+        out: &mut [u8],
+    ) -> Result<(), CudaError> {
+        let n = out.len() as u64 / self.token_size_bytes;
+        match self.span(layer, block, slot, n) {
+            Some(off) if n * self.token_size_bytes == out.len() as u64 => {
+                self.buf.read(off, out)
+            }
+            _ => Err(CudaError::Invalid(format!(
+                "{} bytes at layer {layer} block {block} slot {slot} are not whole token slots inside the block",
+                out.len()
+            ))),
+        }
     }
 }

@@ -388,21 +388,34 @@ impl HostKvCache {
     /// The bytes of one token slot, to be written by the engine (its only writer in this
     /// process). `None` outside the cache.
     pub fn token_mut(&mut self, layer: u32, block: u64, slot: u64) -> Option<&mut [u8]> {
+        self.tokens_mut(layer, block, slot, 1)
+    }
+
+    /// The bytes of `n` consecutive token slots of one block from `slot` (contiguous in the
+    /// `KvTogether` layout), to be written by the engine. `None` outside the block.
+    pub fn tokens_mut(&mut self, layer: u32, block: u64, slot: u64, n: u64) -> Option<&mut [u8]> {
         let tokens_per_block = self.block_size_bytes / self.token_size_bytes;
-        if layer >= self.layers || block >= self.num_blocks || slot >= tokens_per_block {
+        let inside = slot.checked_add(n).is_some_and(|e| e <= tokens_per_block);
+        if layer >= self.layers || block >= self.num_blocks || n == 0 || !inside {
             return None;
         }
         let off = (u64::from(layer) * self.num_blocks + block) * self.block_size_bytes
             + slot * self.token_size_bytes;
-        // SAFETY: off + token_size_bytes <= layers * num_blocks * block_size_bytes = the mapping's
-        // length (checked above); `&mut self` makes this the only reference in this process.
-        // Other processes (the llumlet) only read the mapping through raw-pointer copies.
+        // SAFETY: off + n * token_size_bytes <= (layer * num_blocks + block + 1) *
+        // block_size_bytes <= the mapping's length (checked above); `&mut self` makes this the
+        // only reference in this process. Other processes (the llumlet) only read the mapping
+        // through raw-pointer copies.
         Some(unsafe {
             std::slice::from_raw_parts_mut(
                 self.map.as_mut_ptr().add(off as usize),
-                self.token_size_bytes as usize,
+                (n * self.token_size_bytes) as usize,
             )
         })
+    }
+
+    /// Bytes of one token slot.
+    pub fn token_size_bytes(&self) -> u64 {
+        self.token_size_bytes
     }
 
     /// The segment's path.

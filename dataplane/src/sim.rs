@@ -52,6 +52,9 @@ pub struct SimConfig {
     pub kv_heads: u32,
     /// Elements per head (fp16, 2 bytes each).
     pub head_size: u32,
+    /// Keep the KV cache on GPU 0 (feature `cuda`), registered as a CUDA IPC handle, instead of
+    /// in host shared memory.
+    pub kv_on_gpu: bool,
 }
 
 impl SimConfig {
@@ -205,6 +208,79 @@ impl SplitMix64 {
     }
 }
 
+/// Where the engine keeps its KV cache.
+pub enum SimKv {
+    /// A host shared-memory segment (`MemoryKind::HostShm` regions).
+    Host(HostKvCache),
+    /// GPU memory exported as a CUDA IPC handle, written with host-to-device copies.
+    #[cfg(feature = "cuda")]
+    Gpu(crate::cuda::GpuKvCache),
+}
+
+impl From<HostKvCache> for SimKv {
+    fn from(h: HostKvCache) -> SimKv {
+        SimKv::Host(h)
+    }
+}
+
+impl SimKv {
+    /// The regions the engine registers.
+    pub fn regions(&self) -> Result<Vec<crate::kv::KvRegion>, String> {
+        match self {
+            SimKv::Host(h) => h.regions().map_err(|e| e.to_string()),
+            #[cfg(feature = "cuda")]
+            SimKv::Gpu(g) => g.regions().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Lets `fill` write `n` token slots of one block from `slot` (in place on the host; in
+    /// `scratch`, then copied to the GPU). `false` outside the cache or when the copy failed.
+    fn write_span(
+        &mut self,
+        layer: u32,
+        block: u64,
+        slot: u64,
+        n: u64,
+        scratch: &mut Vec<u8>,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> bool {
+        match self {
+            SimKv::Host(h) => match h.tokens_mut(layer, block, slot, n) {
+                Some(s) => {
+                    fill(s);
+                    true
+                }
+                None => false,
+            },
+            #[cfg(feature = "cuda")]
+            SimKv::Gpu(g) => {
+                let len = (n * g.token_size_bytes()) as usize;
+                scratch.resize(len, 0);
+                fill(&mut scratch[..len]);
+                g.write_tokens(layer, block, slot, &scratch[..len]).is_ok()
+            }
+        }
+    }
+
+    /// Reads `out.len()` bytes of whole token slots of one block from `slot`.
+    fn read_span(&mut self, layer: u32, block: u64, slot: u64, out: &mut [u8]) -> bool {
+        match self {
+            SimKv::Host(h) => {
+                let n = out.len() as u64 / h.token_size_bytes().max(1);
+                match h.tokens_mut(layer, block, slot, n) {
+                    Some(s) if s.len() == out.len() => {
+                        out.copy_from_slice(s);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            #[cfg(feature = "cuda")]
+            SimKv::Gpu(g) => g.read_tokens(layer, block, slot, out).is_ok(),
+        }
+    }
+}
+
 /// The engine's scheduling state, separate from time and I/O so tests can step it.
 pub struct SimEngine {
     cfg: SimConfig,
@@ -219,8 +295,9 @@ pub struct SimEngine {
     update_id: u32,
     finished: u32,
     preempted: u32,
-    kv: Option<HostKvCache>,
+    kv: Option<SimKv>,
     scratch: Vec<u8>,
+    expect: Vec<u8>,
     /// Requests suspended for migration (blocks kept, not stepped), with whether they were
     /// waiting.
     suspended: Vec<(SimRequest, bool)>,
@@ -254,6 +331,7 @@ impl SimEngine {
             preempted: 0,
             kv: None,
             scratch: Vec::new(),
+            expect: Vec::new(),
             suspended: Vec::new(),
             incoming: Vec::new(),
             committed_in: VecDeque::new(),
@@ -271,25 +349,39 @@ impl SimEngine {
     }
 
     /// Gives the engine a KV cache to write.
-    pub fn with_kv(mut self, kv: HostKvCache) -> SimEngine {
-        self.scratch = vec![0; self.cfg.token_size_bytes() as usize];
-        self.kv = Some(kv);
+    pub fn with_kv(mut self, kv: impl Into<SimKv>) -> SimEngine {
+        self.kv = Some(kv.into());
         self
     }
 
-    /// Writes the KV bytes of positions `from..to` of `r` in every layer.
-    fn write_kv(kv: &mut Option<HostKvCache>, cfg: &SimConfig, r: &SimRequest, from: u32, to: u32) {
+    /// Writes the KV bytes of positions `from..to` of `r` in every layer, a block's span of
+    /// positions at a time.
+    fn write_kv(
+        kv: &mut Option<SimKv>,
+        scratch: &mut Vec<u8>,
+        cfg: &SimConfig,
+        r: &SimRequest,
+        from: u32,
+        to: u32,
+    ) {
         let Some(kv) = kv.as_mut() else { return };
-        let bs = cfg.block_size;
-        for pos in from..to {
+        let (bs, tsb) = (cfg.block_size.max(1), cfg.token_size_bytes() as usize);
+        let mut pos = from;
+        while pos < to {
+            let end = to.min((pos / bs + 1) * bs);
             let Some(&block) = r.blocks.get((pos / bs) as usize) else {
                 return;
             };
             for layer in 0..cfg.layers {
-                if let Some(slot) = kv.token_mut(layer, u64::from(block), u64::from(pos % bs)) {
-                    fill_token_kv(r.seed, u64::from(pos), layer, slot);
-                }
+                let fill = |s: &mut [u8]| {
+                    for (i, t) in s.chunks_exact_mut(tsb).enumerate() {
+                        fill_token_kv(r.seed, u64::from(pos) + i as u64, layer, t);
+                    }
+                };
+                let (b, slot, n) = (u64::from(block), u64::from(pos % bs), u64::from(end - pos));
+                kv.write_span(layer, b, slot, n, scratch, fill);
             }
+            pos = end;
         }
     }
 
@@ -305,32 +397,46 @@ impl SimEngine {
         }
     }
 
-    /// Checks that every token of `r` has exactly its deterministic KV bytes in every layer.
+    /// Checks that every token of `r` has exactly its deterministic KV bytes in every layer
+    /// (read back from the GPU when the cache is there).
     pub fn verify_kv(&mut self, r: &SimRequest) -> Result<(), String> {
         let Some(kv) = self.kv.as_mut() else {
             return Err("no KV cache".into());
         };
-        let bs = self.cfg.block_size;
-        let mut expect = std::mem::take(&mut self.scratch);
-        let mut result = Ok(());
-        'outer: for pos in 0..r.tokens() {
+        let (bs, tsb) = (
+            self.cfg.block_size.max(1),
+            self.cfg.token_size_bytes() as usize,
+        );
+        let (got, expect) = (&mut self.scratch, &mut self.expect);
+        let mut pos = 0;
+        while pos < r.tokens() {
+            let end = r.tokens().min((pos / bs + 1) * bs);
             let block = r.blocks[(pos / bs) as usize];
+            let n = (end - pos) as usize;
+            got.resize(n * tsb, 0);
+            expect.resize(n * tsb, 0);
             for layer in 0..self.cfg.layers {
-                fill_token_kv(r.seed, u64::from(pos), layer, &mut expect);
-                let got = kv
-                    .token_mut(layer, u64::from(block), u64::from(pos % bs))
-                    .map(|s| *s == expect[..]);
-                if got != Some(true) {
-                    result = Err(format!(
-                        "{}: KV of token {pos} in layer {layer} (block {block}) differs",
+                if !kv.read_span(layer, u64::from(block), u64::from(pos % bs), got) {
+                    return Err(format!(
+                        "{}: KV of tokens {pos}..{end} in layer {layer} (block {block}) cannot be read",
                         r.id
                     ));
-                    break 'outer;
+                }
+                for (i, t) in expect.chunks_exact_mut(tsb).enumerate() {
+                    fill_token_kv(r.seed, u64::from(pos) + i as u64, layer, t);
+                }
+                if let Some(i) = (0..n).find(|&i| got[i * tsb..][..tsb] != expect[i * tsb..][..tsb])
+                {
+                    return Err(format!(
+                        "{}: KV of token {} in layer {layer} (block {block}) differs",
+                        r.id,
+                        pos as usize + i
+                    ));
                 }
             }
+            pos = end;
         }
-        self.scratch = expect;
-        result
+        Ok(())
     }
 
     fn free_blocks(&self) -> u32 {
@@ -404,7 +510,14 @@ impl SimEngine {
             let at = self.free.len() - need;
             r.blocks = self.free.split_off(at);
             // Prefill (or recompute after preemption): every position gets its KV.
-            Self::write_kv(&mut self.kv, &self.cfg, &r, 0, r.tokens());
+            Self::write_kv(
+                &mut self.kv,
+                &mut self.scratch,
+                &self.cfg,
+                &r,
+                0,
+                r.tokens(),
+            );
             self.running.push(r);
         }
         let mut i = 0;
@@ -435,7 +548,14 @@ impl SimEngine {
             r.digest = mix(r.digest, u64::from(r.last_token));
             r.output += 1;
             let pos = r.tokens() - 1;
-            Self::write_kv(&mut self.kv, &self.cfg, &self.running[i], pos, pos + 1);
+            Self::write_kv(
+                &mut self.kv,
+                &mut self.scratch,
+                &self.cfg,
+                &self.running[i],
+                pos,
+                pos + 1,
+            );
             if self.running[i].output >= self.cfg.max_tokens {
                 let mut done = self.running.remove(i);
                 if done.migrated_in {
@@ -882,36 +1002,42 @@ impl SimEngine {
     }
 }
 
+/// The engine's KV cache: on GPU 0 when `cfg.kv_on_gpu`, else a host segment at `path`.
+fn kv_cache(cfg: &SimConfig, path: &std::path::Path) -> Result<SimKv, String> {
+    let (layers, blocks) = (cfg.layers, u64::from(cfg.num_blocks));
+    let (bsb, tsb) = (cfg.block_size_bytes(), cfg.token_size_bytes());
+    if cfg.kv_on_gpu {
+        #[cfg(feature = "cuda")]
+        return crate::cuda::GpuKvCache::create(0, layers, blocks, bsb, tsb)
+            .map(SimKv::Gpu)
+            .map_err(|e| format!("a KV cache on the GPU: {e}"));
+        #[cfg(not(feature = "cuda"))]
+        return Err(
+            "a KV cache on the GPU needs the `cuda` feature, which this build lacks".into(),
+        );
+    }
+    HostKvCache::create(path, layers, blocks, bsb, tsb)
+        .map(SimKv::Host)
+        .map_err(|e| e.to_string())
+}
+
 /// Runs the engine until `stop` is set: one step per `cfg.step`, a status every
 /// `cfg.update_steps` steps.
 pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
     let mut endpoint = EngineEndpoint::create_at(&cfg.segment)?;
     let mut kv_path = cfg.segment.clone().into_os_string();
     kv_path.push("-kv");
-    let kv = HostKvCache::create(
-        std::path::Path::new(&kv_path),
-        cfg.layers,
-        u64::from(cfg.num_blocks),
-        cfg.block_size_bytes(),
-        cfg.token_size_bytes(),
-    )
-    .map_err(|e| SegmentError::Io {
-        op: "create KV cache",
+    let io = |op: &'static str, e: String| SegmentError::Io {
+        op,
         path: kv_path.clone().into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    for region in kv.regions().map_err(|e| SegmentError::Io {
-        op: "register KV cache",
-        path: kv_path.clone().into(),
-        source: std::io::Error::other(e.to_string()),
-    })? {
+        source: std::io::Error::other(e),
+    };
+    let kv =
+        kv_cache(&cfg, std::path::Path::new(&kv_path)).map_err(|e| io("create KV cache", e))?;
+    for region in kv.regions().map_err(|e| io("register KV cache", e))? {
         endpoint
             .register_kv_region(&region)
-            .map_err(|e| SegmentError::Io {
-                op: "register KV cache",
-                path: kv_path.clone().into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            .map_err(|e| io("register KV cache", e.to_string()))?;
     }
     let update_steps = cfg.update_steps.max(1);
     let step = cfg.step;
@@ -996,6 +1122,7 @@ mod tests {
             layers: 2,
             kv_heads: 1,
             head_size: 4,
+            kv_on_gpu: false,
         }
     }
 
@@ -1065,15 +1192,15 @@ mod tests {
                 }
                 if let (false, Some(r)) = (corrupted_once, running.first()) {
                     // Flip one byte of a running request: verification notices; flip it back.
-                    e.kv.as_mut()
-                        .unwrap()
-                        .token_mut(1, u64::from(r.blocks[0]), 0)
-                        .unwrap()[3] ^= 1;
+                    let Some(SimKv::Host(h)) = e.kv.as_mut() else {
+                        panic!("a host cache")
+                    };
+                    h.token_mut(1, u64::from(r.blocks[0]), 0).unwrap()[3] ^= 1;
                     assert!(e.verify_kv(r).unwrap_err().contains("token 0 in layer 1"));
-                    e.kv.as_mut()
-                        .unwrap()
-                        .token_mut(1, u64::from(r.blocks[0]), 0)
-                        .unwrap()[3] ^= 1;
+                    let Some(SimKv::Host(h)) = e.kv.as_mut() else {
+                        panic!("a host cache")
+                    };
+                    h.token_mut(1, u64::from(r.blocks[0]), 0).unwrap()[3] ^= 1;
                     e.verify_kv(r).unwrap();
                     let mut tampered = r.clone();
                     tampered.digest ^= 1;

@@ -338,3 +338,17 @@ pub async fn grpc_client(
         }
     }
 }
+
+/// The directory holding the test double of the CUDA driver (`libcuda.so.1`, built from
+/// tests/fake-cuda by this crate's build script). A process started with `LD_LIBRARY_PATH` set
+/// to it finds the double instead of a driver: GPU code paths then run on host memory.
+pub const FAKE_CUDA_DIR: &str = env!("LLUMLET_FAKE_CUDA_DIR");
+
+/// Points `cmd` at the test double of the CUDA driver (see [`FAKE_CUDA_DIR`]).
+pub fn with_fake_cuda(cmd: &mut Command) -> &mut Command {
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{FAKE_CUDA_DIR}:{p}"),
+        _ => FAKE_CUDA_DIR.to_string(),
+    };
+    cmd.env("LD_LIBRARY_PATH", path)
+}

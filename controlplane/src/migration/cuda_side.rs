@@ -28,10 +28,15 @@ pub fn available() -> Result<String, String> {
     llumlet_dataplane::cuda::probe()
         .map(|g| {
             format!(
-                "CUDA driver {}.{}, {} GPU(s)",
+                "CUDA driver {}.{}, {} GPU(s){}",
                 g.driver_version / 1000,
                 g.driver_version % 1000 / 10,
-                g.devices
+                g.devices,
+                if g.test_double {
+                    " (the test double libcuda: host memory, not a GPU)"
+                } else {
+                    ""
+                }
             )
         })
         .map_err(|e| e.to_string())
