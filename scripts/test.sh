@@ -37,6 +37,9 @@ LLUMLET_TEST_TRANSPORT=tcp cargo test -p llumlet-tests --locked --test migration
 echo "== the migration fault suite again, over UCX: its TCP transport (software RMA), then its shared memory"
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=tcp cargo test -p llumlet-tests --locked --test migration_faults
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=posix,cma cargo test -p llumlet-tests --locked --test migration_faults
+echo "== the migration fault suite again with the engines' KV caches on the GPU (the cuda transport; under"
+echo "   the test double of the CUDA driver, tests/fake-cuda: host memory, no GPU needed)"
+LLUMLET_TEST_KV=gpu cargo test -p llumlet-tests --locked --test migration_faults
 echo "== loom models of the seqlock and the command queue (separate target dir: other cfg)"
 RUSTFLAGS="--cfg loom" cargo test -p llumlet-dataplane --lib --locked --target-dir target/loom loom_
 echo "== all checks passed"

@@ -344,6 +344,15 @@ pub async fn grpc_client(
 /// to it finds the double instead of a driver: GPU code paths then run on host memory.
 pub const FAKE_CUDA_DIR: &str = env!("LLUMLET_FAKE_CUDA_DIR");
 
+/// The environment a process with GPU work gets: `LD_LIBRARY_PATH` pointing at the test double
+/// of the driver, unless `LLUMLET_TEST_CUDA=real` (a GPU machine running the suite on its GPU).
+pub fn cuda_env() -> Option<(String, String)> {
+    if std::env::var("LLUMLET_TEST_CUDA").is_ok_and(|v| v == "real") {
+        return None;
+    }
+    Some(("LD_LIBRARY_PATH".into(), FAKE_CUDA_DIR.into()))
+}
+
 /// Points `cmd` at the test double of the CUDA driver (see [`FAKE_CUDA_DIR`]).
 pub fn with_fake_cuda(cmd: &mut Command) -> &mut Command {
     let path = match std::env::var("LD_LIBRARY_PATH") {

@@ -28,6 +28,9 @@ pub struct SimOpts {
     pub max_prompt: u32,
     /// `LLUMLET_TEST_FAULTS` of the engine.
     pub faults: Option<String>,
+    /// The KV cache on the GPU (`--kv gpu`): under the test double of the driver unless
+    /// `LLUMLET_TEST_CUDA=real`. `LLUMLET_TEST_KV=gpu` sets it for the whole suite.
+    pub gpu: bool,
 }
 
 impl SimOpts {
@@ -40,6 +43,7 @@ impl SimOpts {
             num_blocks: 512,
             max_prompt: 200,
             faults: None,
+            gpu: std::env::var("LLUMLET_TEST_KV").is_ok_and(|v| v == "gpu"),
         }
     }
 }
@@ -74,10 +78,15 @@ pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
         &v[3],
         "--max-prompt",
         &v[4],
+        "--kv",
+        if o.gpu { "gpu" } else { "host" },
     ];
     let mut env = HashMap::new();
     if let Some(f) = &o.faults {
         env.insert("LLUMLET_TEST_FAULTS".to_string(), f.clone());
+    }
+    if o.gpu {
+        env.extend(crate::cuda_env());
     }
     LlumletProcess::spawn_args(&args, &env)
 }
@@ -121,6 +130,9 @@ impl Instance {
         }
         for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("UCX_")) {
             env.entry(k).or_insert(v);
+        }
+        if opts.gpu {
+            env.extend(crate::cuda_env());
         }
         let llumlet = LlumletProcess::spawn(&env);
         Instance {
@@ -333,8 +345,15 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Run over another transport (LLUMLET_TEST_TRANSPORT), every finished migration used it.
-    if let Ok(t) = std::env::var("LLUMLET_TEST_TRANSPORT") {
+    // Run over another transport (LLUMLET_TEST_TRANSPORT), every finished migration used it; a
+    // GPU KV cache (LLUMLET_TEST_KV=gpu) always moves over cuda.
+    let gpu = std::env::var("LLUMLET_TEST_KV").is_ok_and(|v| v == "gpu");
+    let forced = std::env::var("LLUMLET_TEST_TRANSPORT").ok();
+    if let Some(t) = if gpu {
+        Some("cuda".to_string())
+    } else {
+        forced
+    } {
         let all = logs(instances);
         let want = format!("transport=\"{t}\"");
         for l in all

@@ -132,6 +132,54 @@ fn requests_move_live_with_their_kv_over_shm_and_tcp_and_finish_once() {
     check_exactly_once(&redis, &mut [&mut a, &mut b], Duration::from_secs(40));
 }
 
+/// KV caches on the GPU (the simulated engines' `--kv gpu`; under the test double of the driver
+/// unless `LLUMLET_TEST_CUDA=real`): the source llumlet opens both engines' CUDA IPC handles and
+/// copies device to device; the destination engine reads the request's KV back from the GPU and
+/// finds its bytes; both directions; every request exactly once.
+#[test]
+fn requests_move_with_their_kv_on_the_gpu_over_cuda_ipc() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let gpu = |seed| SimOpts {
+        gpu: true,
+        ..SimOpts::new(seed, 4)
+    };
+    let mut a = Instance::start(&redis, "gpu-a", gpu(1), &[]);
+    let mut b = Instance::start(&redis, "gpu-b", gpu(2), &[("LLUMLET_TRANSPORT", "tcp")]);
+    for i in [&a, &b] {
+        status(&redis, &i.id, Duration::from_secs(15), |s| {
+            s.num_running_requests >= 3
+        });
+        assert!(
+            i.engine.stderr().contains("KV cache on GPU 0"),
+            "{}",
+            i.logs()
+        );
+        if llumlet_tests::cuda_env().is_some() {
+            assert!(i.llumlet.stderr().contains("test double"), "{}", i.logs());
+        }
+    }
+    let (port_a, port_b) = (kvt_port(&redis, "gpu-a"), kvt_port(&redis, "gpu-b"));
+    let (ok, msg) = migrate(&rt, &a, &b.id, port_b);
+    assert!(ok, "{msg}\n{}\n{}", a.logs(), b.logs());
+    let ab = check_moved(&a, &b);
+    // A GPU cache moves over cuda whatever LLUMLET_TRANSPORT says.
+    let (ok, msg) = migrate(&rt, &b, &a.id, port_a);
+    assert!(ok, "{msg}\n{}\n{}", b.logs(), a.logs());
+    let ba = check_moved(&b, &a);
+    assert_ne!(ab, ba);
+    for i in [&a, &b] {
+        let log = i.llumlet.stderr();
+        let out: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("migration out finished"))
+            .collect();
+        assert_eq!(out.len(), 1, "{log}");
+        assert!(out[0].contains("transport=\"cuda\""), "{log}");
+    }
+    check_exactly_once(&redis, &mut [&mut a, &mut b], Duration::from_secs(40));
+}
+
 /// Over UCX with UCX's TCP transport (software RMA, the path an RDMA-less network takes) and
 /// with its shared-memory transports: both directions, every request exactly once.
 #[test]

@@ -524,3 +524,41 @@ fn abort_migrate_in_drops_the_reservation_and_the_source_keeps_the_request() {
     assert!(dst.events("migrated-in ").is_empty(), "{}", dst.logs());
     check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
 }
+
+/// A device-to-device copy that fails midway (the test double fails every copy after the
+/// first in the source llumlet): the migration aborts naming the failed call, the destination
+/// frees what it reserved, and the request goes on at the source, exactly once.
+#[test]
+fn a_gpu_copy_that_fails_midway_aborts_and_the_request_stays() {
+    if llumlet_tests::cuda_env().is_none() {
+        eprintln!("skipped: a real GPU does not fail on demand (LLUMLET_TEST_CUDA=real)");
+        return;
+    }
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let gpu = |seed| SimOpts {
+        gpu: true,
+        ..SimOpts::new(seed, 3)
+    };
+    let mut src = Instance::start(
+        &redis,
+        "gpuf-src",
+        gpu(31),
+        &[("LLUMLET_FAKE_CUDA_FAIL_COPY_AFTER", "1")],
+    );
+    let mut dst = Instance::start(&redis, "gpuf-dst", gpu(32), &[]);
+    status(&redis, "gpuf-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "gpuf-dst");
+    let (ok, msg) = migrate(&rt, &src, "gpuf-dst", port);
+    assert!(!ok, "{msg}\n{}", src.logs());
+    let log = src.llumlet.stderr();
+    assert!(
+        log.contains("cuMemcpyDtoDAsync_v2: unspecified launch failure"),
+        "{msg}\n{log}"
+    );
+    assert!(dst.events("migrated-in ").is_empty(), "{}", dst.logs());
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
+}
