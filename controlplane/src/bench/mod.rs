@@ -12,6 +12,8 @@
 //! - `status`: engine publish and llumlet read of the status ring, and the llumlet's CPU per
 //!   status push to a Redis (see [`status`]).
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod migration;
 pub mod status;
 pub mod transfer;
@@ -46,6 +48,23 @@ pub enum BenchCmd {
         #[arg(long, default_value = "0.0.0.0:0")]
         listen: String,
     },
+    /// The source engine's stand-in for `transfer --transport cuda`: allocates, fills and
+    /// exports a GPU KV cache, prints its handle and digest, holds it until stdin closes.
+    #[command(hide = true)]
+    GpuSource {
+        /// Regions (layers).
+        #[arg(long)]
+        layers: u32,
+        /// Blocks per region.
+        #[arg(long)]
+        blocks: u64,
+        /// Bytes per block.
+        #[arg(long)]
+        block_bytes: u64,
+        /// Fill seed.
+        #[arg(long)]
+        seed: u64,
+    },
 }
 
 /// Sizes to measure.
@@ -62,8 +81,8 @@ pub struct SizeArgs {
 /// `llumlet bench transfer` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TransferArgs {
-    /// `shm` (same host), `tcp`, or `ucx` (feature `ucx`; UCX_TLS applies); `cuda` is not in the
-    /// perf tool yet (it says so).
+    /// `shm` (same host), `tcp`, `ucx` (feature `ucx`; UCX_TLS applies), or `cuda` (feature
+    /// `cuda`, a GPU: device to device over CUDA IPC, same host).
     #[arg(long)]
     pub transport: String,
     #[command(flatten)]
@@ -78,7 +97,7 @@ pub struct TransferArgs {
     #[arg(long)]
     pub peer: Option<String>,
     /// Also measure, in the same run, the baseline for this transport (memcpy for shm and ucx,
-    /// loopback TCP for tcp) and report the ratio.
+    /// loopback TCP for tcp, one plain cuMemcpyDtoD for cuda) and report the ratio.
     #[arg(long)]
     pub with_baseline: bool,
 }
@@ -225,6 +244,12 @@ pub fn run(cmd: BenchCmd) -> ExitCode {
         BenchCmd::Migration(a) => migration::run(&a),
         BenchCmd::Status(a) => status::run(&a),
         BenchCmd::Receive { listen } => transfer::receive(&listen),
+        BenchCmd::GpuSource {
+            layers,
+            blocks,
+            block_bytes,
+            seed,
+        } => gpu_source(layers, blocks, block_bytes, seed),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +258,21 @@ pub fn run(cmd: BenchCmd) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_source(layers: u32, blocks: u64, block_bytes: u64, seed: u64) -> Result<(), String> {
+    let shape = Shape::for_bytes(
+        blocks * block_bytes * u64::from(layers),
+        block_bytes,
+        layers,
+    )?;
+    gpu::source(shape, seed)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_source(_: u32, _: u64, _: u64, _: u64) -> Result<(), String> {
+    Err(crate::migration::cuda_side::available().unwrap_err())
 }
 
 /// A `llumlet bench receive` child on loopback, killed when dropped.
@@ -282,10 +322,9 @@ fn check_transport(t: &str) -> Result<(), String> {
         "shm" | "tcp" => Ok(()),
         "ucx" if cfg!(feature = "ucx") => Ok(()),
         "ucx" => Err("--transport ucx: this llumlet was built without the `ucx` feature (cargo build --release --features ucx)".into()),
-        "cuda" => Err(match crate::migration::cuda_side::available() {
-            Ok(gpu) => format!("--transport cuda: {gpu}, but the perf tool does not drive the CUDA IPC transport yet; `cargo test -p llumlet-dataplane --features cuda` runs the GPU copy tests"),
-            Err(why) => format!("--transport cuda: {why}; use shm, tcp or ucx"),
-        }),
+        "cuda" => crate::migration::cuda_side::available()
+            .map(|_| ())
+            .map_err(|why| format!("--transport cuda: {why}; use shm, tcp or ucx")),
         other => Err(format!("--transport {other:?}: expected shm, tcp, ucx or cuda")),
     }
 }
@@ -320,11 +359,11 @@ fn run_transfer(a: &TransferArgs) -> Result<(), String> {
             .unwrap_or_else(|| default_iters(shape.bytes()));
         let mut m = transfer::send_to(peer, &a.transport, shape, iters, &progress)?;
         if a.with_baseline {
-            let src = ShmBuf::new("from", shape.bytes())?;
-            let b = if a.transport == "tcp" {
-                tcp_loopback(&src, iters)?
-            } else {
-                memcpy(&src, iters)?
+            let b = match a.transport.as_str() {
+                #[cfg(feature = "cuda")]
+                "cuda" => gpu::baseline(shape, iters)?,
+                "tcp" => tcp_loopback(&ShmBuf::new("from", shape.bytes())?, iters)?,
+                _ => memcpy(&ShmBuf::new("from", shape.bytes())?, iters)?,
             };
             m.extra.push(("baseline", b.transport.clone().into()));
             m.extra

@@ -117,9 +117,40 @@ pub fn fill(cache: &mut HostKvCache, shape: Shape, seed: u64) {
     }
 }
 
+/// The digest both sides compute over every block, in order.
+pub struct Digest(u64);
+
+impl Digest {
+    /// Nothing digested yet.
+    pub fn new() -> Digest {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Adds one block (whole 8-byte words).
+    pub fn block(&mut self, block: &[u8]) {
+        for w in block.chunks_exact(8) {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(w);
+            self.0 = (self.0 ^ u64::from_le_bytes(x)).wrapping_mul(0x0000_0100_0000_01b3);
+            self.0 ^= self.0 >> 29;
+        }
+    }
+
+    /// The digest.
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest::new()
+    }
+}
+
 /// A digest of every block of `maps`, in order (both sides compute it the same way).
 pub fn digest(maps: &[MappedRegion]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut d = Digest::new();
     let mut block = Vec::new();
     for m in maps {
         let r = m.region();
@@ -128,15 +159,10 @@ pub fn digest(maps: &[MappedRegion]) -> u64 {
             if !m.read_block(b, &mut block) {
                 return 0;
             }
-            for w in block.chunks_exact(8) {
-                let mut x = [0u8; 8];
-                x.copy_from_slice(w);
-                h = (h ^ u64::from_le_bytes(x)).wrapping_mul(0x0000_0100_0000_01b3);
-                h ^= h >> 29;
-            }
+            d.block(&block);
         }
     }
-    h
+    d.value()
 }
 
 fn shape_of(regions: &[llumlet_proto::migration::Region]) -> Result<Shape, String> {
@@ -202,12 +228,22 @@ fn serve(mut stream: TcpStream) -> Result<(), String> {
         Ok(s) => s,
         Err(e) => return refuse(&mut stream, e),
     };
-    let cache = match kv_cache("rx", shape) {
-        Ok(c) => c,
-        Err(e) => return refuse(&mut stream, e),
+    let on_gpu = b.transport == "cuda";
+    let cache = match on_gpu {
+        true => None,
+        false => match kv_cache("rx", shape) {
+            Ok(c) => Some(c),
+            Err(e) => return refuse(&mut stream, e),
+        },
     };
-    let regions: Vec<KvRegion> = cache.regions().map_err(|e| e.to_string())?;
+    let regions: Vec<KvRegion> = match &cache {
+        Some(c) => c.regions().map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
     let maps = map_all(&regions)?;
+    // The destination engine's GPU cache (cuda): exported in `Reserved`, digested at the commit.
+    #[cfg(feature = "cuda")]
+    let mut gpu_cache = None;
     let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
     let mut reserved = Reserved {
         ok: true,
@@ -241,6 +277,32 @@ fn serve(mut stream: TcpStream) -> Result<(), String> {
             reserved.ucx_regions = offered;
             _ucx = Some(side);
         }
+        "cuda" if b.host.is_empty() || b.host != host_identity() => {
+            return refuse(
+                &mut stream,
+                "cuda needs both sides on one host (the receiver's boot id differs)".into(),
+            )
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let c = match super::gpu::cache(shape) {
+                Ok(c) => c,
+                Err(e) => return refuse(&mut stream, e),
+            };
+            let exported = match c.regions() {
+                Ok(r) => r,
+                Err(e) => return refuse(&mut stream, format!("cannot export the GPU cache: {e}")),
+            };
+            reserved.regions = exported.iter().map(region_msg).collect();
+            gpu_cache = Some(c);
+        }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => {
+            return refuse(
+                &mut stream,
+                "this receiver was built without the `cuda` feature".into(),
+            )
+        }
         other => return refuse(&mut stream, format!("unknown transport {other:?}")),
     }
     send(&mut stream, Msg::Reserved(reserved)).map_err(|e| e.to_string())?;
@@ -254,8 +316,8 @@ fn serve(mut stream: TcpStream) -> Result<(), String> {
                 Some(Msg::StageDone(s)) => {
                     // Every sender has mapped what it needs by its first stage: the name can go,
                     // so a receiver killed mid-transfer leaves nothing in /dev/shm.
-                    if s.stage == 0 {
-                        let _ = std::fs::remove_file(cache.path());
+                    if let (0, Some(c)) = (s.stage, &cache) {
+                        let _ = std::fs::remove_file(c.path());
                     }
                     send(
                         &mut stream,
@@ -268,6 +330,12 @@ fn serve(mut stream: TcpStream) -> Result<(), String> {
                     .map_err(|e| e.to_string())?
                 }
                 Some(Msg::Commit(c)) => {
+                    #[cfg(feature = "cuda")]
+                    let mine = match &gpu_cache {
+                        Some(c) => super::gpu::digest(c, shape)?,
+                        None => digest(sink.regions()),
+                    };
+                    #[cfg(not(feature = "cuda"))]
                     let mine = digest(sink.regions());
                     let theirs = c
                         .state
@@ -309,11 +377,29 @@ pub fn send_to(
     iters: u32,
     progress: &Progress,
 ) -> Result<Measure, String> {
-    let mut src = kv_cache("tx", shape)?;
-    fill(&mut src, shape, shape.bytes() ^ 0x5eed);
-    let regions = src.regions().map_err(|e| e.to_string())?;
-    let maps = map_all(&regions)?;
-    let want = digest(&maps);
+    let seed = shape.bytes() ^ 0x5eed;
+    // The source engine's KV cache: a host segment here, or (cuda) GPU memory exported by a
+    // `bench gpu-source` child, which this process opens as a llumlet does.
+    #[cfg(feature = "cuda")]
+    let gpu_source = match transport {
+        "cuda" => Some(super::gpu::Source::start(shape, seed)?),
+        _ => None,
+    };
+    let (_src, regions, maps, want) = match transport {
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let s = gpu_source.as_ref().ok_or("no GPU source")?;
+            (None, s.regions.clone(), Vec::new(), s.digest)
+        }
+        _ => {
+            let mut src = kv_cache("tx", shape)?;
+            fill(&mut src, shape, seed);
+            let regions = src.regions().map_err(|e| e.to_string())?;
+            let maps = map_all(&regions)?;
+            let want = digest(&maps);
+            (Some(src), regions, maps, want)
+        }
+    };
     let mut stream = TcpStream::connect_timeout(&peer, Duration::from_secs(10))
         .map_err(|e| format!("cannot reach the receiver at {peer}: {e}"))?;
     let _ = stream.set_nodelay(true);
@@ -390,6 +476,11 @@ pub fn send_to(
     m.extra.push(("layers", shape.layers.into()));
     m.extra.push(("runs", (runs.len() * regions.len()).into()));
     m.extra.push(("verified", true.into()));
+    if transport == "cuda" {
+        // Names the driver, and says so when it is the test double (no GPU figure).
+        let gpu = crate::migration::cuda_side::available().unwrap_or_default();
+        m.extra.push(("gpu", gpu.into()));
+    }
     Ok(m)
 }
 

@@ -12,8 +12,9 @@ pub fn handle_text(r: &KvRegion) -> String {
     r.handle.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The 64 handle bytes from their hex text.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn handle_bytes(s: &str) -> Result<Vec<u8>, String> {
+pub fn handle_bytes(s: &str) -> Result<Vec<u8>, String> {
     if s.len() != 128 || !s.is_ascii() {
         return Err(format!("bad CUDA IPC handle {s:?}"));
     }
