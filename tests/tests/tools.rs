@@ -313,6 +313,58 @@ fn bench_migration_reports_downtime_by_sequence_length_for_verified_moves() {
     assert!(lines[2]["downtime_ratio_to_first"].as_f64().unwrap() > 0.0);
 }
 
+/// With the engines' KV caches on the GPU: every move goes over cuda and arrives verified (the
+/// engines read the KV back from the GPU). Under the test double unless LLUMLET_TEST_CUDA=real.
+#[test]
+fn bench_migration_with_kv_on_the_gpu_moves_over_cuda() {
+    let env = llumlet_tests::cuda_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args = [
+        "bench",
+        "migration",
+        "--kv",
+        "gpu",
+        "--tokens",
+        "512",
+        "--repeat",
+        "2",
+    ];
+    let o = llumlet(&args, &env);
+    assert_ok(&o);
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let l = &lines[0];
+    assert_eq!(
+        (l["kv"].as_str(), l["transport"].as_str()),
+        (Some("gpu"), Some("cuda")),
+        "{l}"
+    );
+    assert_eq!(
+        (l["migrations"].as_u64(), l["verified"].as_bool()),
+        (Some(2), Some(true)),
+        "{l}"
+    );
+    assert!(
+        l["kv_bytes_mean"].as_f64().unwrap() >= 512.0 * 8192.0,
+        "{l}"
+    );
+    assert_eq!(
+        l["gpu"].as_str().unwrap().contains("test double"),
+        !env.is_empty(),
+        "{l}"
+    );
+    // Without a driver it is refused, naming why.
+    if llumlet_dataplane::cuda::probe().is_err() {
+        let o = llumlet(&args, &[]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            text(&o.stderr).contains("--kv gpu: CUDA unavailable"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+}
+
 #[test]
 fn bench_status_reports_ring_costs_and_cpu_per_push_against_redis_benchmark() {
     let o = llumlet(&["bench", "status", "--seconds", "1"], &[]);

@@ -31,9 +31,14 @@ pub struct MigrationArgs {
     /// KV layers (an 8B model has 32; 2 keeps a 64k-token request at 512 MiB per engine).
     #[arg(long, default_value_t = 2)]
     pub layers: u32,
-    /// The llumlets' LLUMLET_TRANSPORT (`shm`, `tcp`, `ucx` where built with it).
+    /// The llumlets' LLUMLET_TRANSPORT (`shm`, `tcp`, `ucx` where built with it). A GPU KV
+    /// cache (`--kv gpu`) always moves over `cuda`.
     #[arg(long, default_value = "shm")]
     pub transport: String,
+    /// Where the engines keep their KV caches: `host` (shared memory) or `gpu` (GPU 0, CUDA
+    /// IPC; feature `cuda` and a GPU).
+    #[arg(long, default_value = "host")]
+    pub kv: String,
     /// Where to keep the processes' logs (default: a new directory under the system temp dir).
     #[arg(long)]
     pub logs: Option<PathBuf>,
@@ -46,6 +51,13 @@ const HEADROOM_TOKENS: u32 = 8192;
 pub fn run(a: &MigrationArgs) -> Result<(), String> {
     if a.tokens.is_empty() || a.tokens.contains(&0) || a.repeat == 0 || a.layers == 0 {
         return Err("--tokens must be positive, --repeat and --layers at least 1".into());
+    }
+    match a.kv.as_str() {
+        "host" => {}
+        "gpu" => crate::migration::cuda_side::available()
+            .map(|_| ())
+            .map_err(|why| format!("--kv gpu: {why}"))?,
+        other => return Err(format!("--kv {other:?}: must be host or gpu")),
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -115,6 +127,7 @@ async fn one_length(
             ("--kv-heads", "8".to_string()),
             ("--head-size", "128".to_string()),
             ("--step-ms", a.step_ms.to_string()),
+            ("--kv", a.kv.clone()),
         ]
     };
     let env = [("LLUMLET_TRANSPORT", a.transport.clone())];
@@ -180,6 +193,7 @@ async fn one_length(
         i.engine.terminate(Duration::from_secs(5));
     }
     let (mut downtimes, mut stages, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut used: Vec<String> = Vec::new();
     let mut verified = 0;
     for i in &instances {
         for l in i.llumlet.output().lines() {
@@ -187,6 +201,11 @@ async fn one_length(
                 downtimes.extend(field(l, "downtime_us").and_then(|v| v.parse::<f64>().ok()));
                 stages.extend(field(l, "stages").and_then(|v| v.parse::<f64>().ok()));
                 bytes.extend(field(l, "bytes").and_then(|v| v.parse::<f64>().ok()));
+                if let Some(t) = field(l, "transport").map(str::to_string) {
+                    if !used.contains(&t) {
+                        used.push(t);
+                    }
+                }
             }
         }
         verified += i
@@ -212,9 +231,10 @@ async fn one_length(
         ));
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    Ok(json!({
+    let mut out = json!({
         "bench": "migration",
-        "transport": a.transport,
+        "transport": used.join(","),
+        "kv": a.kv,
         "tokens": tokens,
         "layers": a.layers,
         "step_ms": a.step_ms,
@@ -227,5 +247,12 @@ async fn one_length(
         "stages_mean": round(mean(&stages), 2),
         "kv_bytes_mean": mean(&bytes).round(),
         "verified": true,
-    }))
+    });
+    if a.kv == "gpu" {
+        // Names the driver, and says so when it is the test double (no GPU figure).
+        out["gpu"] = crate::migration::cuda_side::available()
+            .unwrap_or_default()
+            .into();
+    }
+    Ok(out)
 }

@@ -263,7 +263,8 @@ impl Instance {
         let engine = Proc::spawn(e, dir.join(format!("{id}-engine.log")), true)?;
         let mut l = Command::new(exe);
         l.arg("run").env_clear();
-        for k in ["PATH", "HOME", "TMPDIR"] {
+        // LD_LIBRARY_PATH: where the CUDA driver (or, in the tests, its test double) is.
+        for k in ["PATH", "HOME", "TMPDIR", "LD_LIBRARY_PATH"] {
             if let Ok(v) = std::env::var(k) {
                 l.env(k, v);
             }
