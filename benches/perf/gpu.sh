@@ -18,8 +18,9 @@ build)
     bin=$(cargo test --release --locked -p llumlet-tests --test cuda --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*cuda-[^"]*"' | cut -d'"' -f4 | tail -1)
     mkdir -p .gpu
-    cp target/release/llumlet .gpu/llumlet
-    cp "$bin" .gpu/cuda-tests
+    # Stripped: what is carried must stay under the device tool's 64 MiB.
+    strip -o .gpu/llumlet target/release/llumlet
+    strip -o .gpu/cuda-tests "$bin"
     ls -l .gpu >&2
     ;;
 run)

@@ -152,6 +152,31 @@ fn call(name: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
     Err(CudaError::Call { call: name, what })
 }
 
+/// Retains GPU `ordinal`'s primary context once for the rest of the process (idempotent). A
+/// primary context is destroyed when its last retain is released, and creating one costs the
+/// driver a context set-up (tens to hundreds of milliseconds): a llumlet that opens a [`Device`]
+/// per migration calls this first, so only its first migration pays.
+pub fn keep_primary_context(ordinal: i32) -> Result<(), CudaError> {
+    static KEPT: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    probe()?;
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.contains(&ordinal) {
+        return Ok(());
+    }
+    let mut dev = 0;
+    // SAFETY: probe succeeded (library and symbols present); writes one handle.
+    call("cuDeviceGet", unsafe {
+        sys::cuDeviceGet(&mut dev, ordinal)
+    })?;
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: as above; deliberately never released.
+    call("cuDevicePrimaryCtxRetain", unsafe {
+        sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+    })?;
+    kept.push(ordinal);
+    Ok(())
+}
+
 /// One GPU: its primary context (made current on the calling thread by every method) and a
 /// stream for copies.
 pub struct Device {

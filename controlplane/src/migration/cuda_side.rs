@@ -58,6 +58,9 @@ pub fn transport(
     reserved: ReservedSet,
 ) -> Result<Box<dyn Transport>, String> {
     use llumlet_dataplane::cuda::{CudaTransport, Device, OpenedRegions};
+    // The context outlives this migration's Device, so the next migration does not set it up
+    // again.
+    llumlet_dataplane::cuda::keep_primary_context(0).map_err(|e| e.to_string())?;
     let dev = Device::open(0).map_err(|e| e.to_string())?;
     let src: Vec<_> = regions
         .iter()
