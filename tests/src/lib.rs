@@ -10,13 +10,41 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a process to listen on (a llumlet's fixed gRPC and
+/// transfer ports, kept across its restarts). Taken below the kernel's ephemeral range, so no
+/// outgoing connection of the suite can be holding it when a restarted llumlet binds it again,
+/// and never the same one twice in this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    if low > 12000 {
+        let span = u64::from(low - 11000);
+        let mut x = u64::from(std::process::id()) << 20 ^ given.len() as u64;
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let port = 10000 + ((x >> 33) % span) as u16;
+            let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
+                && TcpListener::bind(("127.0.0.1", port)).is_ok();
+            if free && !given.contains(&port) {
+                given.push(port);
+                return port;
+            }
+        }
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+        .port();
+    given.push(port);
+    port
 }
 
 /// Removes every file in /dev/shm whose name starts with `prefix` (what an engine killed with

@@ -172,9 +172,22 @@ impl Instance {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
-        status(redis, &self.id, Duration::from_secs(15), |s| {
-            s.num_total_gpu_tokens > 0 && s.timestamp_ms > now
-        });
+        let key = format!("llumnix:instance_status:{}", self.id);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = redis
+                .get(&key)
+                .and_then(|b| InstanceStatus::decode(&b[..]).ok());
+            if s.is_some_and(|s| s.num_total_gpu_tokens > 0 && s.timestamp_ms > now) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: no status from the llumlet within 15 s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The transfer port (published as `kvt_port`).
