@@ -103,6 +103,45 @@ fn the_demo_rebalances_a_skewed_cluster_with_verified_migrations_and_plots_it() 
     }
 }
 
+/// With the engines' KV caches on the GPU (under the test double unless
+/// LLUMLET_TEST_CUDA=real): the moves go over cuda and arrive verified.
+#[test]
+fn the_demo_with_kv_on_the_gpu_migrates_over_cuda() {
+    let env = llumlet_tests::cuda_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let dir = TempDir::new("demo-gpu");
+    let plot = dir.0.join("load.svg");
+    let args = [
+        "demo",
+        "--instances",
+        "2",
+        "--duration",
+        "6",
+        "--kv",
+        "gpu",
+        "--plot",
+        plot.to_str().unwrap(),
+    ];
+    let o = llumlet(&args, &env);
+    assert_ok(&o);
+    let out = text(&o.stdout);
+    assert!(row(&out, "verification").starts_with("ok"), "{out}");
+    let used = row(&out, "transports");
+    assert!(
+        used.starts_with("cuda ") && !used.contains(','),
+        "only cuda: {out}"
+    );
+    if llumlet_dataplane::cuda::probe().is_err() {
+        let o = llumlet(&args, &[]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            text(&o.stderr).contains("--kv gpu: CUDA unavailable"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+}
+
 #[test]
 fn the_demo_runs_against_a_real_redis_when_given_one() {
     let redis = RedisServer::start();

@@ -52,13 +52,7 @@ pub fn run(a: &MigrationArgs) -> Result<(), String> {
     if a.tokens.is_empty() || a.tokens.contains(&0) || a.repeat == 0 || a.layers == 0 {
         return Err("--tokens must be positive, --repeat and --layers at least 1".into());
     }
-    match a.kv.as_str() {
-        "host" => {}
-        "gpu" => crate::migration::cuda_side::available()
-            .map(|_| ())
-            .map_err(|why| format!("--kv gpu: {why}"))?,
-        other => return Err(format!("--kv {other:?}: must be host or gpu")),
-    }
+    crate::migration::cuda_side::check_kv(&a.kv)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -47,6 +47,10 @@ pub struct DemoArgs {
     /// Where to keep the processes' logs (default: a new directory under the system temp dir).
     #[arg(long)]
     pub logs: Option<PathBuf>,
+    /// Where the engines keep their KV caches: `host` (shared memory) or `gpu` (GPU 0, moved
+    /// over CUDA IPC; feature `cuda` and a GPU).
+    #[arg(long, default_value = "host")]
+    pub kv: String,
 }
 
 #[derive(Debug)]
@@ -324,6 +328,7 @@ fn spawn_instance(
         ("--block-size", "16".to_string()),
         ("--min-prompt", "64".to_string()),
         ("--max-prompt", "256".to_string()),
+        ("--kv", a.kv.clone()),
     ];
     let env = [
         ("LLUMNIX_MAX_REQ_MIG_OUT", "2".to_string()),
@@ -398,6 +403,7 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
     if !(a.duration > 0.0 && a.duration <= 3600.0) {
         return Err("--duration must be between 0 and 3600 seconds".into());
     }
+    crate::migration::cuda_side::check_kv(&a.kv)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let dir = match &a.logs {
         Some(d) => d.clone(),

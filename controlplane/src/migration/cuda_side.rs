@@ -43,6 +43,18 @@ pub fn available() -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Checks a `--kv host|gpu` option (the demo's and the migration bench's engines): `gpu` needs
+/// CUDA here, and says why not.
+pub fn check_kv(kv: &str) -> Result<(), String> {
+    match kv {
+        "host" => Ok(()),
+        "gpu" => available()
+            .map(|_| ())
+            .map_err(|why| format!("--kv gpu: {why}")),
+        other => Err(format!("--kv {other:?}: must be host or gpu")),
+    }
+}
+
 /// Without the feature.
 #[cfg(not(feature = "cuda"))]
 pub fn available() -> Result<String, String> {
