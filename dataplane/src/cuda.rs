@@ -18,7 +18,7 @@ use crate::runs::BlockRun;
 use crate::transport::{check_layouts, Reserved, TransportError};
 
 /// Every driver symbol this module calls.
-const SYMBOLS: [&str; 22] = [
+const SYMBOLS: [&str; 23] = [
     "cuInit",
     "cuDriverGetVersion",
     "cuDeviceGetCount",
@@ -26,6 +26,7 @@ const SYMBOLS: [&str; 22] = [
     "cuDevicePrimaryCtxRetain",
     "cuDevicePrimaryCtxRelease_v2",
     "cuCtxSetCurrent",
+    "cuCtxSynchronize",
     "cuStreamCreate",
     "cuStreamDestroy_v2",
     "cuEventCreate",
@@ -366,6 +367,15 @@ impl Device {
         call("cuEventSynchronize", unsafe {
             sys::cuEventSynchronize(self.done)
         })
+    }
+
+    /// Waits until everything this process asked of the GPU has completed, host-to-device
+    /// copies included (from pageable memory they may return before the bytes land, and
+    /// another process reads them on its own stream).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.current()?;
+        // SAFETY: a current context.
+        call("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
     }
 
     /// The device ordinal's handle.
@@ -721,14 +731,16 @@ impl GpuKvCache {
             buf.write(off, &zeros[..n])?;
             off += n;
         }
-        Ok(GpuKvCache {
+        let c = GpuKvCache {
             buf,
             _dev: dev,
             layers,
             num_blocks,
             block_size_bytes,
             token_size_bytes,
-        })
+        };
+        c.synchronize()?;
+        Ok(c)
     }
 
     /// The regions to register, one per layer, each naming the allocation's IPC handle.
@@ -751,6 +763,19 @@ impl GpuKvCache {
     /// Bytes of one token slot.
     pub fn token_size_bytes(&self) -> u64 {
         self.token_size_bytes
+    }
+
+    /// Waits until every write to the cache has landed in device memory. A host-to-device copy
+    /// from pageable memory may return before its DMA completes, and another process (the
+    /// llumlet) reads the cache on its own stream: the engine calls this at the end of each
+    /// step, before it reports the step's state, as a real engine's step ends synchronized.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        // SAFETY: the owning context (kept alive by `_dev`) made current.
+        call("cuCtxSetCurrent", unsafe {
+            sys::cuCtxSetCurrent(self.buf.ctx)
+        })?;
+        // SAFETY: a current context.
+        call("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
     }
 
     /// The byte offset of `n` token slots of one block from `slot`, or `None` outside it.

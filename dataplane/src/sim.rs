@@ -263,6 +263,15 @@ impl SimKv {
         }
     }
 
+    /// Waits until this step's writes have landed (GPU: `cuCtxSynchronize`; host: nothing).
+    fn synchronize(&self) -> bool {
+        match self {
+            SimKv::Host(_) => true,
+            #[cfg(feature = "cuda")]
+            SimKv::Gpu(g) => g.synchronize().is_ok(),
+        }
+    }
+
     /// Reads `out.len()` bytes of whole token slots of one block from `slot`.
     fn read_span(&mut self, layer: u32, block: u64, slot: u64, out: &mut [u8]) -> bool {
         match self {
@@ -297,6 +306,7 @@ pub struct SimEngine {
     finished: u32,
     preempted: u32,
     kv: Option<SimKv>,
+    kv_errors: u64,
     scratch: Vec<u8>,
     expect: Vec<u8>,
     /// Requests suspended for migration (blocks kept, not stepped), with whether they were
@@ -331,6 +341,7 @@ impl SimEngine {
             finished: 0,
             preempted: 0,
             kv: None,
+            kv_errors: 0,
             scratch: Vec::new(),
             expect: Vec::new(),
             suspended: Vec::new(),
@@ -364,14 +375,15 @@ impl SimEngine {
         r: &SimRequest,
         from: u32,
         to: u32,
-    ) {
-        let Some(kv) = kv.as_mut() else { return };
+    ) -> u64 {
+        let Some(kv) = kv.as_mut() else { return 0 };
+        let mut failed = 0;
         let (bs, tsb) = (cfg.block_size.max(1), cfg.token_size_bytes() as usize);
         let mut pos = from;
         while pos < to {
             let end = to.min((pos / bs + 1) * bs);
             let Some(&block) = r.blocks.get((pos / bs) as usize) else {
-                return;
+                return failed;
             };
             for layer in 0..cfg.layers {
                 let fill = |s: &mut [u8]| {
@@ -380,10 +392,13 @@ impl SimEngine {
                     }
                 };
                 let (b, slot, n) = (u64::from(block), u64::from(pos % bs), u64::from(end - pos));
-                kv.write_span(layer, b, slot, n, scratch, fill);
+                if !kv.write_span(layer, b, slot, n, scratch, fill) {
+                    failed += 1;
+                }
             }
             pos = end;
         }
+        failed
     }
 
     /// Checks that `r`'s output token stream is exactly an unmigrated run's.
@@ -511,7 +526,7 @@ impl SimEngine {
             let at = self.free.len() - need;
             r.blocks = self.free.split_off(at);
             // Prefill (or recompute after preemption): every position gets its KV.
-            Self::write_kv(
+            self.kv_errors += Self::write_kv(
                 &mut self.kv,
                 &mut self.scratch,
                 &self.cfg,
@@ -549,7 +564,7 @@ impl SimEngine {
             r.digest = mix(r.digest, u64::from(r.last_token));
             r.output += 1;
             let pos = r.tokens() - 1;
-            Self::write_kv(
+            self.kv_errors += Self::write_kv(
                 &mut self.kv,
                 &mut self.scratch,
                 &self.cfg,
@@ -578,6 +593,17 @@ impl SimEngine {
             }
             i += 1;
         }
+        if let Some(kv) = &self.kv {
+            if !kv.synchronize() {
+                self.kv_errors += 1;
+            }
+        }
+    }
+
+    /// KV writes (or step-end synchronizations) that failed so far: a GPU copy the driver
+    /// refused. The request's bytes are then wrong, which verification on arrival reports.
+    pub fn kv_errors(&self) -> u64 {
+        self.kv_errors
     }
 
     /// Brings the request table in line with the engine's requests.
@@ -1048,6 +1074,7 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
     let mut n: u64 = 0;
     let mut bad_commands = 0u64;
     let mut table_errors = 0u64;
+    let mut kv_errors_reported = false;
     while !stop.load(Ordering::Relaxed) {
         loop {
             match endpoint.poll_command() {
@@ -1085,6 +1112,10 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
         }
         for line in engine.events.drain(..) {
             println!("sim-engine: {line}");
+        }
+        if engine.kv_errors() > 0 && !kv_errors_reported {
+            kv_errors_reported = true;
+            eprintln!("sim-engine: KV cache writes are failing (outside the cache, or refused by the GPU driver)");
         }
         n += 1;
         if push_mode && n.is_multiple_of(u64::from(update_steps)) {

@@ -15,7 +15,11 @@
  *   process that exported it is refused, as CUDA refuses it; opening one twice returns the same
  *   address with a reference count.
  * - Memory calls need a current context on the calling thread (cuCtxSetCurrent), as CUDA does.
- * - Async copies complete before they return; events and streams are bookkeeping.
+ * - A host-to-device copy may return before its bytes land, as CUDA allows for pageable host
+ *   memory: here they land only at the process's next synchronizing call (cuCtxSynchronize,
+ *   cuEventSynchronize, cuMemcpyDtoH, cuMemFree), so another process reading the memory before
+ *   the writer synchronized sees the old bytes. Device-to-device copies complete before they
+ *   return; events and streams are bookkeeping.
  *
  * It is never a GPU: llumlet reports it as "the test double libcuda" (it exports
  * `llumlet_fake_cuda`), and no figure measured over it is a GPU figure.
@@ -98,6 +102,26 @@ static int primary_refs;
 static int primary_ctx_storage;
 static __thread CUcontext current;
 
+/* Host-to-device copies not landed yet (see above), oldest first; the lock is held. */
+struct pending {
+    void *dst;
+    void *data;
+    size_t n;
+    struct pending *next;
+};
+static struct pending *pending_head, *pending_tail;
+
+static void land_pending(void) {
+    while (pending_head) {
+        struct pending *p = pending_head;
+        memcpy(p->dst, p->data, p->n);
+        pending_head = p->next;
+        free(p->data);
+        free(p);
+    }
+    pending_tail = NULL;
+}
+
 int llumlet_fake_cuda(void) { return 1; }
 
 static int ctx_ok(void) { return current == &primary_ctx_storage && primary_refs > 0; }
@@ -172,6 +196,15 @@ CUresult cuCtxSetCurrent(CUcontext ctx) {
     return SUCCESS;
 }
 
+CUresult cuCtxSynchronize(void) {
+    if (!ctx_ok())
+        return INVALID_CONTEXT;
+    pthread_mutex_lock(&lock);
+    land_pending();
+    pthread_mutex_unlock(&lock);
+    return SUCCESS;
+}
+
 CUresult cuStreamCreate(CUstream *s, unsigned int flags) {
     (void)flags;
     if (!ctx_ok())
@@ -212,6 +245,9 @@ CUresult cuEventRecord(CUevent e, CUstream s) {
 CUresult cuEventSynchronize(CUevent e) {
     if (!ctx_ok())
         return INVALID_CONTEXT;
+    pthread_mutex_lock(&lock);
+    land_pending();
+    pthread_mutex_unlock(&lock);
     return e ? SUCCESS : INVALID_HANDLE;
 }
 
@@ -293,6 +329,7 @@ CUresult cuMemFree_v2(CUdeviceptr dptr) {
     if (!ctx_ok())
         return INVALID_CONTEXT;
     pthread_mutex_lock(&lock);
+    land_pending();
     struct entry *e = entry_at(dptr);
     if (!e || !e->exported_here) {
         pthread_mutex_unlock(&lock);
@@ -427,16 +464,38 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstre
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
     if (!ctx_ok())
         return INVALID_CONTEXT;
+    if (!src)
+        return INVALID_VALUE;
     pthread_mutex_lock(&lock);
     void *d = translate(dst, n);
+    if (!d) {
+        pthread_mutex_unlock(&lock);
+        return INVALID_VALUE;
+    }
+    struct pending *p = malloc(sizeof *p);
+    void *data = malloc(n ? n : 1);
+    if (!p || !data) {
+        free(p);
+        free(data);
+        pthread_mutex_unlock(&lock);
+        return OUT_OF_MEMORY;
+    }
+    memcpy(data, src, n);
+    *p = (struct pending){.dst = d, .data = data, .n = n, .next = NULL};
+    if (pending_tail)
+        pending_tail->next = p;
+    else
+        pending_head = p;
+    pending_tail = p;
     pthread_mutex_unlock(&lock);
-    return copy(d, src, n);
+    return SUCCESS;
 }
 
 CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
     if (!ctx_ok())
         return INVALID_CONTEXT;
     pthread_mutex_lock(&lock);
+    land_pending();
     void *s = translate(src, n);
     pthread_mutex_unlock(&lock);
     return copy(dst, s, n);

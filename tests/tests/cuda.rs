@@ -208,6 +208,8 @@ fn child_exports_kv_regions() {
             dst.write(off, &vec![0u8; BLOCK as usize]).unwrap();
         }
     }
+    // Host-to-device copies may return before the bytes land: another process reads them.
+    dev.synchronize().unwrap();
     let hex = |h: [u8; 64]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
     println!(
         "HANDLES {} {}",

@@ -70,6 +70,8 @@ pub fn digest(c: &GpuKvCache, shape: Shape) -> Result<u64, String> {
 pub fn source(shape: Shape, seed: u64) -> Result<(), String> {
     let c = cache(shape)?;
     fill(&c, shape, seed)?;
+    // The bytes land before another process reads them.
+    c.synchronize().map_err(|e| e.to_string())?;
     let want = digest(&c, shape)?;
     let regions = c.regions().map_err(|e| e.to_string())?;
     let handle = regions
