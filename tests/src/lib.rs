@@ -372,13 +372,22 @@ pub async fn grpc_client(
 /// to it finds the double instead of a driver: GPU code paths then run on host memory.
 pub const FAKE_CUDA_DIR: &str = env!("LLUMLET_FAKE_CUDA_DIR");
 
-/// The environment a process with GPU work gets: `LD_LIBRARY_PATH` pointing at the test double
-/// of the driver, unless `LLUMLET_TEST_CUDA=real` (a GPU machine running the suite on its GPU).
+/// Whether GPU work runs under the test double of the driver (the default), not the machine's
+/// driver (`LLUMLET_TEST_CUDA=real`, a GPU machine running the suite on its GPU).
+pub fn fake_cuda() -> bool {
+    std::env::var("LLUMLET_TEST_CUDA").map_or(true, |v| v != "real")
+}
+
+/// The environment a process with GPU work gets (processes started with a cleared
+/// environment too): `LD_LIBRARY_PATH` pointing at the test double, or, with the real driver,
+/// this process's own `LD_LIBRARY_PATH` (where the driver may be found).
 pub fn cuda_env() -> Option<(String, String)> {
-    if std::env::var("LLUMLET_TEST_CUDA").is_ok_and(|v| v == "real") {
-        return None;
-    }
-    Some(("LD_LIBRARY_PATH".into(), FAKE_CUDA_DIR.into()))
+    let path = if fake_cuda() {
+        FAKE_CUDA_DIR.to_string()
+    } else {
+        std::env::var("LD_LIBRARY_PATH").ok()?
+    };
+    Some(("LD_LIBRARY_PATH".into(), path))
 }
 
 /// Points `cmd` at the test double of the CUDA driver (see [`FAKE_CUDA_DIR`]).

@@ -530,7 +530,7 @@ fn abort_migrate_in_drops_the_reservation_and_the_source_keeps_the_request() {
 /// frees what it reserved, and the request goes on at the source, exactly once.
 #[test]
 fn a_gpu_copy_that_fails_midway_aborts_and_the_request_stays() {
-    if llumlet_tests::cuda_env().is_none() {
+    if !llumlet_tests::fake_cuda() {
         eprintln!("skipped: a real GPU does not fail on demand (LLUMLET_TEST_CUDA=real)");
         return;
     }
