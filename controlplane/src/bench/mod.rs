@@ -262,11 +262,11 @@ pub fn run(cmd: BenchCmd) -> ExitCode {
 
 #[cfg(feature = "cuda")]
 fn gpu_source(layers: u32, blocks: u64, block_bytes: u64, seed: u64) -> Result<(), String> {
-    let shape = Shape::for_bytes(
-        blocks * block_bytes * u64::from(layers),
-        block_bytes,
-        layers,
-    )?;
+    let bytes = blocks
+        .checked_mul(block_bytes)
+        .and_then(|b| b.checked_mul(u64::from(layers)))
+        .ok_or("--blocks × --block-bytes × --layers overflows")?;
+    let shape = Shape::for_bytes(bytes, block_bytes, layers)?;
     gpu::source(shape, seed)
 }
 
