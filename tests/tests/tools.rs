@@ -209,7 +209,9 @@ fn transfer(transport: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
 fn bench_transfer_moves_verified_kv_blocks_over_shm_tcp_and_ucx() {
     transfer("shm", &[]);
     transfer("tcp", &[]);
-    transfer("ucx", &[("UCX_TLS", "tcp")]);
+    // UCX prints its log lines on stdout, set up before `main`: with them on (debug), stdout
+    // still carries only the JSON (each line must parse).
+    transfer("ucx", &[("UCX_TLS", "tcp"), ("UCX_LOG_LEVEL", "debug")]);
 }
 
 /// Over cuda: a GPU source process exports its cache, the receiver exports its own, this

@@ -10,7 +10,7 @@
 //! the sender. The baseline is one plain `cuMemcpyDtoDAsync` of the same size between two
 //! allocations of one process, with the same event wait.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -78,8 +78,7 @@ pub fn source(shape: Shape, seed: u64) -> Result<(), String> {
         .first()
         .map(crate::migration::cuda_side::handle_text)
         .ok_or("no regions")?;
-    println!("SOURCE {handle} {want:016x}");
-    let _ = std::io::stdout().flush();
+    super::out(&format!("SOURCE {handle} {want:016x}"));
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
     Ok(())

@@ -73,13 +73,13 @@ pub fn run(a: &MigrationArgs) -> Result<(), String> {
             let r = one_length(a, &Cms::local(cms.addr().port()), &dir, tokens, &progress).await?;
             progress.done();
             let p50 = r["downtime_p50_us"].as_f64().unwrap_or(0.0);
-            println!("{r}");
+            super::out(&r.to_string());
             match first {
                 None => first = Some(p50),
-                Some(f) if f > 0.0 => println!(
-                    "{}",
-                    json!({"bench": "migration", "tokens": tokens, "tokens_first": a.tokens[0],
+                Some(f) if f > 0.0 => super::out(
+                    &json!({"bench": "migration", "tokens": tokens, "tokens_first": a.tokens[0],
                            "downtime_ratio_to_first": round(p50 / f, 3)})
+                    .to_string(),
                 ),
                 Some(_) => {}
             }

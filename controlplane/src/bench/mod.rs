@@ -213,7 +213,47 @@ impl Measure {
 
 /// Prints `m` as one JSON line on stdout.
 pub fn json_line(m: &Measure) {
-    println!("{}", m.json());
+    out(&m.json().to_string());
+}
+
+/// The bench's stdout (see [`claim_stdout`]); `None` when it could not be set aside.
+static OUT: std::sync::OnceLock<Option<std::sync::Mutex<std::fs::File>>> =
+    std::sync::OnceLock::new();
+
+/// Sets this process's stdout aside for the bench's own lines and points fd 1 at stderr, so
+/// that a library printing to stdout cannot mix its lines into the JSON: UCX writes its log
+/// lines (an endpoint timing out, say) to stdout, configured when it is loaded, before `main`.
+fn claim_stdout() {
+    OUT.get_or_init(|| {
+        use std::os::fd::FromRawFd;
+        // SAFETY: duplicates fd 1 (open or not: -1 then, and nothing changes).
+        let fd = unsafe { libc::dup(1) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: both fds are this process's; fd 1 becomes a copy of stderr. Nothing was
+        // printed yet, so std's stdout buffer is empty.
+        unsafe { libc::dup2(2, 1) };
+        // SAFETY: `fd` is a new descriptor owned by nothing else.
+        Some(std::sync::Mutex::new(unsafe {
+            std::fs::File::from_raw_fd(fd)
+        }))
+    });
+}
+
+/// One line on the bench's stdout (JSON, a port, a handle), flushed.
+pub fn out(line: &str) {
+    match OUT.get().and_then(Option::as_ref) {
+        Some(f) => {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(f, "{line}");
+            let _ = f.flush();
+        }
+        None => {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        }
+    }
 }
 
 /// The `p` quantile (nearest rank) of `v`; 0 when empty.
@@ -238,6 +278,7 @@ fn default_iters(bytes: u64) -> u32 {
 
 /// Runs `llumlet bench ...`; the exit code.
 pub fn run(cmd: BenchCmd) -> ExitCode {
+    claim_stdout();
     let r = match cmd {
         BenchCmd::Transfer(a) => run_transfer(&a),
         BenchCmd::Baseline(a) => run_baseline(&a),

@@ -91,12 +91,9 @@ fn ring() -> Result<(), String> {
         ("llumlet read newest", &read),
     ] {
         let p50 = percentile(v, 0.5);
-        println!(
-            "{}",
-            json!({"bench": "status", "what": what, "record_bytes": std::mem::size_of::<StatusRecord>(),
+        super::out(&json!({"bench": "status", "what": what, "record_bytes": std::mem::size_of::<StatusRecord>(),
                    "p50_ns": round(p50, 1), "p99_ns": round(percentile(v, 0.99), 1),
-                   "ratio_to_copy": round(p50 / base.max(f64::MIN_POSITIVE), 2)})
-        );
+                   "ratio_to_copy": round(p50 / base.max(f64::MIN_POSITIVE), 2)}).to_string());
     }
     Ok(())
 }
@@ -323,22 +320,19 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
         return Err("the llumlet pushed no status while measuring".into());
     }
     let ours = (cpu1 - cpu0) / pushes * 1e6;
-    println!(
-        "{}",
-        json!({"bench": "status", "what": "llumlet CPU per status push", "cms": which,
+    super::out(
+        &json!({"bench": "status", "what": "llumlet CPU per status push", "cms": which,
                "interval_s": a.interval, "pushes": pushes, "cpu_s": round(cpu1 - cpu0, 3),
                "cpu_us_per_push": round(ours, 2)})
+        .to_string(),
     );
     let n = (pushes as u64).max(1000);
     let floor = redis_benchmark_cpu_us(&cms.host, cms.port, cms.password.as_deref(), n);
     if let Some(per) = floor {
         let cpu = per * n as f64 / 1e6;
-        println!(
-            "{}",
-            json!({"bench": "status", "what": "baseline: redis-benchmark SET, 1 client", "cms": which,
+        super::out(&json!({"bench": "status", "what": "baseline: redis-benchmark SET, 1 client", "cms": which,
                    "requests": n, "cpu_s": round(cpu, 3), "cpu_us_per_request": round(per, 2),
-                   "llumlet_ratio_to_baseline": round(ours / per.max(f64::MIN_POSITIVE), 2)})
-        );
+                   "llumlet_ratio_to_baseline": round(ours / per.max(f64::MIN_POSITIVE), 2)}).to_string());
     } else {
         eprintln!("llumlet bench status: redis-benchmark is not on PATH (or failed): no baseline measured");
     }

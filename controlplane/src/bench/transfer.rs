@@ -6,7 +6,6 @@
 //! `DataSink`. The `Commit` carries a digest of the sender's KV bytes; the receiver answers
 //! whether its own bytes match, so every measurement is also a check that the bytes arrived.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,8 +186,7 @@ pub fn receive(listen: &str) -> Result<(), String> {
     let listener =
         TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    println!("{port}");
-    let _ = std::io::stdout().flush();
+    super::out(&port.to_string());
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let peer = stream
