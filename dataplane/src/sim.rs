@@ -1051,7 +1051,9 @@ fn kv_cache(cfg: &SimConfig, path: &std::path::Path) -> Result<SimKv, String> {
 /// Runs the engine until `stop` is set: one step per `cfg.step`, a status every
 /// `cfg.update_steps` steps.
 pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
-    let mut endpoint = EngineEndpoint::create_at(&cfg.segment)?;
+    // The KV cache exists before the control segment, and its regions are registered the moment
+    // the segment does: a llumlet attaching to the segment finds them (a GPU cache takes a while
+    // to allocate and zero, and a destination without regions refuses a migration).
     let mut kv_path = cfg.segment.clone().into_os_string();
     kv_path.push("-kv");
     let io = |op: &'static str, e: String| SegmentError::Io {
@@ -1061,6 +1063,7 @@ pub fn run(cfg: SimConfig, stop: &AtomicBool) -> Result<(), SegmentError> {
     };
     let kv =
         kv_cache(&cfg, std::path::Path::new(&kv_path)).map_err(|e| io("create KV cache", e))?;
+    let mut endpoint = EngineEndpoint::create_at(&cfg.segment)?;
     for region in kv.regions().map_err(|e| io("register KV cache", e))? {
         endpoint
             .register_kv_region(&region)

@@ -139,8 +139,20 @@ async fn one_length(
         .await
         .map_err(|e| format!("CMS: {e}"))?;
     let metas = wait_registered(&mut conn, &instances, Duration::from_secs(30)).await?;
-    // The request is admitted and prefilled at the first engine's first steps.
+    // Both engines report their KV caches (so both have registered them), and the request is
+    // admitted and prefilled at the first engine's first steps.
     let deadline = Instant::now() + Duration::from_secs(60);
+    for i in &instances {
+        while !status(&mut conn, &i.id)
+            .await?
+            .is_some_and(|s| s.num_total_gpu_tokens > 0)
+        {
+            if Instant::now() > deadline {
+                return Err(format!("{} never reported its engine's KV cache", i.id));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     loop {
         let s = status(&mut conn, &instances[0].id).await?;
         if s.is_some_and(|s| s.num_running_requests >= 1) {
@@ -234,6 +246,7 @@ async fn one_length(
         "step_ms": a.step_ms,
         "migrations": totals.len(),
         "failed": failures.len(),
+        "failures": failures,
         "downtime_p50_us": percentile(&downtimes, 0.5),
         "downtime_p99_us": percentile(&downtimes, 0.99),
         "downtime_max_us": percentile(&downtimes, 1.0),
