@@ -143,9 +143,9 @@ async fn one_length(
     // admitted and prefilled at the first engine's first steps.
     let deadline = Instant::now() + Duration::from_secs(60);
     for i in &instances {
-        while !status(&mut conn, &i.id)
+        while status(&mut conn, &i.id)
             .await?
-            .is_some_and(|s| s.num_total_gpu_tokens > 0)
+            .is_none_or(|s| s.num_total_gpu_tokens <= 0)
         {
             if Instant::now() > deadline {
                 return Err(format!("{} never reported its engine's KV cache", i.id));
