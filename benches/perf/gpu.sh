@@ -2,7 +2,7 @@
 # The GPU figures of docs/BENCHMARKS.md ("CUDA IPC transport"), for a machine with an NVIDIA GPU
 # that cannot build (no crates.io): build here, carry .gpu/, run there.
 #
-#   benches/perf/gpu.sh build   # here: into .gpu/ (git-ignored, stripped, about 25 MB): the
+#   benches/perf/gpu.sh build   # here: into .gpu/ (git-ignored, stripped, 27 MB): the
 #                               # release llumlet with `cuda` (no UCX: the GPU machine has no
 #                               # libucx), the GPU, migration and fault-suite test binaries, and
 #                               # a redis-server with its libraries (the suites need one)
