@@ -124,7 +124,13 @@ static void land_pending(void) {
 
 int llumlet_fake_cuda(void) { return 1; }
 
-static int ctx_ok(void) { return current == &primary_ctx_storage && primary_refs > 0; }
+/* primary_refs, devices and initialised are read without the lock: atomics. */
+static int ndev(void) { return __atomic_load_n(&devices, __ATOMIC_SEQ_CST); }
+static int inited(void) { return __atomic_load_n(&initialised, __ATOMIC_SEQ_CST); }
+
+static int ctx_ok(void) {
+    return current == &primary_ctx_storage && __atomic_load_n(&primary_refs, __ATOMIC_SEQ_CST) > 0;
+}
 
 CUresult cuInit(unsigned int flags) {
     if (flags != 0)
@@ -132,9 +138,9 @@ CUresult cuInit(unsigned int flags) {
     const char *d = getenv("LLUMLET_FAKE_CUDA_DEVICES");
     const char *f = getenv("LLUMLET_FAKE_CUDA_FAIL_COPY_AFTER");
     pthread_mutex_lock(&lock);
-    devices = d ? atoi(d) : 1;
+    __atomic_store_n(&devices, d ? atoi(d) : 1, __ATOMIC_SEQ_CST);
     fail_copy_after = f ? atol(f) : -1;
-    initialised = 1;
+    __atomic_store_n(&initialised, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&lock);
     return SUCCESS;
 }
@@ -147,44 +153,45 @@ CUresult cuDriverGetVersion(int *v) {
 }
 
 CUresult cuDeviceGetCount(int *n) {
-    if (!initialised)
+    if (!inited())
         return NOT_INITIALIZED;
     if (!n)
         return INVALID_VALUE;
-    *n = devices;
+    *n = ndev();
     return SUCCESS;
 }
 
 CUresult cuDeviceGet(CUdevice *dev, int ordinal) {
-    if (!initialised)
+    if (!inited())
         return NOT_INITIALIZED;
-    if (devices == 0)
+    if (ndev() == 0)
         return NO_DEVICE;
-    if (!dev || ordinal < 0 || ordinal >= devices)
+    if (!dev || ordinal < 0 || ordinal >= ndev())
         return INVALID_DEVICE;
     *dev = ordinal;
     return SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice dev) {
-    if (!initialised)
+    if (!inited())
         return NOT_INITIALIZED;
-    if (!ctx || dev < 0 || dev >= devices)
+    if (!ctx || dev < 0 || dev >= ndev())
         return INVALID_DEVICE;
     pthread_mutex_lock(&lock);
-    primary_refs++;
+    __atomic_add_fetch(&primary_refs, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&lock);
     *ctx = &primary_ctx_storage;
     return SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
-    if (dev < 0 || dev >= devices)
+    if (dev < 0 || dev >= ndev())
         return INVALID_DEVICE;
     pthread_mutex_lock(&lock);
-    CUresult r = primary_refs > 0 ? SUCCESS : INVALID_CONTEXT;
-    if (primary_refs > 0)
-        primary_refs--;
+    int refs = __atomic_load_n(&primary_refs, __ATOMIC_SEQ_CST);
+    CUresult r = refs > 0 ? SUCCESS : INVALID_CONTEXT;
+    if (refs > 0)
+        __atomic_sub_fetch(&primary_refs, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&lock);
     return r;
 }
