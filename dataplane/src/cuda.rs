@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 
+use crate::kv::CacheShape;
 use crate::runs::BlockRun;
 use crate::transport::{check_layouts, Reserved, TransportError};
 
@@ -159,23 +160,29 @@ fn call(name: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
 /// per migration calls this first, so only its first migration pays.
 pub fn keep_primary_context(ordinal: i32) -> Result<(), CudaError> {
     static KEPT: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
-    probe()?;
     let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
-    if kept.contains(&ordinal) {
-        return Ok(());
+    if !kept.contains(&ordinal) {
+        // Deliberately never released.
+        retain_primary(ordinal)?;
+        kept.push(ordinal);
     }
+    Ok(())
+}
+
+/// GPU `ordinal` and its primary context, retained once (the caller releases it).
+fn retain_primary(ordinal: i32) -> Result<(sys::CUdevice, sys::CUcontext), CudaError> {
+    probe()?;
     let mut dev = 0;
     // SAFETY: probe succeeded (library and symbols present); writes one handle.
     call("cuDeviceGet", unsafe {
         sys::cuDeviceGet(&mut dev, ordinal)
     })?;
     let mut ctx = std::ptr::null_mut();
-    // SAFETY: as above; deliberately never released.
+    // SAFETY: as above; writes one handle.
     call("cuDevicePrimaryCtxRetain", unsafe {
         sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
     })?;
-    kept.push(ordinal);
-    Ok(())
+    Ok((dev, ctx))
 }
 
 /// One GPU: its primary context (made current on the calling thread by every method) and a
@@ -194,17 +201,8 @@ unsafe impl Send for Device {}
 impl Device {
     /// Opens GPU `ordinal` (after [`probe`]).
     pub fn open(ordinal: i32) -> Result<Device, CudaError> {
-        probe()?;
-        let mut dev = 0;
-        // SAFETY: probe succeeded (library and symbols present); writes one handle.
-        call("cuDeviceGet", unsafe {
-            sys::cuDeviceGet(&mut dev, ordinal)
-        })?;
-        let mut ctx = std::ptr::null_mut();
-        // SAFETY: as above; the primary context is released in Drop.
-        call("cuDevicePrimaryCtxRetain", unsafe {
-            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
-        })?;
+        // The primary context is released in Drop.
+        let (dev, ctx) = retain_primary(ordinal)?;
         let mut d = Device {
             dev,
             ctx,
@@ -325,17 +323,21 @@ impl Device {
                 bytes += n;
             }
         }
+        self.wait_stream().map_err(backend)?;
+        Ok(bytes)
+    }
+
+    /// Records the event after what is queued on the stream and waits for it (the current
+    /// context is this device's).
+    fn wait_stream(&mut self) -> Result<(), CudaError> {
         // SAFETY: live event and stream of this context.
         call("cuEventRecord", unsafe {
             sys::cuEventRecord(self.done, self.stream)
-        })
-        .map_err(backend)?;
+        })?;
         // SAFETY: a recorded event.
         call("cuEventSynchronize", unsafe {
             sys::cuEventSynchronize(self.done)
         })
-        .map_err(backend)?;
-        Ok(bytes)
     }
 
     /// The plain device-to-device copy the `cuda` transport is measured against: the first
@@ -359,14 +361,7 @@ impl Device {
         call("cuMemcpyDtoDAsync_v2", unsafe {
             sys::cuMemcpyDtoDAsync_v2(dst.ptr, src.ptr, bytes, self.stream)
         })?;
-        // SAFETY: live event and stream of this context.
-        call("cuEventRecord", unsafe {
-            sys::cuEventRecord(self.done, self.stream)
-        })?;
-        // SAFETY: a recorded event.
-        call("cuEventSynchronize", unsafe {
-            sys::cuEventSynchronize(self.done)
-        })
+        self.wait_stream()
     }
 
     /// Waits until everything this process asked of the GPU has completed, host-to-device
@@ -696,11 +691,8 @@ impl crate::transport::Transport for CudaTransport {
 pub struct GpuKvCache {
     // Dropped before `dev`, whose primary context it is freed in.
     buf: DeviceBuffer,
-    _dev: Device,
-    layers: u32,
-    num_blocks: u64,
-    block_size_bytes: u64,
-    token_size_bytes: u64,
+    dev: Device,
+    shape: CacheShape,
 }
 
 impl GpuKvCache {
@@ -712,57 +704,38 @@ impl GpuKvCache {
         block_size_bytes: u64,
         token_size_bytes: u64,
     ) -> Result<GpuKvCache, CudaError> {
-        let total = u64::from(layers)
-            .checked_mul(num_blocks)
-            .and_then(|x| x.checked_mul(block_size_bytes))
-            .filter(|t| {
-                *t > 0
-                    && token_size_bytes > 0
-                    && block_size_bytes.is_multiple_of(token_size_bytes)
-                    && usize::try_from(*t).is_ok()
-            })
-            .ok_or_else(|| CudaError::Invalid("empty or overflowing KV cache shape".into()))?;
-        let dev = Device::open(ordinal)?;
-        let buf = dev.alloc(total as usize)?;
-        let zeros = vec![0u8; (total as usize).min(8 << 20)];
-        let mut off = 0;
-        while off < total as usize {
-            let n = zeros.len().min(total as usize - off);
-            buf.write(off, &zeros[..n])?;
-            off += n;
-        }
-        let c = GpuKvCache {
-            buf,
-            _dev: dev,
+        let shape = CacheShape {
             layers,
             num_blocks,
             block_size_bytes,
             token_size_bytes,
         };
-        c.synchronize()?;
-        Ok(c)
+        let total = shape
+            .total_bytes()
+            .and_then(|t| usize::try_from(t).ok())
+            .ok_or_else(|| CudaError::Invalid("empty or overflowing KV cache shape".into()))?;
+        let dev = Device::open(ordinal)?;
+        let buf = dev.alloc(total)?;
+        let zeros = vec![0u8; total.min(8 << 20)];
+        let mut off = 0;
+        while off < total {
+            let n = zeros.len().min(total - off);
+            buf.write(off, &zeros[..n])?;
+            off += n;
+        }
+        dev.synchronize()?;
+        Ok(GpuKvCache { buf, dev, shape })
     }
 
     /// The regions to register, one per layer, each naming the allocation's IPC handle.
     pub fn regions(&self) -> Result<Vec<crate::kv::KvRegion>, CudaError> {
-        let handle = self.buf.ipc_handle()?.to_vec();
-        Ok((0..self.layers)
-            .map(|layer| crate::kv::KvRegion {
-                memory: crate::kv::MemoryKind::CudaIpc,
-                layout: crate::kv::LayoutKind::KvTogether,
-                layer,
-                offset: u64::from(layer) * self.num_blocks * self.block_size_bytes,
-                num_blocks: self.num_blocks,
-                block_size_bytes: self.block_size_bytes,
-                token_size_bytes: self.token_size_bytes,
-                handle: handle.clone(),
-            })
-            .collect())
+        let handle = self.buf.ipc_handle()?;
+        Ok(self.shape.regions(crate::kv::MemoryKind::CudaIpc, &handle))
     }
 
     /// Bytes of one token slot.
     pub fn token_size_bytes(&self) -> u64 {
-        self.token_size_bytes
+        self.shape.token_size_bytes
     }
 
     /// Waits until every write to the cache has landed in device memory. A host-to-device copy
@@ -770,24 +743,19 @@ impl GpuKvCache {
     /// llumlet) reads the cache on its own stream: the engine calls this at the end of each
     /// step, before it reports the step's state, as a real engine's step ends synchronized.
     pub fn synchronize(&self) -> Result<(), CudaError> {
-        // SAFETY: the owning context (kept alive by `_dev`) made current.
-        call("cuCtxSetCurrent", unsafe {
-            sys::cuCtxSetCurrent(self.buf.ctx)
-        })?;
-        // SAFETY: a current context.
-        call("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+        self.dev.synchronize()
     }
 
-    /// The byte offset of `n` token slots of one block from `slot`, or `None` outside it.
-    fn span(&self, layer: u32, block: u64, slot: u64, n: u64) -> Option<usize> {
-        let per_block = self.block_size_bytes / self.token_size_bytes;
-        let inside = slot.checked_add(n).is_some_and(|e| e <= per_block);
-        if layer >= self.layers || block >= self.num_blocks || n == 0 || !inside {
-            return None;
+    /// The byte offset of `len` bytes of whole token slots of one block from `slot`.
+    fn span(&self, layer: u32, block: u64, slot: u64, len: usize) -> Result<usize, CudaError> {
+        let tsb = self.shape.token_size_bytes;
+        let n = len as u64 / tsb;
+        match self.shape.span(layer, block, slot, n) {
+            Some(off) if n * tsb == len as u64 => Ok(off as usize),
+            _ => Err(CudaError::Invalid(format!(
+                "{len} bytes at layer {layer} block {block} slot {slot} are not whole token slots inside the block"
+            ))),
         }
-        let off = (u64::from(layer) * self.num_blocks + block) * self.block_size_bytes
-            + slot * self.token_size_bytes;
-        Some(off as usize)
     }
 
     /// Writes `data` (whole token slots) into one block from `slot`.
@@ -798,16 +766,8 @@ impl GpuKvCache {
         slot: u64,
         data: &[u8],
     ) -> Result<(), CudaError> {
-        let n = data.len() as u64 / self.token_size_bytes;
-        match self.span(layer, block, slot, n) {
-            Some(off) if n * self.token_size_bytes == data.len() as u64 => {
-                self.buf.write(off, data)
-            }
-            _ => Err(CudaError::Invalid(format!(
-                "{} bytes at layer {layer} block {block} slot {slot} are not whole token slots inside the block",
-                data.len()
-            ))),
-        }
+        self.buf
+            .write(self.span(layer, block, slot, data.len())?, data)
     }
 
     /// Reads whole token slots of one block from `slot` into `out`.
@@ -818,15 +778,7 @@ impl GpuKvCache {
         slot: u64,
         out: &mut [u8],
     ) -> Result<(), CudaError> {
-        let n = out.len() as u64 / self.token_size_bytes;
-        match self.span(layer, block, slot, n) {
-            Some(off) if n * self.token_size_bytes == out.len() as u64 => {
-                self.buf.read(off, out)
-            }
-            _ => Err(CudaError::Invalid(format!(
-                "{} bytes at layer {layer} block {block} slot {slot} are not whole token slots inside the block",
-                out.len()
-            ))),
-        }
+        let off = self.span(layer, block, slot, out.len())?;
+        self.buf.read(off, out)
     }
 }

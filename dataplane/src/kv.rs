@@ -306,16 +306,72 @@ impl MappedRegion {
     }
 }
 
-/// A paged KV cache in one host shared-memory segment: `layers` regions of `num_blocks` blocks,
-/// layer after layer. The engine side of the simulated engine (and of any engine that keeps its
-/// KV cache in host memory). Removes its segment when dropped.
+/// The layout of a paged KV cache in one allocation (a host segment or a GPU buffer): `layers`
+/// regions of `num_blocks` blocks of `block_size_bytes`, layer after layer, each block whole
+/// token slots of `token_size_bytes` (the `KvTogether` layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Regions (one per layer).
+    pub layers: u32,
+    /// Blocks per region.
+    pub num_blocks: u64,
+    /// Bytes of one block.
+    pub block_size_bytes: u64,
+    /// Bytes of one token slot.
+    pub token_size_bytes: u64,
+}
+
+impl CacheShape {
+    /// Bytes in all, or `None` when empty, overflowing, or when a block is not whole token slots.
+    pub fn total_bytes(&self) -> Option<u64> {
+        u64::from(self.layers)
+            .checked_mul(self.num_blocks)
+            .and_then(|x| x.checked_mul(self.block_size_bytes))
+            .filter(|t| {
+                *t > 0
+                    && self.token_size_bytes > 0
+                    && self.block_size_bytes.is_multiple_of(self.token_size_bytes)
+            })
+    }
+
+    /// The byte offset of `n` token slots of one block from `slot`, or `None` outside that block
+    /// (the shape is valid: see [`CacheShape::total_bytes`]).
+    pub fn span(&self, layer: u32, block: u64, slot: u64, n: u64) -> Option<u64> {
+        let per_block = self.block_size_bytes / self.token_size_bytes.max(1);
+        let inside = slot.checked_add(n).is_some_and(|e| e <= per_block);
+        if layer >= self.layers || block >= self.num_blocks || n == 0 || !inside {
+            return None;
+        }
+        Some(
+            (u64::from(layer) * self.num_blocks + block) * self.block_size_bytes
+                + slot * self.token_size_bytes,
+        )
+    }
+
+    /// The regions to register, one per layer, each naming `handle`.
+    pub fn regions(&self, memory: MemoryKind, handle: &[u8]) -> Vec<KvRegion> {
+        (0..self.layers)
+            .map(|layer| KvRegion {
+                memory,
+                layout: LayoutKind::KvTogether,
+                layer,
+                offset: u64::from(layer) * self.num_blocks * self.block_size_bytes,
+                num_blocks: self.num_blocks,
+                block_size_bytes: self.block_size_bytes,
+                token_size_bytes: self.token_size_bytes,
+                handle: handle.to_vec(),
+            })
+            .collect()
+    }
+}
+
+/// A paged KV cache in one host shared-memory segment (see [`CacheShape`]). The engine side of
+/// the simulated engine (and of any engine that keeps its KV cache in host memory). Removes its
+/// segment when dropped.
 pub struct HostKvCache {
     map: MmapRaw,
     path: PathBuf,
-    layers: u32,
-    num_blocks: u64,
-    block_size_bytes: u64,
-    token_size_bytes: u64,
+    shape: CacheShape,
 }
 
 impl HostKvCache {
@@ -332,14 +388,16 @@ impl HostKvCache {
             let path = path.to_path_buf();
             move |source| KvError::Io { op, path, source }
         };
-        let total = u64::from(layers)
-            .checked_mul(num_blocks)
-            .and_then(|x| x.checked_mul(block_size_bytes))
-            .filter(|t| *t > 0 && block_size_bytes.is_multiple_of(token_size_bytes.max(1)))
-            .ok_or_else(|| KvError::Invalid {
-                index: 0,
-                why: "empty or overflowing KV cache shape".into(),
-            })?;
+        let shape = CacheShape {
+            layers,
+            num_blocks,
+            block_size_bytes,
+            token_size_bytes,
+        };
+        let total = shape.total_bytes().ok_or_else(|| KvError::Invalid {
+            index: 0,
+            why: "empty or overflowing KV cache shape".into(),
+        })?;
         let _ = std::fs::remove_file(path);
         let file = OpenOptions::new()
             .read(true)
@@ -353,10 +411,7 @@ impl HostKvCache {
         Ok(HostKvCache {
             map,
             path: path.to_path_buf(),
-            layers,
-            num_blocks,
-            block_size_bytes,
-            token_size_bytes,
+            shape,
         })
     }
 
@@ -371,18 +426,7 @@ impl HostKvCache {
         if handle.len() > HANDLE_BYTES {
             return Err(KvError::HandleTooLong(handle.len()));
         }
-        Ok((0..self.layers)
-            .map(|layer| KvRegion {
-                memory: MemoryKind::HostShm,
-                layout: LayoutKind::KvTogether,
-                layer,
-                offset: u64::from(layer) * self.num_blocks * self.block_size_bytes,
-                num_blocks: self.num_blocks,
-                block_size_bytes: self.block_size_bytes,
-                token_size_bytes: self.token_size_bytes,
-                handle: handle.clone().into_bytes(),
-            })
-            .collect())
+        Ok(self.shape.regions(MemoryKind::HostShm, handle.as_bytes()))
     }
 
     /// The bytes of one token slot, to be written by the engine (its only writer in this
@@ -394,28 +438,22 @@ impl HostKvCache {
     /// The bytes of `n` consecutive token slots of one block from `slot` (contiguous in the
     /// `KvTogether` layout), to be written by the engine. `None` outside the block.
     pub fn tokens_mut(&mut self, layer: u32, block: u64, slot: u64, n: u64) -> Option<&mut [u8]> {
-        let tokens_per_block = self.block_size_bytes / self.token_size_bytes;
-        let inside = slot.checked_add(n).is_some_and(|e| e <= tokens_per_block);
-        if layer >= self.layers || block >= self.num_blocks || n == 0 || !inside {
-            return None;
-        }
-        let off = (u64::from(layer) * self.num_blocks + block) * self.block_size_bytes
-            + slot * self.token_size_bytes;
-        // SAFETY: off + n * token_size_bytes <= (layer * num_blocks + block + 1) *
-        // block_size_bytes <= the mapping's length (checked above); `&mut self` makes this the
-        // only reference in this process. Other processes (the llumlet) only read the mapping
-        // through raw-pointer copies.
+        let off = self.shape.span(layer, block, slot, n)?;
+        // SAFETY: `span` puts off + n * token_size_bytes inside block `block` of layer `layer`,
+        // so inside the mapping (layers * num_blocks * block_size_bytes long); `&mut self` makes
+        // this the only reference in this process. Other processes (the llumlet) only read the
+        // mapping through raw-pointer copies.
         Some(unsafe {
             std::slice::from_raw_parts_mut(
                 self.map.as_mut_ptr().add(off as usize),
-                (n * self.token_size_bytes) as usize,
+                (n * self.shape.token_size_bytes) as usize,
             )
         })
     }
 
     /// Bytes of one token slot.
     pub fn token_size_bytes(&self) -> u64 {
-        self.token_size_bytes
+        self.shape.token_size_bytes
     }
 
     /// The segment's path.
@@ -433,6 +471,37 @@ impl Drop for HostKvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_shape_refuses_bad_layouts_and_spans_outside_a_block() {
+        let shape = |layers, num_blocks, block_size_bytes, token_size_bytes| CacheShape {
+            layers,
+            num_blocks,
+            block_size_bytes,
+            token_size_bytes,
+        };
+        assert_eq!(shape(2, 4, 64, 16).total_bytes(), Some(512));
+        for bad in [
+            shape(0, 4, 64, 16),
+            shape(2, 4, 64, 0),
+            shape(2, 4, 64, 24),
+            shape(u32::MAX, u64::MAX, 64, 16),
+        ] {
+            assert_eq!(bad.total_bytes(), None, "{bad:?}");
+        }
+        let s = shape(2, 4, 64, 16);
+        assert_eq!(s.span(1, 3, 2, 2), Some((4 + 3) * 64 + 32));
+        for (layer, block, slot, n) in [(2, 0, 0, 1), (0, 4, 0, 1), (0, 0, 3, 2), (0, 0, 0, 0)] {
+            assert_eq!(
+                s.span(layer, block, slot, n),
+                None,
+                "{layer} {block} {slot} {n}"
+            );
+        }
+        let r = s.regions(MemoryKind::CudaIpc, b"h");
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[1].offset, r[1].handle.as_slice()), (256, &b"h"[..]));
+    }
 
     fn mem() -> Box<KvRegistryMem> {
         Box::new(KvRegistryMem {

@@ -212,9 +212,10 @@ impl SplitMix64 {
 pub enum SimKv {
     /// A host shared-memory segment (`MemoryKind::HostShm` regions).
     Host(HostKvCache),
-    /// GPU memory exported as a CUDA IPC handle, written with host-to-device copies.
+    /// GPU memory exported as a CUDA IPC handle, written with host-to-device copies from a
+    /// staging buffer.
     #[cfg(feature = "cuda")]
-    Gpu(crate::cuda::GpuKvCache),
+    Gpu(crate::cuda::GpuKvCache, Vec<u8>),
 }
 
 impl From<HostKvCache> for SimKv {
@@ -229,20 +230,19 @@ impl SimKv {
         match self {
             SimKv::Host(h) => h.regions().map_err(|e| e.to_string()),
             #[cfg(feature = "cuda")]
-            SimKv::Gpu(g) => g.regions().map_err(|e| e.to_string()),
+            SimKv::Gpu(g, _) => g.regions().map_err(|e| e.to_string()),
         }
     }
 
-    /// Lets `fill` write `n` token slots of one block from `slot` (in place on the host; in
-    /// `scratch`, then copied to the GPU). `false` outside the cache or when the copy failed.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables, clippy::ptr_arg))]
+    /// Lets `fill` write `n` token slots of one block from `slot` (in place on the host; in the
+    /// staging buffer, then copied to the GPU). `false` outside the cache or when the copy
+    /// failed.
     fn write_span(
         &mut self,
         layer: u32,
         block: u64,
         slot: u64,
         n: u64,
-        scratch: &mut Vec<u8>,
         fill: impl FnOnce(&mut [u8]),
     ) -> bool {
         match self {
@@ -254,11 +254,11 @@ impl SimKv {
                 None => false,
             },
             #[cfg(feature = "cuda")]
-            SimKv::Gpu(g) => {
+            SimKv::Gpu(g, staging) => {
                 let len = (n * g.token_size_bytes()) as usize;
-                scratch.resize(len, 0);
-                fill(&mut scratch[..len]);
-                g.write_tokens(layer, block, slot, &scratch[..len]).is_ok()
+                staging.resize(len, 0);
+                fill(&mut staging[..len]);
+                g.write_tokens(layer, block, slot, &staging[..len]).is_ok()
             }
         }
     }
@@ -268,7 +268,7 @@ impl SimKv {
         match self {
             SimKv::Host(_) => true,
             #[cfg(feature = "cuda")]
-            SimKv::Gpu(g) => g.synchronize().is_ok(),
+            SimKv::Gpu(g, _) => g.synchronize().is_ok(),
         }
     }
 
@@ -286,7 +286,7 @@ impl SimKv {
                 }
             }
             #[cfg(feature = "cuda")]
-            SimKv::Gpu(g) => g.read_tokens(layer, block, slot, out).is_ok(),
+            SimKv::Gpu(g, _) => g.read_tokens(layer, block, slot, out).is_ok(),
         }
     }
 }
@@ -370,7 +370,6 @@ impl SimEngine {
     /// positions at a time.
     fn write_kv(
         kv: &mut Option<SimKv>,
-        scratch: &mut Vec<u8>,
         cfg: &SimConfig,
         r: &SimRequest,
         from: u32,
@@ -392,7 +391,7 @@ impl SimEngine {
                     }
                 };
                 let (b, slot, n) = (u64::from(block), u64::from(pos % bs), u64::from(end - pos));
-                if !kv.write_span(layer, b, slot, n, scratch, fill) {
+                if !kv.write_span(layer, b, slot, n, fill) {
                     failed += 1;
                 }
             }
@@ -526,14 +525,7 @@ impl SimEngine {
             let at = self.free.len() - need;
             r.blocks = self.free.split_off(at);
             // Prefill (or recompute after preemption): every position gets its KV.
-            self.kv_errors += Self::write_kv(
-                &mut self.kv,
-                &mut self.scratch,
-                &self.cfg,
-                &r,
-                0,
-                r.tokens(),
-            );
+            self.kv_errors += Self::write_kv(&mut self.kv, &self.cfg, &r, 0, r.tokens());
             self.running.push(r);
         }
         let mut i = 0;
@@ -564,14 +556,8 @@ impl SimEngine {
             r.digest = mix(r.digest, u64::from(r.last_token));
             r.output += 1;
             let pos = r.tokens() - 1;
-            self.kv_errors += Self::write_kv(
-                &mut self.kv,
-                &mut self.scratch,
-                &self.cfg,
-                &self.running[i],
-                pos,
-                pos + 1,
-            );
+            self.kv_errors +=
+                Self::write_kv(&mut self.kv, &self.cfg, &self.running[i], pos, pos + 1);
             if self.running[i].output >= self.cfg.max_tokens {
                 let mut done = self.running.remove(i);
                 if done.migrated_in {
@@ -1036,7 +1022,7 @@ fn kv_cache(cfg: &SimConfig, path: &std::path::Path) -> Result<SimKv, String> {
     if cfg.kv_on_gpu {
         #[cfg(feature = "cuda")]
         return crate::cuda::GpuKvCache::create(0, layers, blocks, bsb, tsb)
-            .map(SimKv::Gpu)
+            .map(|g| SimKv::Gpu(g, Vec::new()))
             .map_err(|e| format!("a KV cache on the GPU: {e}"));
         #[cfg(not(feature = "cuda"))]
         return Err(

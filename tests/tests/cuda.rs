@@ -248,11 +248,7 @@ fn read_handles(child: &mut std::process::Child) -> Vec<Vec<u8>> {
         if let Some(rest) = line.split_once("HANDLES ").map(|(_, h)| h.trim()) {
             handles = rest
                 .split(' ')
-                .map(|h| {
-                    (0..64)
-                        .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
-                        .collect::<Vec<u8>>()
-                })
+                .map(|h| llumlet::migration::cuda_side::handle_bytes(h).unwrap())
                 .collect();
             break;
         }

@@ -16,6 +16,25 @@ fn llumlet(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("run llumlet")
 }
 
+/// `llumlet` with GPU work: under the test double, unless LLUMLET_TEST_CUDA=real.
+fn llumlet_gpu(args: &[&str]) -> Output {
+    let env = llumlet_tests::cuda_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    llumlet(args, &env)
+}
+
+/// Without a driver (CI), `args` exit 2 naming why; with one (a GPU machine), nothing to check.
+fn refused_without_a_driver(args: &[&str], why: &str) {
+    if llumlet_dataplane::cuda::probe().is_ok() {
+        return;
+    }
+    let o = llumlet(args, &[]);
+    assert_eq!(o.status.code(), Some(2), "{args:?}");
+    let err = text(&o.stderr);
+    assert!(err.contains(why), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -107,8 +126,6 @@ fn the_demo_rebalances_a_skewed_cluster_with_verified_migrations_and_plots_it() 
 /// LLUMLET_TEST_CUDA=real): the moves go over cuda and arrive verified.
 #[test]
 fn the_demo_with_kv_on_the_gpu_migrates_over_cuda() {
-    let env = llumlet_tests::cuda_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let dir = TempDir::new("demo-gpu");
     let plot = dir.0.join("load.svg");
     let args = [
@@ -122,7 +139,7 @@ fn the_demo_with_kv_on_the_gpu_migrates_over_cuda() {
         "--plot",
         plot.to_str().unwrap(),
     ];
-    let o = llumlet(&args, &env);
+    let o = llumlet_gpu(&args);
     assert_ok(&o);
     let out = text(&o.stdout);
     assert!(row(&out, "verification").starts_with("ok"), "{out}");
@@ -131,15 +148,7 @@ fn the_demo_with_kv_on_the_gpu_migrates_over_cuda() {
         used.starts_with("cuda ") && !used.contains(','),
         "only cuda: {out}"
     );
-    if llumlet_dataplane::cuda::probe().is_err() {
-        let o = llumlet(&args, &[]);
-        assert_eq!(o.status.code(), Some(2));
-        assert!(
-            text(&o.stderr).contains("--kv gpu: CUDA unavailable"),
-            "{}",
-            text(&o.stderr)
-        );
-    }
+    refused_without_a_driver(&args, "--kv gpu: CUDA unavailable");
 }
 
 #[test]
@@ -231,6 +240,10 @@ fn bench_transfer_moves_verified_kv_blocks_over_cuda() {
             "{l}"
         );
     }
+    refused_without_a_driver(
+        &["bench", "transfer", "--transport", "cuda", "--size", "1M"],
+        "--transport cuda: CUDA unavailable",
+    );
 }
 
 #[test]
@@ -275,15 +288,7 @@ fn bench_transfer_reaches_a_receiver_started_by_hand_and_refuses_bad_input() {
         ),
         (vec!["--transport", "shm", "--size", "1000"], "--layers"),
         (vec!["--transport", "tcp", "--size", "12Q"], "unknown unit"),
-    ]
-    .into_iter()
-    // Without a driver (CI), cuda is refused naming why; with one it runs (tested above).
-    .chain(llumlet_dataplane::cuda::probe().is_err().then(|| {
-        (
-            vec!["--transport", "cuda", "--size", "1M"],
-            "CUDA unavailable",
-        )
-    })) {
+    ] {
         let mut a = vec!["bench", "transfer"];
         a.extend(args);
         let o = llumlet(&a, &[]);
@@ -362,8 +367,6 @@ fn bench_migration_reports_downtime_by_sequence_length_for_verified_moves() {
 /// engines read the KV back from the GPU). Under the test double unless LLUMLET_TEST_CUDA=real.
 #[test]
 fn bench_migration_with_kv_on_the_gpu_moves_over_cuda() {
-    let env = llumlet_tests::cuda_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let args = [
         "bench",
         "migration",
@@ -374,7 +377,7 @@ fn bench_migration_with_kv_on_the_gpu_moves_over_cuda() {
         "--repeat",
         "2",
     ];
-    let o = llumlet(&args, &env);
+    let o = llumlet_gpu(&args);
     assert_ok(&o);
     let lines = json_lines(&o);
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -398,16 +401,7 @@ fn bench_migration_with_kv_on_the_gpu_moves_over_cuda() {
         llumlet_tests::fake_cuda(),
         "{l}"
     );
-    // Without a driver it is refused, naming why.
-    if llumlet_dataplane::cuda::probe().is_err() {
-        let o = llumlet(&args, &[]);
-        assert_eq!(o.status.code(), Some(2));
-        assert!(
-            text(&o.stderr).contains("--kv gpu: CUDA unavailable"),
-            "{}",
-            text(&o.stderr)
-        );
-    }
+    refused_without_a_driver(&args, "--kv gpu: CUDA unavailable");
 }
 
 #[test]

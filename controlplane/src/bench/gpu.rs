@@ -10,8 +10,8 @@
 //! the sender. The baseline is one plain `cuMemcpyDtoDAsync` of the same size between two
 //! allocations of one process, with the same event wait.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::io::BufRead;
+use std::process::{Child, Stdio};
 use std::time::Instant;
 
 use llumlet_dataplane::cuda::{Device, GpuKvCache};
@@ -96,55 +96,27 @@ pub struct Source {
 impl Source {
     /// Starts one for `shape`, filled from `seed`.
     pub fn start(shape: Shape, seed: u64) -> Result<Source, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-        let mut child = Command::new(exe)
-            .args([
-                "bench",
-                "gpu-source",
-                "--layers",
-                &shape.layers.to_string(),
-                "--blocks",
-                &shape.blocks.to_string(),
-                "--block-bytes",
-                &shape.block_bytes.to_string(),
-                "--seed",
-                &seed.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start the GPU source: {e}"))?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
-        let parsed = line
-            .trim()
-            .strip_prefix("SOURCE ")
-            .and_then(|r| r.split_once(' '))
-            .and_then(|(h, d)| {
+        let args = [
+            "bench".to_string(),
+            "gpu-source".into(),
+            "--layers".into(),
+            shape.layers.to_string(),
+            "--blocks".into(),
+            shape.blocks.to_string(),
+            "--block-bytes".into(),
+            shape.block_bytes.to_string(),
+            "--seed".into(),
+            seed.to_string(),
+        ];
+        let (child, (handle, digest)) =
+            super::spawn_child(&args, Stdio::piped(), "the GPU source", |line| {
+                let (h, d) = line.strip_prefix("SOURCE ")?.split_once(' ')?;
                 let handle = crate::migration::cuda_side::handle_bytes(h).ok()?;
                 Some((handle, u64::from_str_radix(d, 16).ok()?))
-            });
-        let Some((handle, digest)) = parsed else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("the GPU source did not start (see above)".into());
-        };
-        let token = shape.block_bytes / BLOCK_TOKENS;
-        let regions = (0..shape.layers)
-            .map(|layer| KvRegion {
-                memory: llumlet_dataplane::kv::MemoryKind::CudaIpc,
-                layout: llumlet_dataplane::kv::LayoutKind::KvTogether,
-                layer,
-                offset: u64::from(layer) * shape.blocks * shape.block_bytes,
-                num_blocks: shape.blocks,
-                block_size_bytes: shape.block_bytes,
-                token_size_bytes: token,
-                handle: handle.clone(),
-            })
-            .collect();
+            })?;
+        let regions = shape
+            .cache()
+            .regions(llumlet_dataplane::kv::MemoryKind::CudaIpc, &handle);
         Ok(Source {
             child,
             regions,

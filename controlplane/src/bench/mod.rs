@@ -316,6 +316,36 @@ fn gpu_source(_: u32, _: u64, _: u64, _: u64) -> Result<(), String> {
     Err(crate::migration::cuda_side::available().unwrap_err())
 }
 
+/// Starts this binary with `args` (stdout piped, stderr inherited) and parses the first line it
+/// prints with `parse`; a child that prints nothing parsable is killed and reaped.
+fn spawn_child<T>(
+    args: &[String],
+    stdin: Stdio,
+    what: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<(Child, T), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    match parse(line.trim()) {
+        Some(t) => Ok((child, t)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("{what} did not start (see above)"))
+        }
+    }
+}
+
 /// A `llumlet bench receive` child on loopback, killed when dropped.
 struct Receiver {
     child: Child,
@@ -324,26 +354,10 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Result<Receiver, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-        let mut child = Command::new(exe)
-            .args(["bench", "receive", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start the receiver: {e}"))?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
-        let port: u16 = match line.trim().parse() {
-            Ok(p) => p,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("the receiver did not start (see above)".into());
-            }
-        };
+        let args = ["bench", "receive", "--listen", "127.0.0.1:0"].map(String::from);
+        let (child, port) = spawn_child(&args, Stdio::null(), "the receiver", |l| {
+            l.parse::<u16>().ok()
+        })?;
         Ok(Receiver {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

@@ -76,6 +76,16 @@ impl Shape {
         })
     }
 
+    /// The KV cache layout of this shape (16-token blocks).
+    pub fn cache(&self) -> llumlet_dataplane::kv::CacheShape {
+        llumlet_dataplane::kv::CacheShape {
+            layers: self.layers,
+            num_blocks: self.blocks,
+            block_size_bytes: self.block_bytes,
+            token_size_bytes: self.block_bytes / BLOCK_TOKENS,
+        }
+    }
+
     /// Bytes in all.
     pub fn bytes(&self) -> u64 {
         self.blocks * self.block_bytes * u64::from(self.layers)
