@@ -27,13 +27,14 @@ use llumlet::migration::machine::{Outcome, SourceTuning};
 use llumlet::status::MigrationLoad;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
+use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
 use llumlet_dataplane::segment::{Attach, ControlSegment};
-use llumlet_dataplane::sim::{SimConfig, SplitMix64};
 use llumlet_dataplane::transport::{
     read_frame, receive_frame, write_frame, DataSink, Frame, Reserved, ShmTransport, TcpTransport,
     Transport, FRAME_CONTROL,
 };
+use llumlet_tools::sim::SimConfig;
 
 fn bench_coalesce(c: &mut Criterion) {
     let mut g = c.benchmark_group("coalesce");
@@ -254,7 +255,7 @@ impl Side {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
-        let engine = std::thread::spawn(move || llumlet_dataplane::sim::run(cfg, &s2).unwrap());
+        let engine = std::thread::spawn(move || llumlet_tools::sim::run(cfg, &s2).unwrap());
         let seg = loop {
             match ControlSegment::attach(&path) {
                 Ok(Attach::Ready(seg)) => break seg,

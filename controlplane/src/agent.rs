@@ -21,8 +21,8 @@ use crate::metrics::Metrics;
 use crate::migrate::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
 use crate::status::{wall_ms, MigrationLoad, PushedStatus, StatusReporter, StatusSource, Tick};
-use crate::sys::parent_pid_now;
-use llumlet_dataplane::segment::pid_alive;
+use llumlet_dataplane::sys::parent_pid;
+use llumlet_dataplane::sys::pid_alive;
 
 /// Registration attempts at start (upstream: 3, 5 s apart).
 const REGISTER_ATTEMPTS: u32 = 3;
@@ -240,7 +240,7 @@ impl Agent {
         if let Some(pid) = config.parent_pid {
             loops.push(tokio::spawn(parent_watch(
                 pid,
-                parent_pid_now(),
+                parent_pid(),
                 stop_requested.clone(),
             )));
         }
@@ -470,7 +470,7 @@ async fn parent_watch(pid: u32, parent_at_start: u32, stop: Arc<Notify>) {
     loop {
         ticker.tick().await;
         // A dead parent lingers as a zombie until reaped, so also notice the re-parenting.
-        let reparented = parent_at_start == pid && parent_pid_now() != pid;
+        let reparented = parent_at_start == pid && parent_pid() != pid;
         if reparented || !pid_alive(pid) {
             tracing::info!(parent_pid = pid, "parent process is gone; shutting down");
             stop.notify_one();

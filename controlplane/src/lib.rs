@@ -7,14 +7,14 @@
 //! - [`migrate`]: `Migrate` parameters, slots, and the [`migrate::Migrator`] seam;
 //! - [`engine`]: the [`engine::Engine`] seam the handlers call;
 //! - [`agent`]: the running llumlet and its lifecycle;
+//! - [`start`]: the `llumlet` process, from the environment to a graceful stop;
 //! - [`metrics`]: Prometheus metrics.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
-pub mod bench;
-pub mod cli;
 pub mod cms;
 pub mod config;
-pub mod demo;
 pub mod engine;
 pub mod env;
 pub mod kv_transfer;
@@ -27,5 +27,5 @@ pub mod pyrepr;
 pub mod ring_source;
 pub mod selection;
 pub mod service;
+pub mod start;
 pub mod status;
-mod sys;

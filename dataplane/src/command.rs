@@ -406,7 +406,7 @@ mod tests {
             Err(DecodeError::OutOfRange { .. })
         ));
         // Any words decode to a command or a typed error, never a panic.
-        let mut rng = crate::sim::SplitMix64(1);
+        let mut rng = crate::rng::SplitMix64(1);
         for _ in 0..if cfg!(miri) { 200 } else { 100_000 } {
             let mut w = [0u64; MESSAGE_WORDS];
             for x in &mut w {

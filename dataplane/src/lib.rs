@@ -10,7 +10,8 @@
 //! - [`fault`]: fault injection at protocol points for the process-level fault tests;
 //! - [`mailbox`]: per-migration files for request ids and serialized request state;
 //! - [`runs`]: block pairs to coalesced copy runs, and stage deltas;
-//! - [`sim`]: the simulated decode engine;
+//! - [`rng`]: a small seeded generator (tests, benches and the simulated engine);
+//! - [`sys`]: the operating-system calls outside the segment's mapping (liveness, clock, host);
 //! - [`transport`]: the KV transports (shm, tcp) and the transfer connection's frames.
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
@@ -23,12 +24,13 @@ pub mod fault;
 pub mod kv;
 pub mod mailbox;
 pub mod request_table;
+pub mod rng;
 pub mod runs;
 pub mod segment;
 pub mod seqlock;
-pub mod sim;
 pub mod status_ring;
 mod sync;
+pub mod sys;
 pub mod transport;
 #[cfg(feature = "ucx")]
 pub mod ucx;

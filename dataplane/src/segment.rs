@@ -39,6 +39,7 @@ use crate::request_table::{RequestTableMem, MAX_BLOCKS_PER_REQUEST, MAX_REQUESTS
 use crate::status_ring::{
     StatusCounters, StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
 };
+use crate::sys::{monotonic_ns, pid_alive};
 
 /// `LLUMLETC`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"LLUMLETC");
@@ -262,51 +263,6 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Seg
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Whether process `pid` exists and has not exited (a zombie, dead but not yet reaped by its
-/// parent, counts as gone).
-pub fn pid_alive(pid: u32) -> bool {
-    pid_exists(pid) && !zombie(pid)
-}
-
-fn zombie(pid: u32) -> bool {
-    // /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces and parentheses, the state
-    // follows the last ')'.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 1..];
-            rest.split_whitespace()
-                .next()
-                .map(|st| st == "Z" || st == "X")
-        })
-        .unwrap_or(false)
-}
-
-fn pid_exists(pid: u32) -> bool {
-    let Ok(p) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if p <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 sends nothing; it only checks the process exists.
-    let r = unsafe { libc::kill(p, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// `CLOCK_MONOTONIC` in ns (the same clock in every process of a host).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
 }
 
 impl ControlSegment {
@@ -572,22 +528,6 @@ fn remove_if_stale(path: &Path) -> Result<(), SegmentError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_exited_unreaped_process_counts_as_gone() {
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while pid_alive(pid) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a zombie still counts as alive"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(pid_exists(pid), "not reaped yet, so the pid still exists");
-        child.wait().unwrap();
-        assert!(pid_alive(std::process::id()));
-    }
     use crate::status_ring::{read_newest, StatusWriter};
     use bytemuck::Zeroable;
     use std::io::{Seek, SeekFrom, Write};
@@ -738,7 +678,7 @@ mod tests {
 #[cfg(test)]
 mod garbage_tests {
     use super::*;
-    use crate::sim::SplitMix64;
+    use crate::rng::SplitMix64;
 
     /// The stable-toolchain companion of the `segment_attach` fuzz target: random files, and
     /// valid segments with random header words, attach as a precise state and never panic.

@@ -5,8 +5,8 @@
 use std::net::{TcpListener, TcpStream};
 
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
+use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{blocks, coalesce, BlockRun};
-use llumlet_dataplane::sim::SplitMix64;
 use llumlet_dataplane::transport::{
     read_frame, receive_frame, write_frame, DataSink, Frame, Reserved, ShmTransport, TcpTransport,
     Transport, TransportError, FRAME_CONTROL,

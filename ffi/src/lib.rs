@@ -282,7 +282,7 @@ pub unsafe extern "C" fn llumlet_engine_publish(
         let e = unsafe { engine_arg(engine) }?;
         // SAFETY: a non-NULL `status` is readable per the caller's contract.
         let s = unsafe { status.as_ref() }.ok_or_else(|| null("status"))?;
-        e.record.monotonic_ns = llumlet_dataplane::segment::monotonic_ns();
+        e.record.monotonic_ns = llumlet_dataplane::sys::monotonic_ns();
         e.record.counters = *s;
         let record = e.record;
         e.endpoint.publish(&record);

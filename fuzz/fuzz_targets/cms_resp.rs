@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = llumlet::demo::serve_bytes(data);
+    let _ = llumlet_tools::demo::serve_bytes(data);
 });

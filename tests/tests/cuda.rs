@@ -13,8 +13,8 @@ use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 
 use llumlet_dataplane::cuda::{probe, CudaError, Device, DeviceRegion, GpuKvCache};
+use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
-use llumlet_dataplane::sim::SplitMix64;
 use llumlet_dataplane::transport::Reserved;
 
 const LAYERS: u64 = 2;

@@ -229,7 +229,7 @@ fn request_table_is_visible_across_processes() {
     };
     // The KV cache, found through the registry, mapped in this process.
     use llumlet_dataplane::kv::MappedRegion;
-    use llumlet_dataplane::sim::{fill_token_kv, request_seed};
+    use llumlet_tools::sim::{fill_token_kv, request_seed};
     let regions: Vec<MappedRegion> = seg
         .kv()
         .regions()

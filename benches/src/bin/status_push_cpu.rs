@@ -8,9 +8,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use llumlet::bench::status;
 use llumlet_proto::cms::InstanceStatus;
 use llumlet_tests::{base_env, free_port, grpc_client, LlumletProcess, RedisServer};
+use llumlet_tools::bench::status;
 
 fn cpu_seconds(pid: u32) -> f64 {
     status::cpu_seconds(pid).expect("read /proc/<pid>/stat")

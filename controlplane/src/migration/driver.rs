@@ -37,20 +37,20 @@ use crate::migration::ucx_side::UcxSide;
 /// How long one protocol step may wait for the peer or the engine.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// This host's identity for `shm`: the kernel's boot id (two llumlets with the same boot id see
-/// the same /dev/shm unless namespaced; the destination also checks it can map the regions).
+/// This host's identity for `shm` and `cuda`: the kernel's boot id (the destination also checks
+/// it can map the regions).
 pub fn host_identity() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    llumlet_dataplane::sys::boot_id()
 }
 
-pub(crate) fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
+/// Sends one control message.
+pub fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
     let bytes = Envelope { msg: Some(m) }.encode_to_vec();
     write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-pub(crate) fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
+/// Reads one control message.
+pub fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
     match read_frame(stream, buf) {
         Ok(FRAME_CONTROL) => Envelope::decode(&buf[..])
             .ok()
@@ -61,7 +61,8 @@ pub(crate) fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<
     }
 }
 
-pub(crate) fn region_msg(r: &KvRegion) -> Region {
+/// A KV region as the wire describes it.
+pub fn region_msg(r: &KvRegion) -> Region {
     Region {
         layer: r.layer,
         handle: if r.memory == MemoryKind::CudaIpc {
@@ -118,7 +119,8 @@ fn source_regions(
     }
 }
 
-pub(crate) fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
+/// Maps every host region.
+pub fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
     regions
         .iter()
         .map(|r| MappedRegion::map(r).map_err(|e| e.to_string()))
@@ -418,7 +420,8 @@ fn cut(stream: &Option<TcpStream>) {
     }
 }
 
-pub(crate) fn setup_transport(
+/// The transport a source copies with, from the destination's `Reserved`; its name.
+pub fn setup_transport(
     t: &mut Option<Box<dyn Transport>>,
     r: &llumlet_proto::migration::Reserved,
     s: &TcpStream,

@@ -283,7 +283,7 @@ pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
                 continue;
             }
         };
-        let owner_alive = e.owner == me || llumlet_dataplane::segment::pid_alive(e.owner);
+        let owner_alive = e.owner == me || llumlet_dataplane::sys::pid_alive(e.owner);
         if (e.phase != Phase::InDoubt && owner_alive) || (open_only && e.phase != Phase::Open) {
             continue;
         }

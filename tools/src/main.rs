@@ -2,5 +2,5 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    llumlet::cli::main()
+    llumlet_tools::cli::main()
 }

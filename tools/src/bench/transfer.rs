@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use llumlet_dataplane::kv::{HostKvCache, KvRegion, MappedRegion};
+use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
-use llumlet_dataplane::sim::SplitMix64;
 use llumlet_dataplane::transport::{
     receive_frame, DataSink, Frame, Reserved as ReservedSet, Transport,
 };
@@ -23,10 +23,10 @@ use llumlet_proto::migration::{
 use prost::Message;
 
 use super::{Measure, Progress};
-use crate::migration::driver::{
+use llumlet::migration::driver::{
     host_identity, map_all, recv_control, region_msg, send, setup_transport,
 };
-use crate::migration::ucx_side::UcxSide;
+use llumlet::migration::ucx_side::UcxSide;
 
 /// Tokens per block in the bench's KV layout (the llumlet only needs it for slot accounting).
 pub const BLOCK_TOKENS: u64 = 16;
@@ -486,7 +486,7 @@ pub fn send_to(
     m.extra.push(("verified", true.into()));
     if transport == "cuda" {
         // Names the driver, and says so when it is the test double (no GPU figure).
-        let gpu = crate::migration::cuda_side::available().unwrap_or_default();
+        let gpu = llumlet::migration::cuda_side::available().unwrap_or_default();
         m.extra.push(("gpu", gpu.into()));
     }
     Ok(m)

@@ -476,7 +476,7 @@ mod tests {
             b"*4\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nMATCH\r\n$3\r\n*k*\r\n",
             b"PING\r\n",
         ];
-        let mut rng = llumlet_dataplane::sim::SplitMix64(11);
+        let mut rng = llumlet_dataplane::rng::SplitMix64(11);
         let (mut commands, mut errors) = (0, 0);
         for i in 0..20_000u32 {
             let mut input = valid[(i as usize) % valid.len()].to_vec();

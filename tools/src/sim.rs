@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use bytemuck::Zeroable;
 
-use crate::command::Command;
-use crate::engine::EngineEndpoint;
-use crate::kv::HostKvCache;
-use crate::request_table::{RequestInfo, RequestState, TableError};
-use crate::segment::SegmentError;
-use crate::status_ring::StatusRecord;
+use llumlet_dataplane::command::Command;
+use llumlet_dataplane::engine::EngineEndpoint;
+use llumlet_dataplane::kv::HostKvCache;
+use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
+pub use llumlet_dataplane::rng::SplitMix64;
+use llumlet_dataplane::segment::SegmentError;
+use llumlet_dataplane::status_ring::StatusRecord;
 
 /// Settings of the simulated engine.
 #[derive(Debug, Clone)]
@@ -194,20 +195,6 @@ impl SimRequest {
     }
 }
 
-/// SplitMix64: small, seeded, and the same on every platform.
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// The next number.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 /// Where the engine keeps its KV cache.
 pub enum SimKv {
     /// A host shared-memory segment (`MemoryKind::HostShm` regions).
@@ -215,7 +202,7 @@ pub enum SimKv {
     /// GPU memory exported as a CUDA IPC handle, written with host-to-device copies from a
     /// staging buffer.
     #[cfg(feature = "cuda")]
-    Gpu(crate::cuda::GpuKvCache, Vec<u8>),
+    Gpu(llumlet_dataplane::cuda::GpuKvCache, Vec<u8>),
 }
 
 impl From<HostKvCache> for SimKv {
@@ -226,7 +213,7 @@ impl From<HostKvCache> for SimKv {
 
 impl SimKv {
     /// The regions the engine registers.
-    pub fn regions(&self) -> Result<Vec<crate::kv::KvRegion>, String> {
+    pub fn regions(&self) -> Result<Vec<llumlet_dataplane::kv::KvRegion>, String> {
         match self {
             SimKv::Host(h) => h.regions().map_err(|e| e.to_string()),
             #[cfg(feature = "cuda")]
@@ -653,7 +640,8 @@ impl SimEngine {
             _ => None,
         };
         if let Some((point, migration)) = point {
-            if crate::fault::at(point) == Some(crate::fault::Action::Refuse) {
+            if llumlet_dataplane::fault::at(point) == Some(llumlet_dataplane::fault::Action::Refuse)
+            {
                 return Some(Self::reply(migration, false, 0));
             }
         }
@@ -692,12 +680,12 @@ impl SimEngine {
                     digest: r.digest,
                     waiting,
                 };
-                let mail = crate::mailbox::Mail {
+                let mail = llumlet_dataplane::mailbox::Mail {
                     request_id: r.id.clone(),
                     state: state.encode(),
                 };
                 let ok = mail
-                    .write(&crate::mailbox::path(&self.segment, migration))
+                    .write(&llumlet_dataplane::mailbox::path(&self.segment, migration))
                     .is_ok();
                 let _ = endpoint.request_progress(
                     slot,
@@ -728,13 +716,19 @@ impl SimEngine {
                 if let Some(slot) = r.slot {
                     let _ = endpoint.remove_request(slot);
                 }
-                crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
+                llumlet_dataplane::mailbox::remove(&llumlet_dataplane::mailbox::path(
+                    &self.segment,
+                    migration,
+                ));
                 self.events
                     .push(format!("migrated-out {} output={}", r.id, r.output));
                 Self::reply(migration, true, 0)
             }
             Command::MigrateOutAbort { migration, slot } => {
-                crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
+                llumlet_dataplane::mailbox::remove(&llumlet_dataplane::mailbox::path(
+                    &self.segment,
+                    migration,
+                ));
                 if self.resume(migration) {
                     return Some(Self::reply(migration, true, 0));
                 }
@@ -756,7 +750,10 @@ impl SimEngine {
             }
             Command::MigrateInCommit { migration } => self.commit_in(migration, endpoint),
             Command::MigrateInAbort { migration } => {
-                crate::mailbox::remove(&crate::mailbox::path(&self.segment, migration));
+                llumlet_dataplane::mailbox::remove(&llumlet_dataplane::mailbox::path(
+                    &self.segment,
+                    migration,
+                ));
                 if self.committed_in.contains(&migration) {
                     return Some(Self::reply(migration, false, 0));
                 }
@@ -828,9 +825,9 @@ impl SimEngine {
         let idx = match self.incoming.iter().position(|x| x.migration == migration) {
             Some(i) => i,
             None => {
-                let Ok(mail) =
-                    crate::mailbox::Mail::read(&crate::mailbox::path(&self.segment, migration))
-                else {
+                let Ok(mail) = llumlet_dataplane::mailbox::Mail::read(
+                    &llumlet_dataplane::mailbox::path(&self.segment, migration),
+                ) else {
                     return fail;
                 };
                 let known = |r: &SimRequest| r.id == mail.request_id;
@@ -882,8 +879,8 @@ impl SimEngine {
         let Some(i) = self.incoming.iter().position(|x| x.migration == migration) else {
             return fail;
         };
-        let path = crate::mailbox::path(&self.segment, migration);
-        let Some((mail, st)) = crate::mailbox::Mail::read(&path)
+        let path = llumlet_dataplane::mailbox::path(&self.segment, migration);
+        let Some((mail, st)) = llumlet_dataplane::mailbox::Mail::read(&path)
             .ok()
             .and_then(|m| SimState::decode(&m.state).map(|s| (m, s)))
         else {
@@ -893,7 +890,7 @@ impl SimEngine {
             return fail;
         }
         let inc = self.incoming.remove(i);
-        crate::mailbox::remove(&path);
+        llumlet_dataplane::mailbox::remove(&path);
         let mut r = SimRequest {
             seed: request_seed(&inc.id),
             id: inc.id,
@@ -965,7 +962,7 @@ impl SimEngine {
     pub fn status(&mut self) -> StatusRecord {
         self.update_id = self.update_id.wrapping_add(1);
         let mut r = StatusRecord::zeroed();
-        r.monotonic_ns = crate::segment::monotonic_ns();
+        r.monotonic_ns = llumlet_dataplane::sys::monotonic_ns();
         r.counters.step_id = self.step_id as i32;
         r.counters.update_id = self.update_id as i32;
         r.counters.num_running_requests = self.running.len() as i32;
@@ -1021,7 +1018,7 @@ fn kv_cache(cfg: &SimConfig, path: &std::path::Path) -> Result<SimKv, String> {
     let (bsb, tsb) = (cfg.block_size_bytes(), cfg.token_size_bytes());
     if cfg.kv_on_gpu {
         #[cfg(feature = "cuda")]
-        return crate::cuda::GpuKvCache::create(0, layers, blocks, bsb, tsb)
+        return llumlet_dataplane::cuda::GpuKvCache::create(0, layers, blocks, bsb, tsb)
             .map(|g| SimKv::Gpu(g, Vec::new()))
             .map_err(|e| format!("a KV cache on the GPU: {e}"));
         #[cfg(not(feature = "cuda"))]

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use llumlet_dataplane::cuda::{Device, GpuKvCache};
 use llumlet_dataplane::kv::KvRegion;
-use llumlet_dataplane::sim::SplitMix64;
+use llumlet_dataplane::rng::SplitMix64;
 
 use super::transfer::{Digest, Shape, BLOCK_TOKENS};
 use super::Measure;
@@ -76,7 +76,7 @@ pub fn source(shape: Shape, seed: u64) -> Result<(), String> {
     let regions = c.regions().map_err(|e| e.to_string())?;
     let handle = regions
         .first()
-        .map(crate::migration::cuda_side::handle_text)
+        .map(llumlet::migration::cuda_side::handle_text)
         .ok_or("no regions")?;
     super::out(&format!("SOURCE {handle} {want:016x}"));
     let mut line = String::new();
@@ -111,7 +111,7 @@ impl Source {
         let (child, (handle, digest)) =
             super::spawn_child(&args, Stdio::piped(), "the GPU source", |line| {
                 let (h, d) = line.strip_prefix("SOURCE ")?.split_once(' ')?;
-                let handle = crate::migration::cuda_side::handle_bytes(h).ok()?;
+                let handle = llumlet::migration::cuda_side::handle_bytes(h).ok()?;
                 Some((handle, u64::from_str_radix(d, 16).ok()?))
             })?;
         let regions = shape

@@ -282,7 +282,7 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
     // while.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut mport = None;
-    while mport.is_none_or(|p| metric(p, crate::metrics::names::STATUS_PUSHES).is_err()) {
+    while mport.is_none_or(|p| metric(p, llumlet::metrics::names::STATUS_PUSHES).is_err()) {
         mport = mport.or_else(|| metrics_port(&inst.llumlet.output()));
         if Instant::now() > deadline {
             return Err(format!(
@@ -296,7 +296,7 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(1));
     let (cpu0, n0) = (
         cpu_seconds(pid)?,
-        metric(mport, crate::metrics::names::STATUS_PUSHES)?,
+        metric(mport, llumlet::metrics::names::STATUS_PUSHES)?,
     );
     let t0 = Instant::now();
     while t0.elapsed().as_secs_f64() < a.seconds {
@@ -309,7 +309,7 @@ fn push_cpu(a: &StatusArgs) -> Result<(), String> {
     }
     let (cpu1, n1) = (
         cpu_seconds(pid)?,
-        metric(mport, crate::metrics::names::STATUS_PUSHES)?,
+        metric(mport, llumlet::metrics::names::STATUS_PUSHES)?,
     );
     progress.done();
     inst.llumlet.terminate(Duration::from_secs(5));

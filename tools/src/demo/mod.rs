@@ -403,7 +403,7 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
     if !(a.duration > 0.0 && a.duration <= 3600.0) {
         return Err("--duration must be between 0 and 3600 seconds".into());
     }
-    crate::migration::cuda_side::check_kv(&a.kv)?;
+    llumlet::migration::cuda_side::check_kv(&a.kv)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let dir = match &a.logs {
         Some(d) => d.clone(),

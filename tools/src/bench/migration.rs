@@ -52,7 +52,7 @@ pub fn run(a: &MigrationArgs) -> Result<(), String> {
     if a.tokens.is_empty() || a.tokens.contains(&0) || a.repeat == 0 || a.layers == 0 {
         return Err("--tokens must be positive, --repeat and --layers at least 1".into());
     }
-    crate::migration::cuda_side::check_kv(&a.kv)?;
+    llumlet::migration::cuda_side::check_kv(&a.kv)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -257,7 +257,7 @@ async fn one_length(
     });
     if a.kv == "gpu" {
         // Names the driver, and says so when it is the test double (no GPU figure).
-        out["gpu"] = crate::migration::cuda_side::available()
+        out["gpu"] = llumlet::migration::cuda_side::available()
             .unwrap_or_default()
             .into();
     }

@@ -313,7 +313,7 @@ fn gpu_source(layers: u32, blocks: u64, block_bytes: u64, seed: u64) -> Result<(
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_source(_: u32, _: u64, _: u64, _: u64) -> Result<(), String> {
-    Err(crate::migration::cuda_side::available().unwrap_err())
+    Err(llumlet::migration::cuda_side::available().unwrap_err())
 }
 
 /// Starts this binary with `args` (stdout piped, stderr inherited) and parses the first line it
@@ -377,7 +377,7 @@ fn check_transport(t: &str) -> Result<(), String> {
         "shm" | "tcp" => Ok(()),
         "ucx" if cfg!(feature = "ucx") => Ok(()),
         "ucx" => Err("--transport ucx: this llumlet was built without the `ucx` feature (cargo build --release --features ucx)".into()),
-        "cuda" => crate::migration::cuda_side::available()
+        "cuda" => llumlet::migration::cuda_side::available()
             .map(|_| ())
             .map_err(|why| format!("--transport cuda: {why}; use shm, tcp or ucx")),
         other => Err(format!("--transport {other:?}: expected shm, tcp, ucx or cuda")),
@@ -581,7 +581,7 @@ mod tests {
         let mut a = transfer::kv_cache("digest-a", shape).unwrap();
         transfer::fill(&mut a, shape, 7);
         let maps = |c: &llumlet_dataplane::kv::HostKvCache| {
-            crate::migration::driver::map_all(&c.regions().unwrap()).unwrap()
+            llumlet::migration::driver::map_all(&c.regions().unwrap()).unwrap()
         };
         let d = transfer::digest(&maps(&a));
         assert_eq!(d, transfer::digest(&maps(&a)));

@@ -1,0 +1,96 @@
+//! The operating-system calls the llumlet makes outside the segment's own mapping: process
+//! liveness, the monotonic clock, this host's boot id, the parent's pid. One place, so that a port
+//! to another OS (or a review of what `libc` is asked) starts here.
+
+use std::io;
+
+/// Whether process `pid` exists and has not exited (a zombie, dead but not yet reaped by its
+/// parent, counts as gone).
+pub fn pid_alive(pid: u32) -> bool {
+    pid_exists(pid) && !zombie(pid)
+}
+
+fn zombie(pid: u32) -> bool {
+    // /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces and parentheses, the state
+    // follows the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace()
+                .next()
+                .map(|st| st == "Z" || st == "X")
+        })
+        .unwrap_or(false)
+}
+
+fn pid_exists(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if p <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks the process exists.
+    let r = unsafe { libc::kill(p, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// `CLOCK_MONOTONIC` in ns (the same clock in every process of a host).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
+/// This host's identity: the kernel's boot id (two processes with the same boot id see the same
+/// /dev/shm unless namespaced). Empty where the kernel does not say.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This process's parent pid (0 if the kernel gives none).
+pub fn parent_pid() -> u32 {
+    // SAFETY: getppid has no preconditions and cannot fail.
+    let p = unsafe { libc::getppid() };
+    u32::try_from(p).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_unreaped_process_counts_as_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pid_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zombie still counts as alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(pid_exists(pid), "not reaped yet, so the pid still exists");
+        child.wait().unwrap();
+        assert!(pid_alive(std::process::id()));
+    }
+
+    #[test]
+    fn the_clock_moves_forward_and_the_host_and_parent_are_known() {
+        let a = monotonic_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(monotonic_ns() >= a + 1_000_000);
+        assert_eq!(boot_id().len(), 36, "a UUID");
+        assert_eq!(parent_pid(), std::os::unix::process::parent_id());
+    }
+}
