@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llumlet::config::{MigrationLimits, TransportChoice};
 use llumlet::migrate::SlotLedger;
-use llumlet::migration::driver::{run_source, OutRequest, TransferServer};
+use llumlet::migration::endpoint::TransferServer;
 use llumlet::migration::link::EngineLink;
 use llumlet::migration::machine::{Outcome, SourceTuning};
+use llumlet::migration::source::{run_source, OutRequest};
 use llumlet::status::MigrationLoad;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
@@ -31,8 +32,8 @@ use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_dataplane::transport::{
-    read_frame, receive_frame, write_frame, DataSink, Frame, Reserved, ShmTransport, TcpTransport,
-    Transport, FRAME_CONTROL,
+    read_frame, receive_frame, write_frame, DataSink, Frame, ReservedBlocks, ShmTransport,
+    TcpTransport, Transport, FRAME_CONTROL,
 };
 use llumlet_tools::sim::SimConfig;
 
@@ -110,7 +111,7 @@ fn shm_map(tag: &str, len: usize) -> (memmap2::MmapMut, PathBuf) {
 fn tcp_sink(dst: Vec<MappedRegion>, reserved: &[u32]) -> TcpStream {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let sink = DataSink::new(dst, Reserved::new(reserved));
+    let sink = DataSink::new(dst, ReservedBlocks::new(reserved));
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let _ = s.set_nodelay(true);
@@ -169,7 +170,7 @@ fn bench_transport(c: &mut Criterion) {
         let mut runs = Vec::new();
         coalesce(&blocks, &blocks, 0..n as usize, &mut runs);
 
-        let mut shm = ShmTransport::new(maps(&dst), Reserved::new(&blocks));
+        let mut shm = ShmTransport::new(maps(&dst), ReservedBlocks::new(&blocks));
         g.bench_with_input(BenchmarkId::new("shm", bytes), &n, |b, _| {
             b.iter(|| shm.copy(&src_maps, black_box(&runs)).unwrap())
         });

@@ -222,7 +222,7 @@ impl Cms {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
         // Plain fields written in single statements: consistent even after a panic elsewhere.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Wakes (one waiter, or the next to wait) when a write succeeds after an outage.
@@ -296,7 +296,7 @@ impl Cms {
         key: &str,
         args: &[&[u8]],
     ) -> Result<(), CmsError> {
-        let mut conn = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conn = crate::sync::lock(&self.blocking);
         let mut c = match conn.take() {
             Some(c) => c,
             None => {

@@ -29,3 +29,4 @@ pub mod selection;
 pub mod service;
 pub mod start;
 pub mod status;
+mod sync;

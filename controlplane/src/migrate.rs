@@ -130,7 +130,7 @@ impl SlotLedger {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
         // The state is a few numbers updated in single statements: valid even after a panic.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Records the engine's load from its newest status.

@@ -162,7 +162,7 @@ impl RingSource {
 
 impl StatusSource for RingSource {
     fn take_newest(&self) -> Option<InstanceStatus> {
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::sync::lock(&self.state);
         let st = &mut *guard;
         if st.segment.is_none() {
             self.try_attach(st);
@@ -221,7 +221,7 @@ impl StatusSource for RingSource {
     }
 
     fn engine_failed(&self) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = crate::sync::lock(&self.state);
         std::mem::take(&mut st.failed)
     }
 }

@@ -10,8 +10,9 @@ use crate::agent::Agent;
 use crate::config::{Config, ProcessEnv};
 use crate::engine::QueueEngine;
 use crate::migrate::NoMigrator;
-use crate::migration::driver::{LiveMigrator, TransferServer};
+use crate::migration::endpoint::TransferServer;
 use crate::migration::link::EngineLink;
+use crate::migration::migrator::LiveMigrator;
 use crate::ring_source::RingSource;
 
 /// Exit code of a configuration error.
@@ -97,7 +98,10 @@ pub fn run() -> ExitCode {
         };
         crate::migration::journal::spawn_recovery(
             Arc::clone(&link),
-            Arc::clone(&transfer_server),
+            {
+                let server = Arc::clone(&transfer_server);
+                move || server.sweep_orphans()
+            },
             std::time::Duration::from_secs(1),
         );
         tracing::info!(port = transfer.port(), transport = ?config.transport, "migration transfer endpoint listening");

@@ -36,7 +36,7 @@ impl PushedStatus {
     /// Replaces the kept status with `status`.
     pub fn push(&self, status: InstanceStatus) {
         // A poisoned lock only means a reader panicked mid-take; the slot itself is always valid.
-        *self.newest.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        *crate::sync::lock(&self.newest) = Some(status);
         self.pushes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -48,7 +48,7 @@ impl PushedStatus {
 
 impl StatusSource for PushedStatus {
     fn take_newest(&self) -> Option<InstanceStatus> {
-        self.newest.lock().unwrap_or_else(|p| p.into_inner()).take()
+        crate::sync::lock(&self.newest).take()
     }
 }
 

@@ -16,7 +16,7 @@ use cudarc::driver::sys;
 
 use crate::kv::CacheShape;
 use crate::runs::BlockRun;
-use crate::transport::{check_layouts, Reserved, TransportError};
+use crate::transport::{check_layouts, ReservedBlocks, TransportError};
 
 /// Every driver symbol this module calls.
 const SYMBOLS: [&str; 23] = [
@@ -277,7 +277,7 @@ impl Device {
         &mut self,
         src: &[DeviceRegion],
         dst: &[DeviceRegion],
-        reserved: &Reserved,
+        reserved: &ReservedBlocks,
         runs: &[BlockRun],
     ) -> Result<u64, TransportError> {
         let shape = |v: &[DeviceRegion]| -> Vec<(u64, u64)> {
@@ -645,7 +645,7 @@ pub struct CudaTransport {
     dev: Device,
     src: OpenedRegions,
     dst: OpenedRegions,
-    reserved: Reserved,
+    reserved: ReservedBlocks,
 }
 
 impl CudaTransport {
@@ -654,7 +654,7 @@ impl CudaTransport {
         dev: Device,
         src: OpenedRegions,
         dst: OpenedRegions,
-        reserved: Reserved,
+        reserved: ReservedBlocks,
     ) -> CudaTransport {
         CudaTransport {
             dev,
@@ -670,7 +670,7 @@ impl crate::transport::Transport for CudaTransport {
         "cuda"
     }
 
-    fn set_reserved(&mut self, reserved: Reserved) {
+    fn set_reserved(&mut self, reserved: ReservedBlocks) {
         self.reserved = reserved;
     }
 

@@ -10,25 +10,74 @@ use std::time::Duration;
 /// The environment variable.
 pub const VAR: &str = "LLUMLET_TEST_FAULTS";
 
-/// The points a fault can be placed at.
-pub const POINTS: &[&str] = &[
-    // Source llumlet.
-    "src-after-begin",
-    "src-after-stage0",
-    "src-after-suspend",
-    "src-before-commit",
-    "src-after-commit",
-    "src-after-committed",
-    // Destination llumlet.
-    "dst-after-reserve",
-    "dst-before-commit",
-    "dst-after-commit",
-    // Simulated engine.
-    "engine-begin",
-    "engine-suspend",
-    "engine-reserve",
-    "engine-commit-in",
-];
+/// The points a fault can be placed at; [`Point::name`] is how `LLUMLET_TEST_FAULTS` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Source llumlet: the engine marked the request for migration.
+    SrcAfterBegin,
+    /// Source llumlet: the first stage was copied.
+    SrcAfterStage0,
+    /// Source llumlet: the engine suspended the request.
+    SrcAfterSuspend,
+    /// Source llumlet: the journal says `committing`, `Commit` not sent yet.
+    SrcBeforeCommit,
+    /// Source llumlet: `Commit` sent.
+    SrcAfterCommit,
+    /// Source llumlet: the destination committed, the source engine not told yet.
+    SrcAfterCommitted,
+    /// Destination llumlet: the engine reserved the blocks.
+    DstAfterReserve,
+    /// Destination llumlet: about to ask the engine to commit.
+    DstBeforeCommit,
+    /// Destination llumlet: the engine committed.
+    DstAfterCommit,
+    /// Simulated engine: a migrate-out begin arrives.
+    EngineBegin,
+    /// Simulated engine: a suspend arrives.
+    EngineSuspend,
+    /// Simulated engine: a reservation arrives.
+    EngineReserve,
+    /// Simulated engine: a migrate-in commit arrives.
+    EngineCommitIn,
+}
+
+impl Point {
+    /// Every point, in protocol order.
+    pub const ALL: [Point; 13] = [
+        Point::SrcAfterBegin,
+        Point::SrcAfterStage0,
+        Point::SrcAfterSuspend,
+        Point::SrcBeforeCommit,
+        Point::SrcAfterCommit,
+        Point::SrcAfterCommitted,
+        Point::DstAfterReserve,
+        Point::DstBeforeCommit,
+        Point::DstAfterCommit,
+        Point::EngineBegin,
+        Point::EngineSuspend,
+        Point::EngineReserve,
+        Point::EngineCommitIn,
+    ];
+
+    /// The point's name in `LLUMLET_TEST_FAULTS` (and docs/migration.md).
+    pub fn name(self) -> &'static str {
+        match self {
+            Point::SrcAfterBegin => "src-after-begin",
+            Point::SrcAfterStage0 => "src-after-stage0",
+            Point::SrcAfterSuspend => "src-after-suspend",
+            Point::SrcBeforeCommit => "src-before-commit",
+            Point::SrcAfterCommit => "src-after-commit",
+            Point::SrcAfterCommitted => "src-after-committed",
+            Point::DstAfterReserve => "dst-after-reserve",
+            Point::DstBeforeCommit => "dst-before-commit",
+            Point::DstAfterCommit => "dst-after-commit",
+            Point::EngineBegin => "engine-begin",
+            Point::EngineSuspend => "engine-suspend",
+            Point::EngineReserve => "engine-reserve",
+            Point::EngineCommitIn => "engine-commit-in",
+        }
+    }
+}
 
 /// What happens at a point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +97,7 @@ pub const HANG: Duration = Duration::from_secs(12);
 
 #[derive(Debug)]
 struct Fault {
-    point: &'static str,
+    point: Point,
     action: Action,
     nth: u32,
     seen: AtomicU32,
@@ -63,12 +112,16 @@ fn parse(s: &str) -> Result<Vec<Fault>, String> {
         let (point, rest) = item
             .split_once('=')
             .ok_or_else(|| format!("{item:?}: expected point=action[@n]"))?;
-        let point = POINTS.iter().find(|p| **p == point).ok_or_else(|| {
-            format!(
-                "{point:?} is not a fault point (one of {})",
-                POINTS.join(", ")
-            )
-        })?;
+        let point = Point::ALL
+            .into_iter()
+            .find(|p| p.name() == point)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Point::ALL.iter().map(|p| p.name()).collect();
+                format!(
+                    "{point:?} is not a fault point (one of {})",
+                    names.join(", ")
+                )
+            })?;
         let (action, nth) = match rest.split_once('@') {
             Some((a, n)) => (
                 a,
@@ -118,12 +171,12 @@ pub fn init() -> Result<(), String> {
 
 /// The fault armed at `point` for this pass, if any. `Kill` and `Hang` are carried out here;
 /// the caller carries out `Cut` and `Refuse`.
-pub fn at(point: &str) -> Option<Action> {
+pub fn at(point: Point) -> Option<Action> {
     let f = FAULTS
         .get()?
         .iter()
         .find(|f| f.point == point && f.seen.fetch_add(1, Ordering::Relaxed) + 1 == f.nth)?;
-    eprintln!("llumlet: injected fault {:?} at {point}", f.action);
+    eprintln!("llumlet: injected fault {:?} at {}", f.action, point.name());
     match f.action {
         Action::Kill => std::process::abort(),
         Action::Hang => {
@@ -143,6 +196,11 @@ mod tests {
         let v = parse("src-after-suspend=kill, dst-before-commit=hang@2").unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!((v[1].action, v[1].nth), (Action::Hang, 2));
+        assert_eq!(v[1].point, Point::DstBeforeCommit);
+        for p in Point::ALL {
+            let named = parse(&format!("{}=cut", p.name())).unwrap();
+            assert_eq!(named[0].point, p, "every point parses back from its name");
+        }
         assert!(parse("nowhere=kill")
             .unwrap_err()
             .contains("not a fault point"));

@@ -67,17 +67,17 @@ pub enum TransportError {
 
 /// The blocks a destination reserved for one migration (the only blocks a run may write).
 #[derive(Debug, Clone, Default)]
-pub struct Reserved {
+pub struct ReservedBlocks {
     sorted: Vec<u32>,
 }
 
-impl Reserved {
+impl ReservedBlocks {
     /// A reservation of `blocks`.
-    pub fn new(blocks: &[u32]) -> Reserved {
+    pub fn new(blocks: &[u32]) -> ReservedBlocks {
         let mut sorted = blocks.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        Reserved { sorted }
+        ReservedBlocks { sorted }
     }
 
     /// Whether blocks `dst..dst + len` are all reserved.
@@ -134,19 +134,19 @@ pub trait Transport: Send {
     fn copy(&mut self, src: &[MappedRegion], runs: &[BlockRun]) -> Result<u64, TransportError>;
     /// The destination widened its reservation (a transport that checks at the source keeps
     /// it; `tcp` is checked by the receiving end).
-    fn set_reserved(&mut self, _reserved: Reserved) {}
+    fn set_reserved(&mut self, _reserved: ReservedBlocks) {}
 }
 
 /// Same host: the destination's regions mapped here, one memcpy per run and region.
 pub struct ShmTransport {
     dst: Vec<MappedRegion>,
-    reserved: Reserved,
+    reserved: ReservedBlocks,
 }
 
 impl ShmTransport {
     /// A transport writing to `dst` (the destination's regions, mapped for this migration only)
     /// within `reserved`.
-    pub fn new(dst: Vec<MappedRegion>, reserved: Reserved) -> ShmTransport {
+    pub fn new(dst: Vec<MappedRegion>, reserved: ReservedBlocks) -> ShmTransport {
         ShmTransport { dst, reserved }
     }
 }
@@ -156,7 +156,7 @@ impl Transport for ShmTransport {
         "shm"
     }
 
-    fn set_reserved(&mut self, reserved: Reserved) {
+    fn set_reserved(&mut self, reserved: ReservedBlocks) {
         self.reserved = reserved;
     }
 
@@ -446,17 +446,17 @@ pub fn receive_frame(
 /// The destination's end of `tcp`: applies data frames to its regions within the reservation.
 pub struct DataSink {
     regions: Vec<MappedRegion>,
-    reserved: Reserved,
+    reserved: ReservedBlocks,
 }
 
 impl DataSink {
     /// A sink writing to `regions` within `reserved`.
-    pub fn new(regions: Vec<MappedRegion>, reserved: Reserved) -> DataSink {
+    pub fn new(regions: Vec<MappedRegion>, reserved: ReservedBlocks) -> DataSink {
         DataSink { regions, reserved }
     }
 
     /// Widens the reservation.
-    pub fn set_reserved(&mut self, reserved: Reserved) {
+    pub fn set_reserved(&mut self, reserved: ReservedBlocks) {
         self.reserved = reserved;
     }
 
@@ -518,7 +518,7 @@ mod tests {
 
     #[test]
     fn reservation_runs() {
-        let r = Reserved::new(&[9, 3, 4, 5, 10]);
+        let r = ReservedBlocks::new(&[9, 3, 4, 5, 10]);
         assert!(r.contains_run(3, 3));
         assert!(r.contains_run(9, 2));
         assert!(!r.contains_run(4, 3), "6 is not reserved");

@@ -27,7 +27,9 @@ use ucx_sys as sys;
 
 use crate::kv::{KvRegion, MappedRegion};
 use crate::runs::BlockRun;
-use crate::transport::{check_layouts, check_src, layout, Reserved, Transport, TransportError};
+use crate::transport::{
+    check_layouts, check_src, layout, ReservedBlocks, Transport, TransportError,
+};
 
 /// How long a waiting source polls its worker before it sleeps on the event descriptor.
 const SPIN: Duration = Duration::from_micros(200);
@@ -825,7 +827,7 @@ impl Drop for Connection {
 pub struct UcxTransport {
     conn: Connection,
     src: Vec<Arc<Registration>>,
-    reserved: Reserved,
+    reserved: ReservedBlocks,
     timeout: Duration,
 }
 
@@ -836,7 +838,7 @@ impl UcxTransport {
     pub fn new(
         conn: Connection,
         src: Vec<Arc<Registration>>,
-        reserved: Reserved,
+        reserved: ReservedBlocks,
         timeout: Duration,
     ) -> UcxTransport {
         UcxTransport {
@@ -853,7 +855,7 @@ impl Transport for UcxTransport {
         "ucx"
     }
 
-    fn set_reserved(&mut self, reserved: Reserved) {
+    fn set_reserved(&mut self, reserved: ReservedBlocks) {
         self.reserved = reserved;
     }
 

@@ -8,8 +8,8 @@ use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{blocks, coalesce, BlockRun};
 use llumlet_dataplane::transport::{
-    read_frame, receive_frame, write_frame, DataSink, Frame, Reserved, ShmTransport, TcpTransport,
-    Transport, TransportError, FRAME_CONTROL,
+    read_frame, receive_frame, write_frame, DataSink, Frame, ReservedBlocks, ShmTransport,
+    TcpTransport, Transport, TransportError, FRAME_CONTROL,
 };
 
 const LAYERS: u32 = 3;
@@ -149,7 +149,7 @@ fn ucx_copy(
     let mut t = UcxTransport::new(
         conn,
         srcs,
-        Reserved::new(reserved),
+        ReservedBlocks::new(reserved),
         std::time::Duration::from_secs(20),
     );
     assert_eq!(t.name(), "ucx");
@@ -170,14 +170,14 @@ fn copy(
         #[cfg(feature = "ucx")]
         Kind::Ucx(tls) => ucx_copy(tls, src, dst, reserved, runs),
         Kind::Shm => {
-            let mut t = ShmTransport::new(dst.maps(), Reserved::new(reserved));
+            let mut t = ShmTransport::new(dst.maps(), ReservedBlocks::new(reserved));
             assert_eq!(t.name(), "shm");
             t.copy(&src_maps, runs).map_err(|e| e.to_string())
         }
         Kind::Tcp => {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
-            let sink = DataSink::new(dst.maps(), Reserved::new(reserved));
+            let sink = DataSink::new(dst.maps(), ReservedBlocks::new(reserved));
             let receiver = std::thread::spawn(move || {
                 let (mut s, _) = listener.accept().unwrap();
                 let mut buf = Vec::new();
@@ -342,7 +342,7 @@ fn ucx_over_shared_memory_conforms() {
 #[test]
 fn tcp_sink_rejects_malformed_data_frames() {
     let dst = Cache::new("sink");
-    let sink = DataSink::new(dst.maps(), Reserved::new(&[1, 2]));
+    let sink = DataSink::new(dst.maps(), ReservedBlocks::new(&[1, 2]));
     assert!(matches!(
         sink.apply(&[0; 8]),
         Err(TransportError::Malformed(_))

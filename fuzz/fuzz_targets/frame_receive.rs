@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
-use llumlet_dataplane::transport::{receive_frame, DataSink, Frame, Reserved};
+use llumlet_dataplane::transport::{receive_frame, DataSink, Frame, ReservedBlocks};
 
 const BLOCKS: u64 = 8;
 const BLOCK_BYTES: u64 = 64;
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
             .collect()
     };
     let before = snapshot(cache);
-    let sink = DataSink::new(maps, Reserved::new(&RESERVED));
+    let sink = DataSink::new(maps, ReservedBlocks::new(&RESERVED));
     let mut input = data;
     let mut buf = Vec::new();
     while let Ok(f) = receive_frame(&mut input, &mut buf, &sink) {

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use llumlet_dataplane::cuda::{probe, CudaError, Device, DeviceRegion, GpuKvCache};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
-use llumlet_dataplane::transport::Reserved;
+use llumlet_dataplane::transport::ReservedBlocks;
 
 const LAYERS: u64 = 2;
 const BLOCKS: u64 = 64;
@@ -295,11 +295,11 @@ fn gpu_runs_copy_between_processes_over_cuda_ipc() {
         len: 1,
     }];
     let err = dev
-        .copy_runs(&s, &d, &Reserved::new(&d_blocks), &bad)
+        .copy_runs(&s, &d, &ReservedBlocks::new(&d_blocks), &bad)
         .unwrap_err();
     assert!(err.to_string().contains("outside the reservation"), "{err}");
     let bytes = dev
-        .copy_runs(&s, &d, &Reserved::new(&d_blocks), &runs)
+        .copy_runs(&s, &d, &ReservedBlocks::new(&d_blocks), &runs)
         .unwrap();
     assert_eq!(bytes, 24 * BLOCK * LAYERS);
     let mut got = vec![0u8; BLOCK as usize];

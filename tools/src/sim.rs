@@ -632,16 +632,16 @@ impl SimEngine {
     /// Carries out a migration or abort command; returns the reply. Status requests are
     /// answered by the caller (they need the endpoint's ring).
     pub fn handle(&mut self, cmd: Command, endpoint: &mut EngineEndpoint) -> Option<Command> {
+        use llumlet_dataplane::fault::{self, Action, Point};
         let point = match cmd {
-            Command::MigrateOutBegin { migration, .. } => Some(("engine-begin", migration)),
-            Command::MigrateOutSuspend { migration, .. } => Some(("engine-suspend", migration)),
-            Command::ReserveBlocks { migration, .. } => Some(("engine-reserve", migration)),
-            Command::MigrateInCommit { migration } => Some(("engine-commit-in", migration)),
+            Command::MigrateOutBegin { migration, .. } => Some((Point::EngineBegin, migration)),
+            Command::MigrateOutSuspend { migration, .. } => Some((Point::EngineSuspend, migration)),
+            Command::ReserveBlocks { migration, .. } => Some((Point::EngineReserve, migration)),
+            Command::MigrateInCommit { migration } => Some((Point::EngineCommitIn, migration)),
             _ => None,
         };
         if let Some((point, migration)) = point {
-            if llumlet_dataplane::fault::at(point) == Some(llumlet_dataplane::fault::Action::Refuse)
-            {
+            if fault::at(point) == Some(Action::Refuse) {
                 return Some(Self::reply(migration, false, 0));
             }
         }

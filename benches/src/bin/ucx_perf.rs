@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::runs::BlockRun;
-use llumlet_dataplane::transport::{Reserved, Transport};
+use llumlet_dataplane::transport::{ReservedBlocks, Transport};
 use llumlet_dataplane::ucx::{Context, Node, Registry, RemoteRegion, UcxTransport};
 
 const BLOCK: u64 = 256 << 10;
@@ -48,7 +48,7 @@ fn ours(tls: &str, bytes: u64, iters: u32) -> f64 {
     let mut t = UcxTransport::new(
         conn,
         vec![sreg.get(sr).unwrap()],
-        Reserved::new(&all),
+        ReservedBlocks::new(&all),
         Duration::from_secs(60),
     );
     let maps = [MappedRegion::map(sr).unwrap()];

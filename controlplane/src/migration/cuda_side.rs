@@ -4,7 +4,7 @@
 //! migration, naming that reason.
 
 use llumlet_dataplane::kv::KvRegion;
-use llumlet_dataplane::transport::{Reserved as ReservedSet, Transport};
+use llumlet_dataplane::transport::{ReservedBlocks, Transport};
 use llumlet_proto::migration::Region;
 
 /// A GPU region's handle on the wire: the 64 IPC handle bytes in hex.
@@ -67,7 +67,7 @@ pub fn available() -> Result<String, String> {
 pub fn transport(
     regions: &[KvRegion],
     dst: &[Region],
-    reserved: ReservedSet,
+    reserved: ReservedBlocks,
 ) -> Result<Box<dyn Transport>, String> {
     use llumlet_dataplane::cuda::{CudaTransport, Device, OpenedRegions};
     // The context outlives this migration's Device, so the next migration does not set it up
@@ -99,7 +99,7 @@ pub fn transport(
 pub fn transport(
     _regions: &[KvRegion],
     _dst: &[Region],
-    _reserved: ReservedSet,
+    _reserved: ReservedBlocks,
 ) -> Result<Box<dyn Transport>, String> {
     Err(available().unwrap_err())
 }

@@ -22,11 +22,14 @@ use std::time::Duration;
 use llumlet_dataplane::command::Command;
 use llumlet_dataplane::mailbox;
 
-use llumlet_proto::migration::envelope::Msg;
 use llumlet_proto::migration::resolution::Outcome as Res;
 
 use super::link::{Calls, EngineLink};
-use super::machine::SrcEvent;
+use super::STEP_TIMEOUT;
+
+/// How long a destination keeps the record of a commit for a source to `Resolve` (a source
+/// resolves within minutes).
+const IN_RECORD_EXPIRY: Duration = Duration::from_secs(3600);
 
 /// Where a migration out stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,10 +225,9 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
     let verdict = match e.phase {
         Phase::Open => false,
         Phase::Committing | Phase::InDoubt => {
-            let answer = match super::driver::resolve(e.dst, e.migration, &e.request_id) {
-                SrcEvent::Peer(Msg::Resolution(r)) => Res::try_from(r.outcome).ok(),
-                _ => None,
-            };
+            let answer = super::wire::resolve(e.dst, e.migration, &e.request_id)
+                .ok()
+                .and_then(|r| Res::try_from(r.outcome).ok());
             match answer {
                 Some(Res::Committed) => true,
                 Some(Res::Aborted) => false,
@@ -248,7 +250,7 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
             slot: e.slot,
         }
     };
-    let mut calls = Calls::new(Arc::clone(link), e.migration, Duration::from_secs(5));
+    let mut calls = Calls::new(Arc::clone(link), e.migration, STEP_TIMEOUT);
     match calls.call(cmd) {
         // "Not ok": the engine no longer has that migration (it restarted, or the live path
         // settled it first). Either way nothing is left to do.
@@ -269,11 +271,11 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
 /// only those whose commit was never sent: no network, just the engine).
 pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = crate::sync::lock(&ONE_AT_A_TIME);
     if link.segment().is_none() {
         return;
     }
-    expire_in(link.path(), Duration::from_secs(3600));
+    expire_in(link.path(), IN_RECORD_EXPIRY);
     let me = std::process::id();
     for p in list(link.path()) {
         let e = match Entry::read(&p) {
@@ -293,18 +295,18 @@ pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
     }
 }
 
-/// Every `every`, for the life of the process: frees reservations a previous llumlet left at
-/// this engine ([`super::driver::TransferServer::sweep_orphans`]) and settles journals
-/// ([`recover_once`]).
+/// Every `every`, for the life of the process: runs `sweep` (the transfer endpoint frees the
+/// reservations a previous llumlet left at this engine,
+/// [`super::endpoint::TransferServer::sweep_orphans`]) and settles journals ([`recover_once`]).
 pub fn spawn_recovery(
     link: Arc<EngineLink>,
-    server: Arc<super::driver::TransferServer>,
+    sweep: impl Fn() -> bool + Send + 'static,
     every: Duration,
 ) {
     let _ = std::thread::Builder::new()
         .name("llumlet-recovery".into())
         .spawn(move || loop {
-            let _ = server.sweep_orphans();
+            let _ = sweep();
             recover_once(&link, false);
             std::thread::sleep(every);
         });

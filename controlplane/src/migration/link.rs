@@ -2,6 +2,7 @@
 //! migrations: one producer lock for the llumlet → engine queue, and a consumer that hands
 //! each reply to whoever waits for its id (replies for one id arrive in command order).
 
+use crate::sync::lock;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,10 +42,6 @@ pub struct EngineLink {
     tx: Mutex<()>,
     rx: Mutex<Rx>,
     next_id: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl EngineLink {

@@ -9,7 +9,7 @@ mod imp {
     use std::time::Duration;
 
     use llumlet_dataplane::kv::KvRegion;
-    use llumlet_dataplane::transport::{Reserved as ReservedSet, Transport};
+    use llumlet_dataplane::transport::{ReservedBlocks, Transport};
     use llumlet_dataplane::ucx::{self, Context, Node, Registry, RemoteRegion, UcxTransport};
     use llumlet_proto::migration::{Reserved, UcxRegion};
 
@@ -60,7 +60,7 @@ mod imp {
             &self,
             r: &Reserved,
             regions: &[KvRegion],
-            reserved: ReservedSet,
+            reserved: ReservedBlocks,
             timeout: Duration,
         ) -> Result<Box<dyn Transport>, String> {
             if r.ucx_regions.len() != regions.len() {
@@ -128,7 +128,7 @@ impl UcxSide {
         &self,
         _r: &llumlet_proto::migration::Reserved,
         _regions: &[llumlet_dataplane::kv::KvRegion],
-        _reserved: llumlet_dataplane::transport::Reserved,
+        _reserved: llumlet_dataplane::transport::ReservedBlocks,
         _timeout: std::time::Duration,
     ) -> Result<Box<dyn llumlet_dataplane::transport::Transport>, String> {
         match *self {}

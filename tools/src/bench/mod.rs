@@ -581,7 +581,7 @@ mod tests {
         let mut a = transfer::kv_cache("digest-a", shape).unwrap();
         transfer::fill(&mut a, shape, 7);
         let maps = |c: &llumlet_dataplane::kv::HostKvCache| {
-            llumlet::migration::driver::map_all(&c.regions().unwrap()).unwrap()
+            llumlet::migration::wire::map_all(&c.regions().unwrap()).unwrap()
         };
         let d = transfer::digest(&maps(&a));
         assert_eq!(d, transfer::digest(&maps(&a)));

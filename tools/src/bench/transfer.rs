@@ -14,19 +14,16 @@ use std::time::{Duration, Instant};
 use llumlet_dataplane::kv::{HostKvCache, KvRegion, MappedRegion};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
-use llumlet_dataplane::transport::{
-    receive_frame, DataSink, Frame, Reserved as ReservedSet, Transport,
-};
+use llumlet_dataplane::transport::{receive_frame, DataSink, Frame, ReservedBlocks, Transport};
 use llumlet_proto::migration::{
     envelope::Msg, Begin, Commit, Committed, Envelope, Reserved, StageAck, StageDone,
 };
 use prost::Message;
 
 use super::{Measure, Progress};
-use llumlet::migration::driver::{
-    host_identity, map_all, recv_control, region_msg, send, setup_transport,
-};
+use llumlet::migration::source::setup_transport;
 use llumlet::migration::ucx_side::UcxSide;
+use llumlet::migration::wire::{host_identity, map_all, recv_control, region_msg, send};
 
 /// Tokens per block in the bench's KV layout (the llumlet only needs it for slot accounting).
 pub const BLOCK_TOKENS: u64 = 16;
@@ -314,7 +311,7 @@ fn serve(mut stream: TcpStream) -> Result<(), String> {
         other => return refuse(&mut stream, format!("unknown transport {other:?}")),
     }
     send(&mut stream, Msg::Reserved(reserved)).map_err(|e| e.to_string())?;
-    let sink = DataSink::new(maps, ReservedSet::new(&blocks));
+    let sink = DataSink::new(maps, ReservedBlocks::new(&blocks));
     loop {
         match receive_frame(&mut stream, &mut buf, &sink).map_err(|e| e.to_string())? {
             Frame::Data(r) => {

@@ -1,0 +1,574 @@
+//! The destination's transfer endpoint: a listener that serves each connection on a thread of
+//! its own. A connection opens with `Begin` (a migration in, run by the [`DestMachine`] over the
+//! engine's command queues, its reservation and the KV sink) or `Resolve` (a source asking how a
+//! migration ended; the endpoint fences one it has not committed, and after a restart asks its
+//! durable records). Its loop, like the source's, is one small method per action of the machine.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
+
+use llumlet_dataplane::command::Command;
+use llumlet_dataplane::fault::{self, Action, Point};
+use llumlet_dataplane::kv::{KvRegion, MappedRegion, MemoryKind};
+use llumlet_dataplane::mailbox::{self, Mail};
+use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
+use llumlet_dataplane::segment::ControlSegment;
+use llumlet_dataplane::transport::{check_layouts, receive_frame, DataSink, Frame, ReservedBlocks};
+use llumlet_proto::migration::{
+    envelope::Msg, resolution::Outcome as Res, Begin, Envelope, Resolution, Resolve, UcxRegion,
+};
+use prost::Message;
+
+use super::journal;
+use super::link::{CallError, Calls, EngineLink};
+use super::machine::{DestMachine, DstAction, DstEngineOp, DstEvent, Outcome};
+use super::negotiate::{self, Ask, Transport};
+use super::ucx_side::UcxSide;
+use super::wire::{self, host_identity, layout_of, map_all, region_msg, regions_of, wire_layout};
+use super::STEP_TIMEOUT;
+use crate::migrate::SlotLedger;
+use crate::sync::lock;
+
+/// Migrations remembered for `Resolve` before the settled ones are forgotten.
+const REMEMBERED: usize = 65_536;
+
+/// What the destination remembers of a migration, for `Resolve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Open,
+    Fenced,
+    Committing,
+    Committed,
+    Aborted,
+}
+
+/// The destination's transfer endpoint.
+pub struct TransferServer {
+    link: Arc<EngineLink>,
+    ledger: OnceLock<Arc<SlotLedger>>,
+    /// The segment whose orphaned reservations were cleared (by address).
+    swept: Mutex<usize>,
+    known: Mutex<HashMap<(String, u64), Known>>,
+    changed: Condvar,
+    ucx: OnceLock<Arc<UcxSide>>,
+}
+
+impl TransferServer {
+    /// Binds `addr` and serves it on a thread; returns the server and the bound address.
+    pub fn start(
+        link: Arc<EngineLink>,
+        addr: SocketAddr,
+    ) -> std::io::Result<(Arc<TransferServer>, SocketAddr)> {
+        let listener = TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        let server = Arc::new(TransferServer {
+            link,
+            ledger: OnceLock::new(),
+            swept: Mutex::new(0),
+            known: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            ucx: OnceLock::new(),
+        });
+        let s = Arc::clone(&server);
+        std::thread::Builder::new()
+            .name("llumlet-transfer".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(c) => {
+                            let s = Arc::clone(&s);
+                            let _ = std::thread::Builder::new()
+                                .name("llumlet-migrate-in".into())
+                                .spawn(move || s.serve(c));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "transfer endpoint: accept failed"),
+                    }
+                }
+            })?;
+        Ok((server, local))
+    }
+
+    /// Gives the endpoint the llumlet's migration slots; until then every migration in is
+    /// refused (the llumlet is still starting).
+    pub fn set_ledger(&self, ledger: Arc<SlotLedger>) {
+        let _ = self.ledger.set(ledger);
+    }
+
+    /// Lets migrations in use UCX (offered when a source asks for `ucx`, or for `auto` from
+    /// another host).
+    pub fn set_ucx(&self, ucx: Arc<UcxSide>) {
+        let _ = self.ucx.set(ucx);
+    }
+
+    /// Frees the reservations a previous llumlet of this engine left behind (requests still
+    /// `MigratingIn` when it died: nobody can commit them now), once per attached segment and
+    /// before this llumlet reserves anything there. `false`: some could not be freed yet (no
+    /// migration in may start until they are).
+    pub fn sweep_orphans(&self) -> bool {
+        let Some(seg) = self.link.segment() else {
+            return false;
+        };
+        let mut swept = lock(&self.swept);
+        let me = Arc::as_ptr(&seg) as usize;
+        if *swept == me {
+            return true;
+        }
+        let mut blocks = Vec::new();
+        let mut clean = true;
+        for slot in 0..MAX_REQUESTS as u32 {
+            let Ok(Some(r)) = read_request(seg.requests(), slot, &mut blocks) else {
+                continue;
+            };
+            if r.state() != Some(RequestState::MigratingIn) {
+                continue;
+            }
+            let id = self.link.next_id();
+            let answer = Calls::new(Arc::clone(&self.link), id, STEP_TIMEOUT)
+                .call(Command::Abort { id, slot });
+            tracing::info!(request = ?r.id.as_str(), slot, answer = ?answer,
+                "freed a reservation left by a previous llumlet");
+            clean &= answer.is_ok();
+        }
+        if clean {
+            *swept = me;
+        }
+        clean
+    }
+
+    fn set(&self, key: &(String, u64), k: Known) {
+        let mut m = lock(&self.known);
+        if m.len() > REMEMBERED {
+            m.retain(|_, v| matches!(v, Known::Open | Known::Committing | Known::Fenced));
+        }
+        m.insert(key.clone(), k);
+        self.changed.notify_all();
+    }
+
+    fn get(&self, key: &(String, u64)) -> Option<Known> {
+        lock(&self.known).get(key).copied()
+    }
+
+    fn serve(&self, mut stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let mut buf = Vec::new();
+        let first = match wire::recv_control(&mut stream, &mut buf) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "transfer connection closed before a message");
+                return;
+            }
+        };
+        match first {
+            Msg::Resolve(r) => self.answer_resolve(&mut stream, r),
+            Msg::Begin(b) => self.migrate_in(stream, b, buf),
+            other => {
+                tracing::warn!(message = ?other, "transfer connection opened with an unexpected message")
+            }
+        }
+    }
+
+    fn answer_resolve(&self, stream: &mut TcpStream, r: Resolve) {
+        // The resolver does not know the source's instance id: look the migration up by id.
+        let deadline = Instant::now() + STEP_TIMEOUT * 2;
+        let mut m = lock(&self.known);
+        let remembered = loop {
+            let entry = m.iter_mut().find(|((_, id), _)| *id == r.migration_id);
+            match entry {
+                Some((_, k @ (Known::Open | Known::Fenced))) => {
+                    // Fence: this migration can never commit now.
+                    *k = Known::Fenced;
+                    break Some(Res::Aborted);
+                }
+                Some((_, Known::Committed)) => break Some(Res::Committed),
+                Some((_, Known::Aborted)) => break Some(Res::Aborted),
+                Some((_, Known::Committing)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break Some(Res::Unknown);
+                    }
+                    m = self
+                        .changed
+                        .wait_timeout(m, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => break None,
+            }
+        };
+        drop(m);
+        // Not in memory (this llumlet restarted): the durable record decides.
+        let outcome = remembered.unwrap_or_else(|| self.resolve_from_record(r.migration_id));
+        tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome,
+            from_record = remembered.is_none(), "resolved a migration for its source");
+        let _ = wire::send(
+            stream,
+            Msg::Resolution(Resolution {
+                outcome: outcome as i32,
+            }),
+        );
+    }
+
+    /// A migration this llumlet has no memory of: no record, it never reached the engine's
+    /// commit (aborted); "committed": committed; "committing" (the previous llumlet died
+    /// waiting for the engine): the engine decides now. Engines answer a repeated commit with
+    /// its first answer and refuse a commit of a reservation that is gone.
+    fn resolve_from_record(&self, migration: u64) -> Res {
+        let Some((path, e)) = journal::find_in(self.link.path(), migration) else {
+            return Res::Aborted;
+        };
+        if e.committed {
+            return Res::Committed;
+        }
+        let mut calls = Calls::new(Arc::clone(&self.link), e.local, STEP_TIMEOUT);
+        match calls.call(Command::MigrateInCommit { migration: e.local }) {
+            Ok((true, _)) => {
+                let _ = journal::InEntry {
+                    committed: true,
+                    ..e
+                }
+                .write(&path);
+                Res::Committed
+            }
+            Ok((false, _)) => {
+                let _ = std::fs::remove_file(&path);
+                Res::Aborted
+            }
+            Err(_) => Res::Unknown,
+        }
+    }
+
+    /// Whether this engine can take the migration `b` describes: its KV cache (host regions
+    /// mapped here, or GPU regions for a source on this host) and layout, and the request id.
+    pub(super) fn verdict(
+        &self,
+        b: &Begin,
+        seg: Option<&Arc<ControlSegment>>,
+    ) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), String> {
+        let seg = seg.ok_or("the destination has no engine attached")?;
+        let (regions, maps) = if Transport::from_wire(&b.transport) == Transport::Cuda {
+            // The source opens this engine's GPU regions itself: same host only.
+            if !same_host(b) {
+                return Err(
+                    "a GPU KV cache moves over CUDA IPC, which needs both engines on one host"
+                        .into(),
+                );
+            }
+            let gpu = regions_of(seg, MemoryKind::CudaIpc)?;
+            if gpu.is_empty() {
+                return Err("the destination engine has no GPU KV regions".into());
+            }
+            (gpu, Vec::new())
+        } else {
+            let host = regions_of(seg, MemoryKind::HostShm)?;
+            let maps = map_all(&host)?;
+            (host, maps)
+        };
+        check_layouts(&wire_layout(&b.regions), &layout_of(&regions)).map_err(|e| e.to_string())?;
+        if b.request_id.is_empty() || b.request_id.len() > mailbox::MAX_ID_BYTES {
+            return Err(format!("bad request id {:?}", b.request_id));
+        }
+        Ok((maps, regions))
+    }
+
+    fn migrate_in(&self, stream: TcpStream, b: Begin, buf: Vec<u8>) {
+        let swept = self.sweep_orphans();
+        let seg = self.link.segment();
+        let (mut verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
+            Ok(_) if !swept => (
+                Some(
+                    "the destination engine still holds reservations of a previous llumlet".into(),
+                ),
+                Vec::new(),
+                Vec::new(),
+            ),
+            Ok((maps, regions)) => (None, maps, regions),
+            Err(e) => (Some(e), Vec::new(), Vec::new()),
+        };
+        // The in-slot is taken before anything is reserved and held until this function ends.
+        let _slot = match (&verdict, self.ledger.get()) {
+            (Some(_), _) => None,
+            (None, None) => {
+                verdict = Some("the destination llumlet is still starting".into());
+                None
+            }
+            (None, Some(ledger)) => {
+                let tokens =
+                    i64::from(b.blocks).saturating_mul(wire::tokens_per_block(&regions) as i64);
+                match ledger.reserve_in(tokens) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        verdict = Some(format!("{e} (destination)"));
+                        None
+                    }
+                }
+            }
+        };
+        let ask = Ask {
+            transport: Transport::from_wire(&b.transport),
+            ucx_welcome: b.ucx,
+        };
+        let same = same_host(&b);
+        // UCX: this worker's address and the regions registered, offered in `Reserved`.
+        let ucx_offer = match self.ucx.get() {
+            Some(side) if negotiate::wants_ucx(ask, same) && verdict.is_none() => {
+                match side.offer(&regions) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot offer UCX for a migration in; using tcp");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let transport = negotiate::negotiate(ask, same, ucx_offer.is_some());
+        let local_id = self.link.next_id();
+        tracing::info!(request = %b.request_id, source = %b.src_instance_id, migration = b.migration_id, transport = transport.name(), "migration in");
+        Inbound {
+            server: self,
+            calls: Calls::new(Arc::clone(&self.link), local_id, STEP_TIMEOUT),
+            mailbox: seg
+                .as_ref()
+                .map(|_| mailbox::path(self.link.path(), local_id)),
+            in_record: journal::in_path(self.link.path(), local_id),
+            key: (b.src_instance_id.clone(), b.migration_id),
+            machine: DestMachine::new(),
+            sink: DataSink::new(maps, ReservedBlocks::default()),
+            slot: None,
+            table: Vec::new(),
+            local_id,
+            stream,
+            buf,
+            begin: b,
+            transport,
+            regions,
+            ucx_offer,
+        }
+        .drive(verdict);
+    }
+}
+
+/// Whether the source that sent `b` runs on this host.
+fn same_host(b: &Begin) -> bool {
+    !b.host.is_empty() && b.host == host_identity()
+}
+
+/// One migration in progress at the destination.
+struct Inbound<'a> {
+    server: &'a TransferServer,
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The source's `Begin`.
+    begin: Begin,
+    key: (String, u64),
+    machine: DestMachine,
+    calls: Calls,
+    local_id: u64,
+    mailbox: Option<PathBuf>,
+    in_record: PathBuf,
+    sink: DataSink,
+    slot: Option<u32>,
+    table: Vec<u32>,
+    transport: Transport,
+    regions: Vec<KvRegion>,
+    ucx_offer: Option<(Vec<u8>, Vec<UcxRegion>)>,
+}
+
+impl Inbound<'_> {
+    /// Runs the machine from the source's `Begin` (with `verdict`, why it is refused) to its
+    /// outcome.
+    fn drive(mut self, verdict: Option<String>) {
+        self.server.set(&self.key, Known::Open);
+        let mut begin = self.begin.clone();
+        begin.transport = self.transport.name().into();
+        let mut queue = VecDeque::from(self.machine.on(DstEvent::Begin(Box::new(begin), verdict)));
+        loop {
+            let Some(action) = queue.pop_front() else {
+                if self.machine.is_done() {
+                    break;
+                }
+                for event in self.await_source() {
+                    queue.extend(self.machine.on(event));
+                }
+                continue;
+            };
+            let event = match action {
+                DstAction::Engine(op) => Some(self.engine(op)),
+                DstAction::ReadReservation => Some(self.read_reservation()),
+                DstAction::Peer(msg) => self.peer(msg),
+                DstAction::Done(outcome) => return self.done(outcome),
+            };
+            if let Some(event) = event {
+                queue.extend(self.machine.on(event));
+            }
+        }
+    }
+
+    /// Waits for the source: data frames land in the reservation (no event), a control message
+    /// is an event (a `Commit` after a `Resolve` fenced the migration comes after `Fenced`).
+    fn await_source(&mut self) -> Vec<DstEvent> {
+        let event = match receive_frame(&mut self.stream, &mut self.buf, &self.sink) {
+            Ok(Frame::Data(Ok(_))) => return Vec::new(),
+            Ok(Frame::Data(Err(e))) => DstEvent::SinkError(e.to_string()),
+            Ok(Frame::Control) => match Envelope::decode(&self.buf[..]).ok().and_then(|e| e.msg) {
+                Some(Msg::Commit(c)) if self.server.get(&self.key) == Some(Known::Fenced) => {
+                    return vec![DstEvent::Fenced, DstEvent::Peer(Msg::Commit(c))];
+                }
+                Some(m) => DstEvent::Peer(m),
+                None => DstEvent::PeerLost("malformed control message".into()),
+            },
+            Err(e) => DstEvent::PeerLost(e.to_string()),
+        };
+        vec![event]
+    }
+
+    /// A command to the destination engine: reserve blocks, commit the request in, or abort.
+    fn engine(&mut self, op: DstEngineOp) -> DstEvent {
+        let Some(mb) = self.mailbox.clone() else {
+            return DstEvent::Engine { ok: false };
+        };
+        let commit = matches!(op, DstEngineOp::Commit(_));
+        let cmd = match op {
+            DstEngineOp::Reserve(n) => {
+                let mail = Mail {
+                    request_id: self.begin.request_id.clone(),
+                    state: Vec::new(),
+                };
+                if self.slot.is_none() && mail.write(&mb).is_err() {
+                    return DstEvent::Engine { ok: false };
+                }
+                Command::ReserveBlocks {
+                    migration: self.local_id,
+                    blocks: n,
+                }
+            }
+            DstEngineOp::Commit(state) => {
+                if self.server.get(&self.key) == Some(Known::Fenced) {
+                    return DstEvent::Engine { ok: false };
+                }
+                self.server.set(&self.key, Known::Committing);
+                let mail = Mail {
+                    request_id: self.begin.request_id.clone(),
+                    state,
+                };
+                let record = journal::InEntry {
+                    committed: false,
+                    migration: self.begin.migration_id,
+                    local: self.local_id,
+                };
+                if mail.write(&mb).is_err() || record.write(&self.in_record).is_err() {
+                    return DstEvent::Engine { ok: false };
+                }
+                Command::MigrateInCommit {
+                    migration: self.local_id,
+                }
+            }
+            DstEngineOp::Abort => Command::MigrateInAbort {
+                migration: self.local_id,
+            },
+        };
+        let reserve = matches!(cmd, Command::ReserveBlocks { .. });
+        if commit && fault::at(Point::DstBeforeCommit) == Some(Action::Cut) {
+            self.cut();
+        }
+        let mut r = self.calls.call(cmd);
+        if commit {
+            // The engine decides the commit: wait for its answer while it lives.
+            while r == Err(CallError::Timeout) {
+                self.calls.unstale_last();
+                r = self.calls.finish();
+            }
+            self.record_commit(matches!(r, Ok((true, _))));
+        }
+        match r {
+            Ok((ok, value)) => {
+                if ok && reserve {
+                    let first = self.slot.is_none();
+                    self.slot = Some(value as u32);
+                    if first && fault::at(Point::DstAfterReserve) == Some(Action::Cut) {
+                        self.cut();
+                    }
+                }
+                if ok && commit && fault::at(Point::DstAfterCommit) == Some(Action::Cut) {
+                    self.cut();
+                }
+                DstEvent::Engine { ok }
+            }
+            Err(CallError::Timeout) => DstEvent::EngineTimeout,
+            Err(_) => DstEvent::Engine { ok: false },
+        }
+    }
+
+    /// The durable record of the engine's commit answer (for a `Resolve` after a restart).
+    fn record_commit(&self, committed: bool) {
+        let kept = if committed {
+            journal::InEntry {
+                committed: true,
+                migration: self.begin.migration_id,
+                local: self.local_id,
+            }
+            .write(&self.in_record)
+        } else {
+            std::fs::remove_file(&self.in_record)
+        };
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, "cannot update the migration-in record");
+        }
+    }
+
+    /// The reserved blocks, from the engine's request table.
+    fn read_reservation(&mut self) -> DstEvent {
+        let seg = self.server.link.segment();
+        let r = self.slot.and_then(|s| {
+            read_request(seg.as_ref()?.requests(), s, &mut self.table)
+                .ok()
+                .flatten()
+        });
+        DstEvent::Reservation(r.map(|_| self.table.clone()))
+    }
+
+    /// A message to the source; `Reserved` carries what the negotiated transport needs.
+    fn peer(&mut self, mut msg: Msg) -> Option<DstEvent> {
+        if let Msg::Reserved(r) = &mut msg {
+            if r.ok {
+                self.sink.set_reserved(ReservedBlocks::new(&r.blocks));
+                if matches!(self.transport, Transport::Shm | Transport::Cuda) {
+                    r.regions = self.regions.iter().map(region_msg).collect();
+                }
+                if let Some((worker, offered)) = &self.ucx_offer {
+                    r.ucx_worker = worker.clone();
+                    r.ucx_regions = offered.clone();
+                }
+            }
+        }
+        match wire::send(&mut self.stream, msg) {
+            Ok(()) => {
+                let _ = self.stream.flush();
+                None
+            }
+            Err(e) => Some(DstEvent::PeerLost(e.to_string())),
+        }
+    }
+
+    fn done(self, outcome: Outcome) {
+        if let Some(mb) = self.mailbox.as_ref() {
+            mailbox::remove(mb);
+        }
+        let k = if outcome == Outcome::Migrated {
+            Known::Committed
+        } else {
+            Known::Aborted
+        };
+        self.server.set(&self.key, k);
+        tracing::info!(request = %self.begin.request_id, outcome = ?outcome, "migration in finished");
+    }
+
+    /// Shuts the transfer connection down (fault injection).
+    fn cut(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

@@ -1,0 +1,186 @@
+//! The live-migration [`Migrator`]: what the gRPC `Migrate` handler calls. It settles what a
+//! previous llumlet left open, selects requests from the engine's request table by the
+//! scheduler's policy, finds the destination's transfer endpoint, and runs each chosen request's
+//! migration ([`run_source`]) on a blocking thread.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+
+use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
+use llumlet_dataplane::segment::ControlSegment;
+
+use super::journal;
+use super::link::EngineLink;
+use super::machine::{Outcome, SourceTuning};
+use super::source::{run_source, OutRequest};
+use super::ucx_side::UcxSide;
+use crate::config::TransportChoice;
+use crate::migrate::{MigrateError, MigrationParams, Migrator};
+use crate::sync::lock;
+
+/// Resolves `host:port` (the scheduler's `dst_engine_ip`, `dst_engine_port`).
+pub fn resolve_addr(ip: &str, port: i32) -> Result<SocketAddr, String> {
+    let port = u16::try_from(port).map_err(|_| format!("bad port {port}"))?;
+    (ip, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{ip}:{port}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{ip}:{port}: no address"))
+}
+
+/// The live-migration [`Migrator`]: selects from the engine's request table and
+/// migrates each chosen request over the transfer connection.
+pub struct LiveMigrator {
+    link: Arc<EngineLink>,
+    instance_id: String,
+    choice: TransportChoice,
+    tuning: SourceTuning,
+    active: Mutex<HashSet<u32>>,
+    naming_dir: Option<std::path::PathBuf>,
+    ucx: Option<Arc<UcxSide>>,
+}
+
+impl LiveMigrator {
+    /// A migrator for the engine behind `link`. With a kv-transfer-config naming directory,
+    /// destinations are looked up there first (the scheduler's `dst_engine_ip:dst_engine_port`
+    /// is the fallback).
+    pub fn new(
+        link: Arc<EngineLink>,
+        instance_id: String,
+        choice: TransportChoice,
+        naming_dir: Option<std::path::PathBuf>,
+        ucx: Option<Arc<UcxSide>>,
+    ) -> Arc<LiveMigrator> {
+        Arc::new(LiveMigrator {
+            link,
+            instance_id,
+            choice,
+            tuning: SourceTuning::default(),
+            active: Mutex::new(HashSet::new()),
+            naming_dir,
+            ucx,
+        })
+    }
+
+    fn candidates(
+        &self,
+        seg: &ControlSegment,
+    ) -> (Vec<crate::selection::Candidate>, HashMap<u32, String>) {
+        let active = lock(&self.active).clone();
+        let mut out = Vec::new();
+        let mut ids = HashMap::new();
+        let mut blocks = Vec::new();
+        for slot in 0..MAX_REQUESTS as u32 {
+            let Ok(Some(r)) = read_request(seg.requests(), slot, &mut blocks) else {
+                continue;
+            };
+            let waiting = match r.state() {
+                Some(RequestState::Running) => false,
+                Some(RequestState::Waiting) => true,
+                _ => continue,
+            };
+            let Some(id) = r.id.as_str() else { continue };
+            ids.insert(slot, id.to_string());
+            out.push(crate::selection::Candidate {
+                slot,
+                arrival: r.arrival,
+                prompt_tokens: r.prompt_tokens,
+                output_tokens: r.output_tokens,
+                waiting,
+                migrating: active.contains(&slot),
+            });
+        }
+        (out, ids)
+    }
+}
+
+#[tonic::async_trait]
+impl Migrator for LiveMigrator {
+    async fn migrate_out(
+        &self,
+        dst_ip: &str,
+        dst_port: i32,
+        params: &MigrationParams,
+    ) -> Result<usize, MigrateError> {
+        let seg = self
+            .link
+            .segment()
+            .ok_or_else(|| MigrateError::Failed("no engine attached to this llumlet".into()))?;
+        let total = llumlet_dataplane::status_ring::read_newest(seg.status())
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.counters.num_total_gpu_tokens.max(0) as u64);
+        // Requests a previous llumlet left marked for a migration it never committed are
+        // released first, so they can be chosen again.
+        let link = Arc::clone(&self.link);
+        let _ = tokio::task::spawn_blocking(move || journal::recover_once(&link, true)).await;
+        let (cands, ids) = self.candidates(&seg);
+        let chosen = crate::selection::select(params, &cands, total);
+        let chosen: Vec<u32> = {
+            // Take the chosen slots at once so a concurrent Migrate cannot pick them too.
+            let mut active = lock(&self.active);
+            chosen.into_iter().filter(|s| active.insert(*s)).collect()
+        };
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let release = |slots: &[u32]| {
+            let mut active = lock(&self.active);
+            for s in slots {
+                active.remove(s);
+            }
+        };
+        let named = self
+            .naming_dir
+            .as_deref()
+            .and_then(|d| crate::kv_transfer::naming::lookup(d, &params.dst_engine_id));
+        let (dst_ip, dst_port) = match &named {
+            Some((ip, port)) => {
+                tracing::debug!(dst = %params.dst_engine_id, ip, port, "destination found in the naming directory");
+                (ip.as_str(), i32::from(*port))
+            }
+            None => (dst_ip, dst_port),
+        };
+        let dst = match resolve_addr(dst_ip, dst_port) {
+            Ok(a) => a,
+            Err(e) => {
+                release(&chosen);
+                return Err(MigrateError::Failed(format!("destination {e}")));
+            }
+        };
+        let mut moved = 0;
+        let mut last_err = None;
+        for slot in &chosen {
+            let req = OutRequest {
+                slot: *slot,
+                id: ids.get(slot).cloned().unwrap_or_default(),
+            };
+            let link = Arc::clone(&self.link);
+            let (me, choice, tuning) = (self.instance_id.clone(), self.choice, self.tuning);
+            let ucx = self.ucx.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let report = run_source(&link, &me, dst, &req, choice, ucx.as_ref(), tuning);
+                (req, report)
+            })
+            .await;
+            release(&[*slot]);
+            match r {
+                Ok((req, rep)) => {
+                    tracing::info!(request = %req.id, outcome = ?rep.outcome, stages = rep.stages,
+                        downtime_us = rep.downtime.map(|d| d.as_micros() as u64), transport = rep.transport_name(), bytes = rep.bytes, %dst,
+                        "migration out finished");
+                    match rep.outcome {
+                        Outcome::Migrated => moved += 1,
+                        Outcome::Aborted(e) | Outcome::InDoubt(e) => last_err = Some(e),
+                    }
+                }
+                Err(e) => last_err = Some(format!("migration thread failed: {e}")),
+            }
+        }
+        match (moved, last_err) {
+            (0, Some(e)) => Err(MigrateError::Failed(e)),
+            _ => Ok(moved),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The transfer connection's control messages and region descriptions, shared by both sides of
+//! a migration and by `llumlet bench transfer`: one control frame per protobuf `Envelope`, KV
+//! regions as the wire names them, and the one-shot `Resolve` a source (or its journal's
+//! recovery) asks after a migration whose commit it could not see answered.
+
+use std::net::{SocketAddr, TcpStream};
+
+use llumlet_dataplane::kv::{KvRegion, MappedRegion, MemoryKind};
+use llumlet_dataplane::transport::{read_frame, write_frame, FRAME_CONTROL};
+use llumlet_proto::migration::{envelope::Msg, Envelope, Region, Resolution, Resolve};
+use prost::Message;
+
+use super::STEP_TIMEOUT;
+
+/// This host's identity for `shm` and `cuda`: the kernel's boot id (the destination also checks
+/// it can map the regions).
+pub fn host_identity() -> String {
+    llumlet_dataplane::sys::boot_id()
+}
+
+/// Sends one control message.
+pub fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
+    let bytes = Envelope { msg: Some(m) }.encode_to_vec();
+    write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Reads one control message; a data frame or undecodable bytes are errors.
+pub fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
+    match read_frame(stream, buf) {
+        Ok(FRAME_CONTROL) => Envelope::decode(&buf[..])
+            .ok()
+            .and_then(|e| e.msg)
+            .ok_or_else(|| "malformed control message".to_string()),
+        Ok(_) => Err("unexpected data frame".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A KV region as the wire describes it (a CUDA IPC handle in hex, a host segment by name).
+pub fn region_msg(r: &KvRegion) -> Region {
+    Region {
+        layer: r.layer,
+        handle: if r.memory == MemoryKind::CudaIpc {
+            super::cuda_side::handle_text(r)
+        } else {
+            String::from_utf8_lossy(&r.handle).into_owned()
+        },
+        offset: r.offset,
+        num_blocks: r.num_blocks,
+        block_size_bytes: r.block_size_bytes,
+        token_size_bytes: r.token_size_bytes,
+    }
+}
+
+/// The block layout of a KV cache, `(num_blocks, block_size_bytes)` per region: what
+/// `check_layouts` compares between the two ends.
+pub fn layout_of(regions: &[KvRegion]) -> Vec<(u64, u64)> {
+    regions
+        .iter()
+        .map(|r| (r.num_blocks, r.block_size_bytes))
+        .collect()
+}
+
+/// The block layout of regions as the peer described them.
+pub fn wire_layout(regions: &[Region]) -> Vec<(u64, u64)> {
+    regions
+        .iter()
+        .map(|r| (r.num_blocks, r.block_size_bytes))
+        .collect()
+}
+
+/// Tokens per KV block of a cache (every region of one cache has the same block shape); 0 for a
+/// cache without regions.
+pub fn tokens_per_block(regions: &[KvRegion]) -> u64 {
+    regions
+        .first()
+        .map_or(0, |r| r.block_size_bytes / r.token_size_bytes.max(1))
+}
+
+/// The engine's regions of one memory kind.
+pub fn regions_of(
+    seg: &llumlet_dataplane::segment::ControlSegment,
+    memory: MemoryKind,
+) -> Result<Vec<KvRegion>, String> {
+    let mut v = Vec::new();
+    for r in seg.kv().regions() {
+        let r = r.map_err(|e| e.to_string())?;
+        if r.memory == memory {
+            v.push(r);
+        }
+    }
+    Ok(v)
+}
+
+/// Maps every host region.
+pub fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
+    regions
+        .iter()
+        .map(|r| MappedRegion::map(r).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Asks the destination at `dst` how migration `migration_id` ended (`Resolve`, on a connection
+/// of its own); the destination fences a migration it has not committed, so the answer is final.
+pub fn resolve(dst: SocketAddr, migration_id: u64, request_id: &str) -> Result<Resolution, String> {
+    let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(STEP_TIMEOUT * 3))
+        .map_err(|e| e.to_string())?;
+    send(
+        &mut s,
+        Msg::Resolve(Resolve {
+            migration_id,
+            request_id: request_id.into(),
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    match recv_control(&mut s, &mut buf)? {
+        Msg::Resolution(r) => Ok(r),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
