@@ -3,10 +3,14 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use crate::migration::machine::Outcome;
+use crate::migration::reason::Reason;
 
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
@@ -53,6 +57,81 @@ const CODES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
+/// Which side of a migration (label `side`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This llumlet's engine was the source.
+    Out,
+    /// This llumlet's engine was the destination.
+    In,
+}
+
+/// Outcome labels: `migrated`, then `aborted` and `in_doubt` by reason.
+const OUTCOMES: [&str; 3] = ["migrated", "aborted", "in_doubt"];
+const REASONS: usize = Reason::LABELS.len();
+/// Counters per side: one for `migrated`, then one per reason for `aborted`, then for `in_doubt`.
+const SLOTS: usize = 1 + 2 * REASONS;
+
+/// Finished migrations by side, outcome and reason: every label from a bounded set.
+#[derive(Debug)]
+pub struct MigrationCounts {
+    counts: [[Counter; SLOTS]; 2],
+}
+
+impl Default for MigrationCounts {
+    fn default() -> Self {
+        MigrationCounts {
+            counts: std::array::from_fn(|_| std::array::from_fn(|_| Counter::default())),
+        }
+    }
+}
+
+impl MigrationCounts {
+    fn slot(outcome: &Outcome) -> usize {
+        match outcome {
+            Outcome::Migrated => 0,
+            Outcome::Aborted(r) => 1 + r.index(),
+            Outcome::InDoubt(r) => 1 + REASONS + r.index(),
+        }
+    }
+
+    /// Counts one finished migration.
+    pub fn record(&self, side: Side, outcome: &Outcome) {
+        self.counts[side as usize][Self::slot(outcome)].inc();
+    }
+
+    /// How many migrations on `side` ended like `outcome` (its reason's kind, not its text).
+    pub fn count(&self, side: Side, outcome: &Outcome) -> u64 {
+        self.counts[side as usize][Self::slot(outcome)].get()
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP {0} Finished migrations, by side, outcome and reason.\n# TYPE {0} counter",
+            names::MIGRATIONS
+        );
+        for (side, row) in ["out", "in"].iter().zip(&self.counts) {
+            for (slot, c) in row.iter().enumerate() {
+                let v = c.get();
+                if v == 0 {
+                    continue;
+                }
+                let (outcome, reason) = match slot {
+                    0 => (OUTCOMES[0], "none"),
+                    s if s <= REASONS => (OUTCOMES[1], Reason::LABELS[s - 1]),
+                    s => (OUTCOMES[2], Reason::LABELS[s - 1 - REASONS]),
+                };
+                let _ = writeln!(
+                    out,
+                    "{}{{side=\"{side}\",outcome=\"{outcome}\",reason=\"{reason}\"}} {v}",
+                    names::MIGRATIONS
+                );
+            }
+        }
+    }
+}
+
 /// Every metric of the llumlet.
 #[derive(Debug)]
 pub struct Metrics {
@@ -66,6 +145,8 @@ pub struct Metrics {
     /// Statuses received from the engine.
     pub engine_statuses: Counter,
     rpcs: [[Counter; 17]; 5],
+    /// Finished migrations by side, outcome and reason.
+    pub migrations: Arc<MigrationCounts>,
     /// Nanoseconds after `start` at which the newest engine status arrived (0: never).
     last_engine_status_ns: AtomicU64,
 }
@@ -79,6 +160,7 @@ impl Default for Metrics {
             cms_errors: Counter::default(),
             engine_statuses: Counter::default(),
             rpcs: Default::default(),
+            migrations: Arc::default(),
             last_engine_status_ns: AtomicU64::new(0),
         }
     }
@@ -149,6 +231,7 @@ impl Metrics {
                 }
             }
         }
+        self.migrations.render(&mut out);
         let last = self.last_engine_status_ns.load(Ordering::Relaxed);
         let age = if last == 0 {
             f64::NAN
@@ -176,6 +259,8 @@ pub mod names {
     pub const ENGINE_STATUSES: &str = "llumlet_engine_statuses_total";
     /// Counter of RPCs by method and code.
     pub const RPCS: &str = "llumlet_grpc_requests_total";
+    /// Counter of finished migrations by side, outcome and reason.
+    pub const MIGRATIONS: &str = "llumlet_migrations_total";
     /// Gauge: age of the newest engine status.
     pub const ENGINE_STATUS_AGE: &str = "llumlet_engine_status_age_seconds";
 }

@@ -240,7 +240,7 @@ pub enum MigrateError {
     Unsupported(String),
     /// The migration failed.
     #[error("{0}")]
-    Failed(String),
+    Failed(crate::migration::reason::Reason),
 }
 
 /// Moves requests to another instance. The live-migration data plane implements this.

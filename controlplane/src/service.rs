@@ -147,9 +147,11 @@ impl LlumletService {
         });
         let moved = match task.await {
             Ok(r) => r,
-            Err(join) => Err(MigrateError::Failed(format!(
-                "migration task failed: {join}"
-            ))),
+            Err(join) => Err(MigrateError::Failed(
+                crate::migration::reason::Reason::Internal(format!(
+                    "migration task failed: {join}"
+                )),
+            )),
         }
         .map_err(|e| {
             Status::internal(format!(

@@ -118,7 +118,7 @@ pub fn run() -> ExitCode {
                 Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot publish in the naming directory"),
             }
         }
-        let migrator: Arc<dyn crate::migrate::Migrator> = if config.migration.enabled {
+        let live = config.migration.enabled.then(|| {
             LiveMigrator::new(
                 Arc::clone(&link),
                 config.instance_id.clone(),
@@ -126,8 +126,10 @@ pub fn run() -> ExitCode {
                 naming_dir.clone(),
                 ucx,
             )
-        } else {
-            Arc::new(NoMigrator)
+        });
+        let migrator: Arc<dyn crate::migrate::Migrator> = match &live {
+            Some(l) => Arc::clone(l) as Arc<dyn crate::migrate::Migrator>,
+            None => Arc::new(NoMigrator),
         };
         let instance_id = config.instance_id.clone();
         let agent = match Agent::start(
@@ -145,6 +147,11 @@ pub fn run() -> ExitCode {
                 return ExitCode::from(EXIT_START);
             }
         };
+        let counts = &agent.shared().metrics.migrations;
+        transfer_server.set_counts(Arc::clone(counts));
+        if let Some(l) = &live {
+            l.set_counts(Arc::clone(counts));
+        }
         transfer_server.set_ledger(Arc::clone(&agent.shared().ledger));
         let reason = signals.wait(&agent).await;
         tracing::info!(reason, "shutting down");

@@ -10,6 +10,17 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The Prometheus text a llumlet serves on `port` (`GET /metrics`), with the HTTP head.
+pub fn get_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// A port that was free a moment ago, for a process to listen on (a llumlet's fixed gRPC and
 /// transfer ports, kept across its restarts). Taken below the kernel's ephemeral range, so no
 /// outgoing connection of the suite can be holding it when a restarted llumlet binds it again,

@@ -255,13 +255,25 @@ fn cuts_timeouts_and_refusals_leave_no_request_lost_or_doubled() {
 fn a_destination_out_of_blocks_refuses_and_the_request_stays() {
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut src = Instance::start(&redis, "oob-src", SimOpts::new(5, 3), &[]);
+    let (src_m, dst_m) = (free_port(), free_port());
+    let (src_ms, dst_ms) = (src_m.to_string(), dst_m.to_string());
+    let mut src = Instance::start(
+        &redis,
+        "oob-src",
+        SimOpts::new(5, 3),
+        &[("LLUMLET_METRICS_PORT", &src_ms)],
+    );
     // Room for one tiny request of its own, never for a migrated one with its headroom.
     let mut small = SimOpts::new(6, 0);
     small.num_blocks = 4;
     small.max_prompt = 16;
     small.max_tokens = 16;
-    let mut dst = Instance::start(&redis, "oob-dst", small, &[]);
+    let mut dst = Instance::start(
+        &redis,
+        "oob-dst",
+        small,
+        &[("LLUMLET_METRICS_PORT", &dst_ms)],
+    );
     status(&redis, "oob-src", Duration::from_secs(15), |s| {
         s.num_running_requests >= 2
     });
@@ -270,6 +282,22 @@ fn a_destination_out_of_blocks_refuses_and_the_request_stays() {
     let (ok, msg) = migrate(&rt, &src, "oob-dst", port);
     assert!(!ok, "{msg}");
     assert!(msg.contains("could not reserve"), "{msg}\n{}", dst.logs());
+    // Both sides count it by its typed reason: the source saw the destination refuse the
+    // reservation; the destination's engine could not reserve.
+    let out = get_metrics(src_m);
+    assert!(
+        out.contains(
+            "llumlet_migrations_total{side=\"out\",outcome=\"aborted\",reason=\"peer_refused\"} 1"
+        ),
+        "{out}"
+    );
+    let inn = get_metrics(dst_m);
+    assert!(
+        inn.contains(
+            "llumlet_migrations_total{side=\"in\",outcome=\"aborted\",reason=\"engine_refused\"} 1"
+        ),
+        "{inn}"
+    );
     check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
 }
 
@@ -277,8 +305,20 @@ fn a_destination_out_of_blocks_refuses_and_the_request_stays() {
 fn a_migration_to_an_idle_destination_shows_in_both_statuses() {
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut src = Instance::start(&redis, "cms-src", SimOpts::new(7, 2), &[]);
-    let mut dst = Instance::start(&redis, "cms-dst", SimOpts::new(8, 0), &[]);
+    let (src_m, dst_m) = (free_port(), free_port());
+    let (src_ms, dst_ms) = (src_m.to_string(), dst_m.to_string());
+    let mut src = Instance::start(
+        &redis,
+        "cms-src",
+        SimOpts::new(7, 2),
+        &[("LLUMLET_METRICS_PORT", &src_ms)],
+    );
+    let mut dst = Instance::start(
+        &redis,
+        "cms-dst",
+        SimOpts::new(8, 0),
+        &[("LLUMLET_METRICS_PORT", &dst_ms)],
+    );
     status(&redis, "cms-src", Duration::from_secs(15), |s| {
         s.num_running_requests == 2
     });
@@ -288,6 +328,20 @@ fn a_migration_to_an_idle_destination_shows_in_both_statuses() {
     let port = kvt_port(&redis, "cms-dst");
     let (ok, msg) = migrate(&rt, &src, "cms-dst", port);
     assert!(ok, "{msg}\n{}", src.logs());
+    // Counted on both sides (the destination counts as its handler ends, a moment after the
+    // source has its answer).
+    for (port, side) in [(src_m, "out"), (dst_m, "in")] {
+        let want = format!(
+            "llumlet_migrations_total{{side=\"{side}\",outcome=\"migrated\",reason=\"none\"}} 1"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut m = get_metrics(port);
+        while !m.contains(&want) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            m = get_metrics(port);
+        }
+        assert!(m.contains(&want), "{want}\n{m}");
+    }
     // The destination, which admitted nothing, now runs the moved request and holds its blocks.
     status(&redis, "cms-dst", Duration::from_secs(5), |s| {
         s.num_running_requests == 1 && s.num_used_gpu_tokens > 0

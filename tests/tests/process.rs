@@ -328,17 +328,9 @@ async fn metrics_endpoint_counts_pushes_and_rpcs() {
     redis.wait_for(&format!("{STATUS}inst-m"), Duration::from_secs(5), |b| {
         b.map(|_| ())
     });
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .await
-    .unwrap();
+    let body = tokio::task::spawn_blocking(move || get_metrics(mport))
+        .await
+        .unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(
         body.contains("llumlet_grpc_requests_total{method=\"PushInstanceStatus\",code=\"OK\"} 1"),

@@ -27,9 +27,11 @@ use super::journal;
 use super::link::{CallError, Calls, EngineLink};
 use super::machine::{DestMachine, DstAction, DstEngineOp, DstEvent, Outcome};
 use super::negotiate::{self, Ask, Transport};
+use super::reason::Refusal;
 use super::ucx_side::UcxSide;
 use super::wire::{self, host_identity, layout_of, map_all, region_msg, regions_of, wire_layout};
 use super::STEP_TIMEOUT;
+use crate::metrics::{MigrationCounts, Side};
 use crate::migrate::SlotLedger;
 use crate::sync::lock;
 
@@ -55,6 +57,7 @@ pub struct TransferServer {
     known: Mutex<HashMap<(String, u64), Known>>,
     changed: Condvar,
     ucx: OnceLock<Arc<UcxSide>>,
+    counts: OnceLock<Arc<MigrationCounts>>,
 }
 
 impl TransferServer {
@@ -72,6 +75,7 @@ impl TransferServer {
             known: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
             ucx: OnceLock::new(),
+            counts: OnceLock::new(),
         });
         let s = Arc::clone(&server);
         std::thread::Builder::new()
@@ -96,6 +100,11 @@ impl TransferServer {
     /// refused (the llumlet is still starting).
     pub fn set_ledger(&self, ledger: Arc<SlotLedger>) {
         let _ = self.ledger.set(ledger);
+    }
+
+    /// Where finished migrations in are counted (the agent's metrics).
+    pub fn set_counts(&self, counts: Arc<MigrationCounts>) {
+        let _ = self.counts.set(counts);
     }
 
     /// Lets migrations in use UCX (offered when a source asks for `ucx`, or for `auto` from
@@ -247,29 +256,27 @@ impl TransferServer {
         &self,
         b: &Begin,
         seg: Option<&Arc<ControlSegment>>,
-    ) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), String> {
-        let seg = seg.ok_or("the destination has no engine attached")?;
+    ) -> Result<(Vec<MappedRegion>, Vec<KvRegion>), Refusal> {
+        let seg = seg.ok_or(Refusal::NoEngine)?;
         let (regions, maps) = if Transport::from_wire(&b.transport) == Transport::Cuda {
             // The source opens this engine's GPU regions itself: same host only.
             if !same_host(b) {
-                return Err(
-                    "a GPU KV cache moves over CUDA IPC, which needs both engines on one host"
-                        .into(),
-                );
+                return Err(Refusal::GpuAcrossHosts);
             }
-            let gpu = regions_of(seg, MemoryKind::CudaIpc)?;
+            let gpu = regions_of(seg, MemoryKind::CudaIpc).map_err(Refusal::Cache)?;
             if gpu.is_empty() {
-                return Err("the destination engine has no GPU KV regions".into());
+                return Err(Refusal::NoGpuRegions);
             }
             (gpu, Vec::new())
         } else {
-            let host = regions_of(seg, MemoryKind::HostShm)?;
-            let maps = map_all(&host)?;
+            let host = regions_of(seg, MemoryKind::HostShm).map_err(Refusal::Cache)?;
+            let maps = map_all(&host).map_err(Refusal::Cache)?;
             (host, maps)
         };
-        check_layouts(&wire_layout(&b.regions), &layout_of(&regions)).map_err(|e| e.to_string())?;
+        check_layouts(&wire_layout(&b.regions), &layout_of(&regions))
+            .map_err(|e| Refusal::Layout(e.to_string()))?;
         if b.request_id.is_empty() || b.request_id.len() > mailbox::MAX_ID_BYTES {
-            return Err(format!("bad request id {:?}", b.request_id));
+            return Err(Refusal::BadRequestId(b.request_id.clone()));
         }
         Ok((maps, regions))
     }
@@ -278,13 +285,7 @@ impl TransferServer {
         let swept = self.sweep_orphans();
         let seg = self.link.segment();
         let (mut verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
-            Ok(_) if !swept => (
-                Some(
-                    "the destination engine still holds reservations of a previous llumlet".into(),
-                ),
-                Vec::new(),
-                Vec::new(),
-            ),
+            Ok(_) if !swept => (Some(Refusal::OrphansRemain), Vec::new(), Vec::new()),
             Ok((maps, regions)) => (None, maps, regions),
             Err(e) => (Some(e), Vec::new(), Vec::new()),
         };
@@ -292,7 +293,7 @@ impl TransferServer {
         let _slot = match (&verdict, self.ledger.get()) {
             (Some(_), _) => None,
             (None, None) => {
-                verdict = Some("the destination llumlet is still starting".into());
+                verdict = Some(Refusal::Starting);
                 None
             }
             (None, Some(ledger)) => {
@@ -301,7 +302,7 @@ impl TransferServer {
                 match ledger.reserve_in(tokens) {
                     Ok(r) => Some(r),
                     Err(e) => {
-                        verdict = Some(format!("{e} (destination)"));
+                        verdict = Some(Refusal::NoSlot(e.to_string()));
                         None
                     }
                 }
@@ -381,7 +382,7 @@ struct Inbound<'a> {
 impl Inbound<'_> {
     /// Runs the machine from the source's `Begin` (with `verdict`, why it is refused) to its
     /// outcome.
-    fn drive(mut self, verdict: Option<String>) {
+    fn drive(mut self, verdict: Option<Refusal>) {
         self.server.set(&self.key, Known::Open);
         let mut begin = self.begin.clone();
         begin.transport = self.transport.name().into();
@@ -564,7 +565,11 @@ impl Inbound<'_> {
             Known::Aborted
         };
         self.server.set(&self.key, k);
-        tracing::info!(request = %self.begin.request_id, outcome = ?outcome, "migration in finished");
+        tracing::info!(request = %self.begin.request_id, outcome = %outcome,
+            reason = outcome.reason().map(|r| r.to_string()), "migration in finished");
+        if let Some(c) = self.server.counts.get() {
+            c.record(Side::In, &outcome);
+        }
     }
 
     /// Shuts the transfer connection down (fault injection).

@@ -4,6 +4,8 @@
 //! step by step and inject a fault at every step. docs/migration.md draws both.
 
 use llumlet_dataplane::runs::{coalesce, delta_positions, BlockRun};
+
+use super::reason::{EngineStep, PeerStep, Reason, Refusal};
 use llumlet_proto::migration::{
     envelope::Msg, resolution::Outcome as Res, Abort, Begin, Commit, Committed, Envelope, Reserve,
     Reserved, StageAck, StageDone,
@@ -15,10 +17,31 @@ pub enum Outcome {
     /// The request runs at the destination and was freed at the source.
     Migrated,
     /// The request stayed (or was resumed) at the source; the destination holds nothing.
-    Aborted(String),
+    Aborted(Reason),
     /// The commit was sent and its outcome could not be learned: the request stays suspended
     /// at the source (never resumed, never freed) until someone resolves it.
-    InDoubt(String),
+    InDoubt(Reason),
+}
+
+impl Outcome {
+    /// Why it did not migrate (`None`: it did).
+    pub fn reason(&self) -> Option<&Reason> {
+        match self {
+            Outcome::Migrated => None,
+            Outcome::Aborted(r) | Outcome::InDoubt(r) => Some(r),
+        }
+    }
+}
+
+/// `Migrated`, `Aborted` or `InDoubt` (the reason is [`Outcome::reason`]).
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Migrated => "Migrated",
+            Outcome::Aborted(_) => "Aborted",
+            Outcome::InDoubt(_) => "InDoubt",
+        })
+    }
 }
 
 /// Tuning of the source.
@@ -196,7 +219,7 @@ impl SourceMachine {
         self.state == SrcState::Done
     }
 
-    fn fail(&mut self, why: String) -> Vec<SrcAction> {
+    fn fail(&mut self, why: Reason) -> Vec<SrcAction> {
         if self.commit_sent {
             // Past the commit only the destination knows: ask it.
             self.state = SrcState::Resolving;
@@ -205,7 +228,7 @@ impl SourceMachine {
         let mut a = Vec::new();
         if self.peer_open {
             a.push(SrcAction::Peer(Msg::Abort(Abort {
-                reason: why.clone(),
+                reason: why.to_string(),
             })));
         }
         a.push(SrcAction::Engine(SrcEngineOp::Abort));
@@ -248,11 +271,9 @@ impl SourceMachine {
                 vec![SrcAction::ReadTable]
             }
             (S::Beginning, SrcEvent::Engine { ok: false }) => {
-                self.fail("the source engine did not start the migration".into())
+                self.fail(Reason::EngineRefused(EngineStep::Begin))
             }
-            (S::Snapshot, SrcEvent::Table(None)) => {
-                self.fail("the request left the source engine (finished or aborted)".into())
-            }
+            (S::Snapshot, SrcEvent::Table(None)) => self.fail(Reason::RequestGone),
             (S::Snapshot, SrcEvent::Table(Some(snap))) => {
                 let need = snap.0.len();
                 self.snapshot = snap;
@@ -273,13 +294,10 @@ impl SourceMachine {
             }
             (S::Reserving, SrcEvent::Peer(Msg::Reserved(r))) => {
                 if !r.ok {
-                    return self.fail(format!(
-                        "the destination refused the reservation: {}",
-                        r.error
-                    ));
+                    return self.fail(Reason::PeerRefused(PeerStep::Reservation, r.error));
                 }
                 if r.blocks.len() < self.snapshot.0.len() {
-                    return self.fail("the destination reserved fewer blocks than asked".into());
+                    return self.fail(Reason::ShortReservation);
                 }
                 self.dst_blocks = r.blocks;
                 self.copy_stage()
@@ -293,13 +311,10 @@ impl SourceMachine {
                     bytes,
                 }))]
             }
-            (S::Copying, SrcEvent::Copied(Err(e))) => self.fail(format!("copy failed: {e}")),
+            (S::Copying, SrcEvent::Copied(Err(e))) => self.fail(Reason::Copy(e)),
             (S::Acking, SrcEvent::Peer(Msg::StageAck(StageAck { stage, ok, error }))) => {
                 if !ok || stage != self.stage {
-                    return self.fail(format!(
-                        "the destination did not apply stage {}: {error}",
-                        self.stage
-                    ));
+                    return self.fail(Reason::PeerRefused(PeerStep::Stage(self.stage), error));
                 }
                 self.stage += 1;
                 if self.suspended {
@@ -324,7 +339,7 @@ impl SourceMachine {
                 vec![SrcAction::ReadState]
             }
             (S::Suspending, SrcEvent::Engine { ok: false }) => {
-                self.fail("the source engine did not suspend the request".into())
+                self.fail(Reason::EngineRefused(EngineStep::Suspend))
             }
             (S::ReadingState, SrcEvent::State(Some(st))) => {
                 self.request_state = st;
@@ -332,21 +347,16 @@ impl SourceMachine {
                 self.state = S::Snapshot;
                 vec![SrcAction::ReadTable]
             }
-            (S::ReadingState, SrcEvent::State(None)) => {
-                self.fail("the suspended request's state is unreadable".into())
-            }
+            (S::ReadingState, SrcEvent::State(None)) => self.fail(Reason::StateUnreadable),
             (S::Committing, SrcEvent::Peer(Msg::Committed(Committed { ok, error }))) => self
                 .finish(if ok {
                     Outcome::Migrated
                 } else {
-                    Outcome::Aborted(format!("the destination refused the commit: {error}"))
+                    Outcome::Aborted(Reason::PeerRefused(PeerStep::Commit, error))
                 }),
             (S::Resolving, SrcEvent::Peer(Msg::Resolution(r))) => match r.outcome() {
                 Res::Committed => self.finish(Outcome::Migrated),
-                Res::Aborted => self.finish(Outcome::Aborted(
-                    "the commit's acknowledgement was lost; the destination reports it aborted"
-                        .into(),
-                )),
+                Res::Aborted => self.finish(Outcome::Aborted(Reason::CommitLostAborted)),
                 Res::Unknown => self.retry_resolve("the destination does not know yet".into()),
             },
             (S::Resolving, SrcEvent::PeerLost(e)) => self.retry_resolve(e),
@@ -367,8 +377,8 @@ impl SourceMachine {
                 )]
             }
             (S::Finishing, _) => vec![],
-            (_, SrcEvent::PeerLost(e)) => self.fail(format!("lost the destination: {e}")),
-            (state, ev) => self.fail(format!("protocol error: {ev:?} in state {state:?}")),
+            (_, SrcEvent::PeerLost(e)) => self.fail(Reason::LostDestination(e)),
+            (state, ev) => self.fail(Reason::Protocol(format!("{ev:?} in state {state:?}"))),
         }
     }
 
@@ -387,10 +397,10 @@ impl SourceMachine {
         self.resolve_tries += 1;
         if self.resolve_tries >= self.tuning.resolve_attempts {
             self.state = SrcState::Done;
-            let o = Outcome::InDoubt(format!(
-                "commit sent, outcome unknown after {} attempts: {why}",
-                self.resolve_tries
-            ));
+            let o = Outcome::InDoubt(Reason::Unresolved {
+                attempts: self.resolve_tries,
+                last: why,
+            });
             self.outcome = Some(o.clone());
             return vec![SrcAction::Done(o)];
         }
@@ -426,7 +436,7 @@ pub enum DstAction {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DstEvent {
     /// The source's `Begin`, with the driver's verdict on it (`Some`: refused, why).
-    Begin(Box<Begin>, Option<String>),
+    Begin(Box<Begin>, Option<Refusal>),
     /// A message from the source.
     Peer(Msg),
     /// The engine answered (`ok: false` also when the engine is gone).
@@ -496,7 +506,7 @@ impl DestMachine {
         self.state == DstState::Committing
     }
 
-    fn abort(&mut self, why: String, tell_peer: Option<Msg>) -> Vec<DstAction> {
+    fn abort(&mut self, why: Reason, tell_peer: Option<Msg>) -> Vec<DstAction> {
         let mut a: Vec<DstAction> = tell_peer.into_iter().map(DstAction::Peer).collect();
         a.push(DstAction::Engine(DstEngineOp::Abort));
         self.outcome = Some(Outcome::Aborted(why));
@@ -512,19 +522,20 @@ impl DestMachine {
             (_, DstEvent::Fenced) if self.state != S::Committing => {
                 self.fenced = true;
                 if matches!(self.state, S::Open | S::Idle) {
-                    return self.abort("fenced by a resolver".into(), None);
+                    return self.abort(Reason::Fenced, None);
                 }
                 vec![]
             }
             (S::Committing, DstEvent::Fenced) => vec![],
             (S::Idle, DstEvent::Begin(b, refusal)) => {
                 if let Some(why) = refusal {
+                    let why = Reason::DestinationRefused(why);
                     self.state = S::Done;
                     self.outcome = Some(Outcome::Aborted(why.clone()));
                     return vec![
                         DstAction::Peer(Msg::Reserved(Reserved {
                             ok: false,
-                            error: why.clone(),
+                            error: why.to_string(),
                             ..Default::default()
                         })),
                         DstAction::Done(Outcome::Aborted(why)),
@@ -539,10 +550,10 @@ impl DestMachine {
                 vec![DstAction::ReadReservation]
             }
             (S::Reserving, DstEvent::Engine { ok: false } | DstEvent::EngineTimeout) => {
-                let why = "the destination engine could not reserve the blocks".to_string();
+                let why = Reason::EngineRefused(EngineStep::Reserve);
                 let msg = Msg::Reserved(Reserved {
                     ok: false,
-                    error: why.clone(),
+                    error: why.to_string(),
                     ..Default::default()
                 });
                 self.abort(why, Some(msg))
@@ -557,10 +568,10 @@ impl DestMachine {
                 }))]
             }
             (S::ReadingReservation, DstEvent::Reservation(None)) => {
-                let why = "the reservation is unreadable".to_string();
+                let why = Reason::ReservationUnreadable;
                 let msg = Msg::Reserved(Reserved {
                     ok: false,
-                    error: why.clone(),
+                    error: why.to_string(),
                     ..Default::default()
                 });
                 self.abort(why, Some(msg))
@@ -586,7 +597,7 @@ impl DestMachine {
                             ok: false,
                             error: e.clone(),
                         });
-                        self.abort(e, Some(msg))
+                        self.abort(Reason::Sink(e), Some(msg))
                     }
                 }
             }
@@ -596,7 +607,7 @@ impl DestMachine {
                         ok: false,
                         error: "fenced".into(),
                     });
-                    return self.abort("fenced".into(), Some(msg));
+                    return self.abort(Reason::Fenced, Some(msg));
                 }
                 self.state = S::Committing;
                 vec![DstAction::Engine(DstEngineOp::Commit(c.state))]
@@ -614,10 +625,10 @@ impl DestMachine {
                 ]
             }
             (S::Committing, DstEvent::Engine { ok: false }) => {
-                let why = "the destination engine refused the commit".to_string();
+                let why = Reason::EngineRefused(EngineStep::Commit);
                 let msg = Msg::Committed(Committed {
                     ok: false,
-                    error: why.clone(),
+                    error: why.to_string(),
                 });
                 self.abort(why, Some(msg))
             }
@@ -628,16 +639,16 @@ impl DestMachine {
                 let o = self
                     .outcome
                     .clone()
-                    .unwrap_or(Outcome::Aborted(String::new()));
+                    .unwrap_or(Outcome::Aborted(Reason::Protocol("no outcome".into())));
                 vec![DstAction::Done(o)]
             }
             (S::Aborting, _) => vec![],
             (S::Open, DstEvent::Peer(Msg::Abort(a))) => {
-                self.abort(format!("the source aborted: {}", a.reason), None)
+                self.abort(Reason::SourceAborted(a.reason), None)
             }
-            (_, DstEvent::PeerLost(e)) => self.abort(format!("lost the source: {e}"), None),
+            (_, DstEvent::PeerLost(e)) => self.abort(Reason::LostSource(e), None),
             (state, ev) => {
-                let why = format!("protocol error: {ev:?} in state {state:?}");
+                let why = Reason::Protocol(format!("{ev:?} in state {state:?}"));
                 self.abort(why, None)
             }
         }
@@ -929,6 +940,30 @@ mod tests {
             outcomes[0] > 0 && outcomes[1] > 0,
             "faults both abort and (late ones) still migrate: {outcomes:?}"
         );
+    }
+
+    #[test]
+    fn every_fault_ends_with_a_reason_that_names_it_never_a_protocol_error() {
+        let steps = run(None).actions;
+        let mut seen = std::collections::BTreeSet::new();
+        for at in 1..=steps + 1 {
+            for f in [Fault::Fail, Fault::Late] {
+                let w = run(Some((at, f)));
+                for o in [&w.src_done, &w.dst_done].into_iter().flatten() {
+                    if let Some(r) = o.reason() {
+                        assert!(
+                            !matches!(r, Reason::Protocol(_)),
+                            "fault {f:?} at action {at}: {r:?}"
+                        );
+                        seen.insert(r.label());
+                    }
+                }
+            }
+        }
+        // The faults reach the engine steps, the copy and the connection on both sides.
+        for want in ["engine_refused", "copy", "lost_destination", "lost_source"] {
+            assert!(seen.contains(want), "{want} not among {seen:?}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
 use llumlet_dataplane::segment::ControlSegment;
@@ -13,9 +13,11 @@ use llumlet_dataplane::segment::ControlSegment;
 use super::journal;
 use super::link::EngineLink;
 use super::machine::{Outcome, SourceTuning};
+use super::reason::Reason;
 use super::source::{run_source, OutRequest};
 use super::ucx_side::UcxSide;
 use crate::config::TransportChoice;
+use crate::metrics::{MigrationCounts, Side};
 use crate::migrate::{MigrateError, MigrationParams, Migrator};
 use crate::sync::lock;
 
@@ -39,6 +41,7 @@ pub struct LiveMigrator {
     active: Mutex<HashSet<u32>>,
     naming_dir: Option<std::path::PathBuf>,
     ucx: Option<Arc<UcxSide>>,
+    counts: OnceLock<Arc<MigrationCounts>>,
 }
 
 impl LiveMigrator {
@@ -60,7 +63,13 @@ impl LiveMigrator {
             active: Mutex::new(HashSet::new()),
             naming_dir,
             ucx,
+            counts: OnceLock::new(),
         })
+    }
+
+    /// Where finished migrations out are counted (the agent's metrics).
+    pub fn set_counts(&self, counts: Arc<MigrationCounts>) {
+        let _ = self.counts.set(counts);
     }
 
     fn candidates(
@@ -106,7 +115,7 @@ impl Migrator for LiveMigrator {
         let seg = self
             .link
             .segment()
-            .ok_or_else(|| MigrateError::Failed("no engine attached to this llumlet".into()))?;
+            .ok_or_else(|| MigrateError::Failed(Reason::NoEngine))?;
         let total = llumlet_dataplane::status_ring::read_newest(seg.status())
             .ok()
             .flatten()
@@ -146,7 +155,7 @@ impl Migrator for LiveMigrator {
             Ok(a) => a,
             Err(e) => {
                 release(&chosen);
-                return Err(MigrateError::Failed(format!("destination {e}")));
+                return Err(MigrateError::Failed(Reason::BadDestination(e)));
             }
         };
         let mut moved = 0;
@@ -167,15 +176,20 @@ impl Migrator for LiveMigrator {
             release(&[*slot]);
             match r {
                 Ok((req, rep)) => {
-                    tracing::info!(request = %req.id, outcome = ?rep.outcome, stages = rep.stages,
+                    tracing::info!(request = %req.id, outcome = %rep.outcome, stages = rep.stages,
                         downtime_us = rep.downtime.map(|d| d.as_micros() as u64), transport = rep.transport_name(), bytes = rep.bytes, %dst,
-                        "migration out finished");
+                        reason = rep.outcome.reason().map(|r| r.to_string()), "migration out finished");
+                    if let Some(c) = self.counts.get() {
+                        c.record(Side::Out, &rep.outcome);
+                    }
                     match rep.outcome {
                         Outcome::Migrated => moved += 1,
                         Outcome::Aborted(e) | Outcome::InDoubt(e) => last_err = Some(e),
                     }
                 }
-                Err(e) => last_err = Some(format!("migration thread failed: {e}")),
+                Err(e) => {
+                    last_err = Some(Reason::Internal(format!("migration thread failed: {e}")))
+                }
             }
         }
         match (moved, last_err) {

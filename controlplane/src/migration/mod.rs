@@ -3,6 +3,7 @@
 //! - [`machine`]: the pure protocol machines of both sides (no I/O, tested with a fault at every
 //!   action);
 //! - [`negotiate`]: which transport a migration takes (pure);
+//! - [`reason`]: why a migration ended short, typed (its text goes in `Abort.reason`);
 //! - [`wire`]: the transfer connection's control messages, region descriptions and `Resolve`;
 //! - [`source`]: the source side of one migration, driving its machine;
 //! - [`endpoint`]: the destination's transfer endpoint, driving a machine per migration in;
@@ -20,6 +21,7 @@ pub mod link;
 pub mod machine;
 pub mod migrator;
 pub mod negotiate;
+pub mod reason;
 pub mod source;
 pub mod ucx_side;
 pub mod wire;

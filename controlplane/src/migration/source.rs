@@ -25,6 +25,7 @@ use super::journal::{self, Entry, Phase};
 use super::link::{Calls, EngineLink};
 use super::machine::{Outcome, SourceMachine, SourceTuning, SrcAction, SrcEngineOp, SrcEvent};
 use super::negotiate::{self, Transport};
+use super::reason::Reason;
 use super::ucx_side::UcxSide;
 use super::wire::{self, host_identity, layout_of, map_all, region_msg, regions_of};
 use super::{RESOLVE_PAUSE, STEP_TIMEOUT};
@@ -55,7 +56,7 @@ pub struct SourceReport {
 }
 
 impl SourceReport {
-    fn refused(why: String) -> SourceReport {
+    fn refused(why: Reason) -> SourceReport {
         SourceReport {
             outcome: Outcome::Aborted(why),
             stages: 0,
@@ -103,14 +104,14 @@ pub fn run_source(
 ) -> SourceReport {
     let migration_id = link.next_id();
     let Some(seg) = link.segment() else {
-        return SourceReport::refused("no engine attached".into());
+        return SourceReport::refused(Reason::NoEngine);
     };
     // Nothing is asked of the engine or the destination before the KV cache is known to be
     // readable here.
     let (regions, src_maps, on_gpu) = match source_regions(&seg) {
         Ok(x) => x,
         Err(e) => {
-            return SourceReport::refused(format!("cannot map this engine's KV cache: {e}"));
+            return SourceReport::refused(Reason::SourceCache(e));
         }
     };
     let ask = negotiate::ask(choice, on_gpu, ucx.is_some());
@@ -193,9 +194,9 @@ impl SourceRun<'_> {
                 queue.extend(self.machine.on(event));
             }
         }
-        self.report(Outcome::Aborted(
+        self.report(Outcome::Aborted(Reason::Protocol(
             "the migration stopped without an outcome".into(),
-        ))
+        )))
     }
 
     /// A command to the source engine: begin, suspend, commit or abort the migration.

@@ -9,6 +9,7 @@ use llumlet_proto::migration::{Begin, Region};
 
 use super::endpoint::TransferServer;
 use super::link::EngineLink;
+use super::reason::Refusal;
 use super::source::source_regions;
 use super::wire::{host_identity, region_msg, regions_of};
 use llumlet_dataplane::engine::EngineEndpoint;
@@ -88,7 +89,7 @@ fn a_destination_offers_gpu_regions_only_on_the_same_host() {
     assert_eq!(offered.len(), 2);
     b.host = "another-host".into();
     let err = server.verdict(&b, Some(&seg)).err().unwrap();
-    assert!(err.contains("one host"), "{err}");
+    assert_eq!(err, Refusal::GpuAcrossHosts);
     b.host = host_identity();
     b.regions.pop();
     assert!(
