@@ -180,7 +180,7 @@ impl Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reason::NoEngine => f.write_str("no engine attached"),
+            Reason::NoEngine => f.write_str("no engine attached to this llumlet"),
             Reason::SourceCache(e) => write!(f, "cannot map this engine's KV cache: {e}"),
             Reason::EngineRefused(EngineStep::Begin) => {
                 f.write_str("the source engine did not start the migration")
