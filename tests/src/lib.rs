@@ -21,6 +21,21 @@ pub fn get_metrics(port: u16) -> String {
     out
 }
 
+/// Waits up to `within` for the llumlet's metrics on `port` to hold the line `want` (a
+/// migration is counted when its handler ends, which may be a moment after the `Migrate` answer);
+/// panics with the metrics it last read.
+pub fn wait_for_metric(port: u16, want: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = get_metrics(port);
+        if m.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {want:?} in\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A port that was free a moment ago, for a process to listen on (a llumlet's fixed gRPC and
 /// transfer ports, kept across its restarts). Taken below the kernel's ephemeral range, so no
 /// outgoing connection of the suite can be holding it when a restarted llumlet binds it again,

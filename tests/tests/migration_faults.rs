@@ -284,19 +284,20 @@ fn a_destination_out_of_blocks_refuses_and_the_request_stays() {
     assert!(msg.contains("could not reserve"), "{msg}\n{}", dst.logs());
     // Both sides count it by its typed reason: the source saw the destination refuse the
     // reservation; the destination's engine could not reserve.
-    let out = get_metrics(src_m);
-    assert!(
-        out.contains(
-            "llumlet_migrations_total{side=\"out\",outcome=\"aborted\",reason=\"peer_refused\"} 1"
-        ),
-        "{out}"
+    let counted = |side: &str, reason: &str| {
+        format!(
+            "llumlet_migrations_total{{side=\"{side}\",outcome=\"aborted\",reason=\"{reason}\"}} 1"
+        )
+    };
+    wait_for_metric(
+        src_m,
+        &counted("out", "peer_refused"),
+        Duration::from_secs(5),
     );
-    let inn = get_metrics(dst_m);
-    assert!(
-        inn.contains(
-            "llumlet_migrations_total{side=\"in\",outcome=\"aborted\",reason=\"engine_refused\"} 1"
-        ),
-        "{inn}"
+    wait_for_metric(
+        dst_m,
+        &counted("in", "engine_refused"),
+        Duration::from_secs(5),
     );
     check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
 }
@@ -328,19 +329,12 @@ fn a_migration_to_an_idle_destination_shows_in_both_statuses() {
     let port = kvt_port(&redis, "cms-dst");
     let (ok, msg) = migrate(&rt, &src, "cms-dst", port);
     assert!(ok, "{msg}\n{}", src.logs());
-    // Counted on both sides (the destination counts as its handler ends, a moment after the
-    // source has its answer).
+    // Counted on both sides.
     for (port, side) in [(src_m, "out"), (dst_m, "in")] {
         let want = format!(
             "llumlet_migrations_total{{side=\"{side}\",outcome=\"migrated\",reason=\"none\"}} 1"
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let mut m = get_metrics(port);
-        while !m.contains(&want) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            m = get_metrics(port);
-        }
-        assert!(m.contains(&want), "{want}\n{m}");
+        wait_for_metric(port, &want, Duration::from_secs(5));
     }
     // The destination, which admitted nothing, now runs the moved request and holds its blocks.
     status(&redis, "cms-dst", Duration::from_secs(5), |s| {
