@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use llumlet_dataplane::command::{pop, push, Command};
-use llumlet_dataplane::engine::EngineEndpoint;
+use llumlet_dataplane::endpoint::EngineEndpoint;
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 
 const ECHO_ENV: &str = "LLUMLET_BENCH_ECHO_SEGMENT";

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llumlet::config::{MigrationLimits, TransportChoice};
-use llumlet::migrate::SlotLedger;
 use llumlet::migration::endpoint::TransferServer;
 use llumlet::migration::link::EngineLink;
 use llumlet::migration::machine::{Outcome, SourceTuning};
+use llumlet::migration::rpc::SlotLedger;
 use llumlet::migration::source::{run_source, OutRequest};
 use llumlet::status::MigrationLoad;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, Criterion};
-use llumlet_dataplane::engine::EngineEndpoint;
+use llumlet_dataplane::endpoint::EngineEndpoint;
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_dataplane::status_ring::{read_newest, StatusRecord};
 

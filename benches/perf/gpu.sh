@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 case "${1:-}" in
 build)
     set -e
-    cargo build --release --locked -p llumlet --features cuda >&2
+    cargo build --release --locked -p llumlet-tools --features cuda >&2
     rm -rf .gpu
     mkdir -p .gpu/bin .gpu/lib
     # Stripped: what is carried must stay under the device tool's 64 MiB.

@@ -6,7 +6,7 @@
 # the status push figure (else the embedded CMS is used, and the JSON says so).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --locked -p llumlet --features ucx >&2
+cargo build --release --locked -p llumlet-tools --features ucx >&2
 L=./target/release/llumlet
 sizes=${SIZES:-1M,16M,64M,256M,1G}
 $L bench transfer --transport shm --size "$sizes" --with-baseline

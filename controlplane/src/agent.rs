@@ -18,7 +18,7 @@ use crate::cms::Cms;
 use crate::config::{Config, PortChoice};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::migrate::{Migrator, SlotLedger};
+use crate::migration::rpc::{Migrator, SlotLedger};
 use crate::service::{LlumletService, Shared};
 use crate::status::{wall_ms, MigrationLoad, PushedStatus, StatusReporter, StatusSource, Tick};
 use llumlet_dataplane::sys::parent_pid;
@@ -558,7 +558,7 @@ mod tests {
             config: config.clone(),
             pushed: pushed.clone(),
             ledger: SlotLedger::new(config.migration.clone()),
-            migrator: Arc::new(crate::migrate::NoMigrator),
+            migrator: Arc::new(crate::migration::rpc::NoMigrator),
             engine: Arc::new(crate::engine::NoEngine),
             metrics: metrics.clone(),
             engine_failed: Arc::new(Notify::new()),

@@ -231,7 +231,8 @@ impl Cms {
     }
 
     /// Whether the last operation succeeded.
-    pub fn healthy(&self) -> bool {
+    #[cfg(test)]
+    fn healthy(&self) -> bool {
         self.lock().healthy
     }
 

@@ -1,32 +1,37 @@
 //! The llumlet: the engine-side agent of Llumnix, wire-compatible with the Python llumlet.
 //!
-//! - [`config`] and [`env`]: configuration from the environment, validated at start;
-//! - [`cms`]: the CMS (Redis) writer;
-//! - [`status`]: status sources, completion, metric mask, unschedulable fallback;
-//! - [`service`]: the `llumlet.Llumlet` gRPC service;
-//! - [`migrate`]: `Migrate` parameters, slots, and the [`migrate::Migrator`] seam;
-//! - [`engine`]: the [`engine::Engine`] seam the handlers call;
-//! - [`agent`]: the running llumlet and its lifecycle;
+//! Public interface:
 //! - [`start`]: the `llumlet` process, from the environment to a graceful stop;
+//! - [`agent`]: the running llumlet (CMS registration, heartbeat, status, gRPC) and its lifecycle;
+//! - [`config`] and [`env`]: configuration from the environment, validated at start;
+//! - [`status`]: status sources, completion, metric mask, unschedulable fallback;
+//! - [`engine`]: the [`engine::Engine`] seam the gRPC handlers call (the engine's command queue);
+//! - [`migration`]: live migration (the machines, the transport negotiation, both sides of the
+//!   driver, the journal, the `Migrate` seam and its slots);
 //! - [`metrics`]: Prometheus metrics.
+//!
+//! Inside: `cms` (the CMS writer), `service` (the `llumlet.Llumlet` gRPC service), `ring_source`
+//! (the engine's status ring as a status source), `selection` (which requests a `Migrate` moves),
+//! `kv_transfer` (`--kv-transfer-config`), `logging`, `net`, `pyrepr` (upstream's message
+//! texts), `sync` (locking).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod agent;
-pub mod cms;
+mod cms;
 pub mod config;
 pub mod engine;
 pub mod env;
-pub mod kv_transfer;
-pub mod logging;
+mod kv_transfer;
+mod logging;
 pub mod metrics;
-pub mod migrate;
 pub mod migration;
-pub mod net;
-pub mod pyrepr;
-pub mod ring_source;
-pub mod selection;
-pub mod service;
+mod net;
+mod pyrepr;
+mod ring_source;
+mod selection;
+mod service;
 pub mod start;
 pub mod status;
 mod sync;

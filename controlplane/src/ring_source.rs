@@ -57,15 +57,9 @@ pub struct RingSource {
 }
 
 impl RingSource {
-    /// A source reading the segment at `path` once it appears. In PULL mode it asks the engine
-    /// for a status on every call; in PUSH mode only when the engine has published nothing for
-    /// half of `timeout`.
-    pub fn new(path: PathBuf, mode: StatusMode, timeout: Duration) -> RingSource {
-        let link = EngineLink::new(path.clone());
-        RingSource::with_link(link, mode, timeout)
-    }
-
-    /// A source sharing `link` (and its segment) with the migrations.
+    /// A source reading the segment behind `link` (shared with the migrations) once it appears.
+    /// In PULL mode it asks the engine for a status on every call; in PUSH mode only when the
+    /// engine has published nothing for half of `timeout`.
     pub fn with_link(link: Arc<EngineLink>, mode: StatusMode, timeout: Duration) -> RingSource {
         RingSource {
             path: link.path().to_path_buf(),

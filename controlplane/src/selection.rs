@@ -5,7 +5,7 @@
 //! skipped (upstream compares with the whole budget and can overshoot it almost twice), and
 //! requests still in prefill or already migrating are never chosen, pre-stop included.
 
-use crate::migrate::{MigrationParams, MigrationType};
+use crate::migration::rpc::{MigrationParams, MigrationType};
 
 /// A request as the selection sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::config::Config;
 use crate::engine::{with_retries, Engine};
 use crate::metrics::Metrics;
-use crate::migrate::{MigrateError, MigrationParams, Migrator, SlotLedger};
+use crate::migration::rpc::{MigrateError, MigrationParams, Migrator, SlotLedger};
 use crate::pyrepr::list_repr;
 use crate::status::PushedStatus;
 

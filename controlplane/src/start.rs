@@ -9,10 +9,10 @@ use std::sync::Arc;
 use crate::agent::Agent;
 use crate::config::{Config, ProcessEnv};
 use crate::engine::QueueEngine;
-use crate::migrate::NoMigrator;
 use crate::migration::endpoint::TransferServer;
 use crate::migration::link::EngineLink;
 use crate::migration::migrator::LiveMigrator;
+use crate::migration::rpc::NoMigrator;
 use crate::ring_source::RingSource;
 
 /// Exit code of a configuration error.
@@ -127,8 +127,8 @@ pub fn run() -> ExitCode {
                 ucx,
             )
         });
-        let migrator: Arc<dyn crate::migrate::Migrator> = match &live {
-            Some(l) => Arc::clone(l) as Arc<dyn crate::migrate::Migrator>,
+        let migrator: Arc<dyn crate::migration::rpc::Migrator> = match &live {
+            Some(l) => Arc::clone(l) as Arc<dyn crate::migration::rpc::Migrator>,
             None => Arc::new(NoMigrator),
         };
         let instance_id = config.instance_id.clone();

@@ -4,9 +4,9 @@
 //! - [`status_ring`]: the single-writer, many-reader status ring with a seqlock per slot;
 //! - [`kv`]: the KV region registry and mapping of host regions;
 //! - [`request_table`]: one seqlocked slot per live request with its block table;
-//! - [`seqlock`]: the atomic-word copy both sides use;
+//! - `seqlock` (inside): the atomic-word copy both sides use;
 //! - [`command`]: the two SPSC command queues and the command codec;
-//! - [`engine`]: the engine's endpoint (create the segment, publish);
+//! - [`endpoint`]: the engine's endpoint (create the segment, publish);
 //! - [`fault`]: fault injection at protocol points for the process-level fault tests;
 //! - [`mailbox`]: per-migration files for request ids and serialized request state;
 //! - [`runs`]: block pairs to coalesced copy runs, and stage deltas;
@@ -16,10 +16,12 @@
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
 
+#![warn(missing_docs)]
+
 pub mod command;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod engine;
+pub mod endpoint;
 pub mod fault;
 pub mod kv;
 pub mod mailbox;
@@ -27,7 +29,7 @@ pub mod request_table;
 pub mod rng;
 pub mod runs;
 pub mod segment;
-pub mod seqlock;
+mod seqlock;
 pub mod status_ring;
 mod sync;
 pub mod sys;

@@ -26,7 +26,10 @@ pub fn end_write(seq: &AtomicU64, odd: u64) {
     seq.store(odd.wrapping_add(1), Ordering::Release);
 }
 
-/// Writes `src` into `dst` under `seq`. Only one writer may use a given `seq`.
+/// Writes `src` into `dst` under `seq`. Only one writer may use a given `seq`. (The ring and the
+/// table write their words between [`begin_write`] and [`end_write`] themselves; this whole-copy
+/// form is the loom model's writer.)
+#[cfg(all(test, loom))]
 pub fn write_words(seq: &AtomicU64, dst: &[AtomicU64], src: &[u64]) {
     let odd = begin_write(seq);
     for (d, s) in dst.iter().zip(src) {

@@ -68,34 +68,63 @@ impl RequestId {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct StatusCounters {
+    /// The engine step this status was taken at.
     pub step_id: i32,
+    /// Increases with every new status (the scheduler replaces its copy only when it grows).
     pub update_id: i32,
+    /// Requests waiting to decode in the hybrid scheduler.
     pub hybrid_scheduler_waiting_to_decode_requests_num: i32,
+    /// Requests waiting to decode in the scheduler.
     pub scheduler_waiting_to_decode_requests_num: i32,
+    /// Requests waiting (not yet running).
     pub num_waiting_requests: i32,
+    /// Running requests in their decode phase.
     pub scheduler_running_to_decode_requests_num: i32,
+    /// Requests running.
     pub num_running_requests: i32,
+    /// Requests whose KV cache is being loaded.
     pub num_loading_requests: i32,
+    /// KV cache capacity, in tokens.
     pub num_total_gpu_tokens: i32,
+    /// KV cache in use, in tokens.
     pub num_used_gpu_tokens: i32,
+    /// Prompt tokens not yet computed of prefills waiting in the hybrid scheduler.
     pub num_uncomputed_tokens_hybrid_scheduler_waiting_prefills: i32,
+    /// Tokens without KV blocks yet of decodes waiting in the hybrid scheduler.
     pub num_unallocated_tokens_hybrid_scheduler_waiting_decodes: i32,
+    /// Tokens of requests waiting to decode in the hybrid scheduler.
     pub hybrid_scheduler_waiting_to_decode_tokens_num: i32,
+    /// Prompt tokens not yet computed of waiting prefills.
     pub num_uncomputed_tokens_scheduler_waiting_prefills: i32,
+    /// Tokens of requests waiting to decode.
     pub scheduler_waiting_to_decode_tokens_num: i32,
+    /// Prompt tokens not yet computed of running prefills.
     pub num_uncomputed_tokens_scheduler_running_prefills: i32,
+    /// Tokens without KV blocks yet of running prefills.
     pub num_unallocated_tokens_scheduler_running_prefills: i32,
+    /// Tokens of running requests in their decode phase.
     pub scheduler_running_to_decode_tokens_num: i32,
+    /// Tokens of requests whose KV cache is being loaded.
     pub num_tokens_loading_requests: i32,
+    /// Prompt tokens not yet computed of every waiting prefill.
     pub num_uncomputed_tokens_all_waiting_prefills: i32,
+    /// Requests migrating in (the engine's count; the llumlet adds its own).
     pub num_migrate_in_reqs: i32,
+    /// Requests migrating out (the engine's count; the llumlet adds its own).
     pub num_migrate_out_reqs: i32,
+    /// Tokens migrating in.
     pub num_migrate_in_tokens: i32,
+    /// Tokens migrating out.
     pub num_migrate_out_tokens: i32,
+    /// The profiling run this status belongs to (0: none).
     pub profiling_id: i32,
+    /// Prefill tokens scheduled in this step.
     pub num_scheduled_prefill_tokens: i32,
+    /// Share of the KV cache migrating in.
     pub kv_cache_usage_ratio_migrate_in: f64,
+    /// Share of the KV cache migrating out.
     pub kv_cache_usage_ratio_migrate_out: f64,
+    /// Duration of the step, in seconds.
     pub step_duration: f64,
 }
 
@@ -121,7 +150,9 @@ pub struct StatusRecord {
     pub n_recent_waiting_ids: u32,
     /// Ids the engine had in its recent-waiting list.
     pub n_recent_waiting_ids_total: u32,
+    /// The first waiting requests' ids (`waiting_requests`).
     pub waiting_ids: [RequestId; MAX_REQUEST_IDS],
+    /// The recently arrived waiting requests' ids (`recent_waiting_requests`).
     pub recent_waiting_ids: [RequestId; MAX_REQUEST_IDS],
 }
 

@@ -130,38 +130,130 @@
 typedef struct llumlet_engine llumlet_engine;
 
 /**
+ * The points a fault can be placed at; [`Point::name`] is how `LLUMLET_TEST_FAULTS` names them.
+ */
+typedef struct Point Point;
+
+/**
  * The numeric fields of an engine status, as the engine produces them (the C ABI's
  * `llumlet_status` is this struct).
  */
 typedef struct llumlet_status {
+  /**
+   * The engine step this status was taken at.
+   */
   int32_t step_id;
+  /**
+   * Increases with every new status (the scheduler replaces its copy only when it grows).
+   */
   int32_t update_id;
+  /**
+   * Requests waiting to decode in the hybrid scheduler.
+   */
   int32_t hybrid_scheduler_waiting_to_decode_requests_num;
+  /**
+   * Requests waiting to decode in the scheduler.
+   */
   int32_t scheduler_waiting_to_decode_requests_num;
+  /**
+   * Requests waiting (not yet running).
+   */
   int32_t num_waiting_requests;
+  /**
+   * Running requests in their decode phase.
+   */
   int32_t scheduler_running_to_decode_requests_num;
+  /**
+   * Requests running.
+   */
   int32_t num_running_requests;
+  /**
+   * Requests whose KV cache is being loaded.
+   */
   int32_t num_loading_requests;
+  /**
+   * KV cache capacity, in tokens.
+   */
   int32_t num_total_gpu_tokens;
+  /**
+   * KV cache in use, in tokens.
+   */
   int32_t num_used_gpu_tokens;
+  /**
+   * Prompt tokens not yet computed of prefills waiting in the hybrid scheduler.
+   */
   int32_t num_uncomputed_tokens_hybrid_scheduler_waiting_prefills;
+  /**
+   * Tokens without KV blocks yet of decodes waiting in the hybrid scheduler.
+   */
   int32_t num_unallocated_tokens_hybrid_scheduler_waiting_decodes;
+  /**
+   * Tokens of requests waiting to decode in the hybrid scheduler.
+   */
   int32_t hybrid_scheduler_waiting_to_decode_tokens_num;
+  /**
+   * Prompt tokens not yet computed of waiting prefills.
+   */
   int32_t num_uncomputed_tokens_scheduler_waiting_prefills;
+  /**
+   * Tokens of requests waiting to decode.
+   */
   int32_t scheduler_waiting_to_decode_tokens_num;
+  /**
+   * Prompt tokens not yet computed of running prefills.
+   */
   int32_t num_uncomputed_tokens_scheduler_running_prefills;
+  /**
+   * Tokens without KV blocks yet of running prefills.
+   */
   int32_t num_unallocated_tokens_scheduler_running_prefills;
+  /**
+   * Tokens of running requests in their decode phase.
+   */
   int32_t scheduler_running_to_decode_tokens_num;
+  /**
+   * Tokens of requests whose KV cache is being loaded.
+   */
   int32_t num_tokens_loading_requests;
+  /**
+   * Prompt tokens not yet computed of every waiting prefill.
+   */
   int32_t num_uncomputed_tokens_all_waiting_prefills;
+  /**
+   * Requests migrating in (the engine's count; the llumlet adds its own).
+   */
   int32_t num_migrate_in_reqs;
+  /**
+   * Requests migrating out (the engine's count; the llumlet adds its own).
+   */
   int32_t num_migrate_out_reqs;
+  /**
+   * Tokens migrating in.
+   */
   int32_t num_migrate_in_tokens;
+  /**
+   * Tokens migrating out.
+   */
   int32_t num_migrate_out_tokens;
+  /**
+   * The profiling run this status belongs to (0: none).
+   */
   int32_t profiling_id;
+  /**
+   * Prefill tokens scheduled in this step.
+   */
   int32_t num_scheduled_prefill_tokens;
+  /**
+   * Share of the KV cache migrating in.
+   */
   double kv_cache_usage_ratio_migrate_in;
+  /**
+   * Share of the KV cache migrating out.
+   */
   double kv_cache_usage_ratio_migrate_out;
+  /**
+   * Duration of the step, in seconds.
+   */
   double step_duration;
 } llumlet_status;
 
@@ -186,6 +278,8 @@ typedef struct llumlet_command {
    */
   uint64_t a;
 } llumlet_command;
+
+
 
 #ifdef __cplusplus
 extern "C" {

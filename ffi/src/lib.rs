@@ -7,6 +7,8 @@
 //!
 //! The header `include/llumlet.h` is generated from this file by cbindgen at build time.
 
+#![warn(missing_docs)]
+
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,7 +16,7 @@ use std::path::Path;
 
 use bytemuck::Zeroable;
 use llumlet_dataplane::command::{Command, QueueError};
-use llumlet_dataplane::engine::{EngineEndpoint, PollError};
+use llumlet_dataplane::endpoint::{EngineEndpoint, PollError};
 use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
 use llumlet_dataplane::segment::{segment_name, segment_path};
 pub use llumlet_dataplane::status_ring::StatusCounters;

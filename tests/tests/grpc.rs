@@ -8,7 +8,7 @@ use std::time::Duration;
 use llumlet::agent::Agent;
 use llumlet::config::Config;
 use llumlet::engine::{Engine, EngineError};
-use llumlet::migrate::{MigrateError, MigrationParams, MigrationType, Migrator};
+use llumlet::migration::rpc::{MigrateError, MigrationParams, MigrationType, Migrator};
 use llumlet_proto::cms::InstanceStatus;
 use llumlet_proto::llumlet::llumlet_client::LlumletClient;
 use llumlet_proto::llumlet::migrate_request::MigrationValue;
@@ -431,7 +431,7 @@ async fn without_an_engine_abort_says_so() {
     let agent = Agent::start(
         config,
         Arc::new(llumlet::engine::NoEngine),
-        Arc::new(llumlet::migrate::NoMigrator),
+        Arc::new(llumlet::migration::rpc::NoMigrator),
         None,
     )
     .await

@@ -8,6 +8,8 @@
 //! None of this is linked into an engine (`llumlet-dataplane`, `llumlet-ffi`) or into the agent
 //! library (`llumlet`).
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod cli;
 pub mod demo;

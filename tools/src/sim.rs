@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytemuck::Zeroable;
 
 use llumlet_dataplane::command::Command;
-use llumlet_dataplane::engine::EngineEndpoint;
+use llumlet_dataplane::endpoint::EngineEndpoint;
 use llumlet_dataplane::kv::HostKvCache;
 use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
 pub use llumlet_dataplane::rng::SplitMix64;
@@ -479,6 +479,7 @@ impl SimEngine {
         }
     }
 
+    /// One engine step: check arrivals, admit, decode, publish.
     pub fn step(&mut self) {
         self.verify_arrivals();
         self.step_id = self.step_id.wrapping_add(1);

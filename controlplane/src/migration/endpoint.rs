@@ -25,14 +25,14 @@ use prost::Message;
 
 use super::journal;
 use super::link::{CallError, Calls, EngineLink};
-use super::machine::{DestMachine, DstAction, DstEngineOp, DstEvent, Outcome};
+use super::machine::{DestAction, DestEngineOp, DestEvent, DestMachine, Outcome};
 use super::negotiate::{self, Ask, Transport};
 use super::reason::Refusal;
 use super::ucx_side::UcxSide;
 use super::wire::{self, host_identity, layout_of, map_all, region_msg, regions_of, wire_layout};
 use super::STEP_TIMEOUT;
 use crate::metrics::{MigrationCounts, Side};
-use crate::migrate::SlotLedger;
+use crate::migration::rpc::SlotLedger;
 use crate::sync::lock;
 
 /// Migrations remembered for `Resolve` before the settled ones are forgotten.
@@ -386,7 +386,7 @@ impl Inbound<'_> {
         self.server.set(&self.key, Known::Open);
         let mut begin = self.begin.clone();
         begin.transport = self.transport.name().into();
-        let mut queue = VecDeque::from(self.machine.on(DstEvent::Begin(Box::new(begin), verdict)));
+        let mut queue = VecDeque::from(self.machine.on(DestEvent::Begin(Box::new(begin), verdict)));
         loop {
             let Some(action) = queue.pop_front() else {
                 if self.machine.is_done() {
@@ -398,10 +398,10 @@ impl Inbound<'_> {
                 continue;
             };
             let event = match action {
-                DstAction::Engine(op) => Some(self.engine(op)),
-                DstAction::ReadReservation => Some(self.read_reservation()),
-                DstAction::Peer(msg) => self.peer(msg),
-                DstAction::Done(outcome) => return self.done(outcome),
+                DestAction::Engine(op) => Some(self.engine(op)),
+                DestAction::ReadReservation => Some(self.read_reservation()),
+                DestAction::Peer(msg) => self.peer(msg),
+                DestAction::Done(outcome) => return self.done(outcome),
             };
             if let Some(event) = event {
                 queue.extend(self.machine.on(event));
@@ -411,45 +411,45 @@ impl Inbound<'_> {
 
     /// Waits for the source: data frames land in the reservation (no event), a control message
     /// is an event (a `Commit` after a `Resolve` fenced the migration comes after `Fenced`).
-    fn await_source(&mut self) -> Vec<DstEvent> {
+    fn await_source(&mut self) -> Vec<DestEvent> {
         let event = match receive_frame(&mut self.stream, &mut self.buf, &self.sink) {
             Ok(Frame::Data(Ok(_))) => return Vec::new(),
-            Ok(Frame::Data(Err(e))) => DstEvent::SinkError(e.to_string()),
+            Ok(Frame::Data(Err(e))) => DestEvent::SinkError(e.to_string()),
             Ok(Frame::Control) => match Envelope::decode(&self.buf[..]).ok().and_then(|e| e.msg) {
                 Some(Msg::Commit(c)) if self.server.get(&self.key) == Some(Known::Fenced) => {
-                    return vec![DstEvent::Fenced, DstEvent::Peer(Msg::Commit(c))];
+                    return vec![DestEvent::Fenced, DestEvent::Peer(Msg::Commit(c))];
                 }
-                Some(m) => DstEvent::Peer(m),
-                None => DstEvent::PeerLost("malformed control message".into()),
+                Some(m) => DestEvent::Peer(m),
+                None => DestEvent::PeerLost("malformed control message".into()),
             },
-            Err(e) => DstEvent::PeerLost(e.to_string()),
+            Err(e) => DestEvent::PeerLost(e.to_string()),
         };
         vec![event]
     }
 
     /// A command to the destination engine: reserve blocks, commit the request in, or abort.
-    fn engine(&mut self, op: DstEngineOp) -> DstEvent {
+    fn engine(&mut self, op: DestEngineOp) -> DestEvent {
         let Some(mb) = self.mailbox.clone() else {
-            return DstEvent::Engine { ok: false };
+            return DestEvent::Engine { ok: false };
         };
-        let commit = matches!(op, DstEngineOp::Commit(_));
+        let commit = matches!(op, DestEngineOp::Commit(_));
         let cmd = match op {
-            DstEngineOp::Reserve(n) => {
+            DestEngineOp::Reserve(n) => {
                 let mail = Mail {
                     request_id: self.begin.request_id.clone(),
                     state: Vec::new(),
                 };
                 if self.slot.is_none() && mail.write(&mb).is_err() {
-                    return DstEvent::Engine { ok: false };
+                    return DestEvent::Engine { ok: false };
                 }
                 Command::ReserveBlocks {
                     migration: self.local_id,
                     blocks: n,
                 }
             }
-            DstEngineOp::Commit(state) => {
+            DestEngineOp::Commit(state) => {
                 if self.server.get(&self.key) == Some(Known::Fenced) {
-                    return DstEvent::Engine { ok: false };
+                    return DestEvent::Engine { ok: false };
                 }
                 self.server.set(&self.key, Known::Committing);
                 let mail = Mail {
@@ -462,13 +462,13 @@ impl Inbound<'_> {
                     local: self.local_id,
                 };
                 if mail.write(&mb).is_err() || record.write(&self.in_record).is_err() {
-                    return DstEvent::Engine { ok: false };
+                    return DestEvent::Engine { ok: false };
                 }
                 Command::MigrateInCommit {
                     migration: self.local_id,
                 }
             }
-            DstEngineOp::Abort => Command::MigrateInAbort {
+            DestEngineOp::Abort => Command::MigrateInAbort {
                 migration: self.local_id,
             },
         };
@@ -497,10 +497,10 @@ impl Inbound<'_> {
                 if ok && commit && fault::at(Point::DstAfterCommit) == Some(Action::Cut) {
                     self.cut();
                 }
-                DstEvent::Engine { ok }
+                DestEvent::Engine { ok }
             }
-            Err(CallError::Timeout) => DstEvent::EngineTimeout,
-            Err(_) => DstEvent::Engine { ok: false },
+            Err(CallError::Timeout) => DestEvent::EngineTimeout,
+            Err(_) => DestEvent::Engine { ok: false },
         }
     }
 
@@ -522,18 +522,18 @@ impl Inbound<'_> {
     }
 
     /// The reserved blocks, from the engine's request table.
-    fn read_reservation(&mut self) -> DstEvent {
+    fn read_reservation(&mut self) -> DestEvent {
         let seg = self.server.link.segment();
         let r = self.slot.and_then(|s| {
             read_request(seg.as_ref()?.requests(), s, &mut self.table)
                 .ok()
                 .flatten()
         });
-        DstEvent::Reservation(r.map(|_| self.table.clone()))
+        DestEvent::Reservation(r.map(|_| self.table.clone()))
     }
 
     /// A message to the source; `Reserved` carries what the negotiated transport needs.
-    fn peer(&mut self, mut msg: Msg) -> Option<DstEvent> {
+    fn peer(&mut self, mut msg: Msg) -> Option<DestEvent> {
         if let Msg::Reserved(r) = &mut msg {
             if r.ok {
                 self.sink.set_reserved(ReservedBlocks::new(&r.blocks));
@@ -551,7 +551,7 @@ impl Inbound<'_> {
                 let _ = self.stream.flush();
                 None
             }
-            Err(e) => Some(DstEvent::PeerLost(e.to_string())),
+            Err(e) => Some(DestEvent::PeerLost(e.to_string())),
         }
     }
 

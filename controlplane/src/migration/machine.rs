@@ -71,7 +71,7 @@ impl Default for SourceTuning {
 
 /// A command to the source engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SrcEngineOp {
+pub enum SourceEngineOp {
     /// `MigrateOutBegin`.
     Begin,
     /// `MigrateOutSuspend`.
@@ -84,16 +84,16 @@ pub enum SrcEngineOp {
 
 /// What the source's driver must do next.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SrcAction {
-    /// Send a command to the engine and feed back its reply ([`SrcEvent::Engine`]).
-    Engine(SrcEngineOp),
+pub enum SourceAction {
+    /// Send a command to the engine and feed back its reply ([`SourceEvent::Engine`]).
+    Engine(SourceEngineOp),
     /// Send a message to the destination.
     Peer(Msg),
-    /// Read the request's slot in the engine's table ([`SrcEvent::Table`]).
+    /// Read the request's slot in the engine's table ([`SourceEvent::Table`]).
     ReadTable,
-    /// Read the suspended request's state from its mailbox ([`SrcEvent::State`]).
+    /// Read the suspended request's state from its mailbox ([`SourceEvent::State`]).
     ReadState,
-    /// Copy these runs with the transport ([`SrcEvent::Copied`]).
+    /// Copy these runs with the transport ([`SourceEvent::Copied`]).
     Copy(Vec<BlockRun>),
     /// (Re)connect to the destination and ask what became of the migration.
     Resolve,
@@ -103,7 +103,7 @@ pub enum SrcAction {
 
 /// What happened, as the source's driver saw it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SrcEvent {
+pub enum SourceEvent {
     /// Begin.
     Start,
     /// The engine answered the last command (`ok: false` also for a timeout).
@@ -124,7 +124,7 @@ pub enum SrcEvent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SrcState {
+enum SourceState {
     Idle,
     Beginning,
     Snapshot,
@@ -146,7 +146,7 @@ pub struct SourceMachine {
     request_id: String,
     block_tokens: u32,
     begin_template: Begin,
-    state: SrcState,
+    state: SourceState,
     stage: u32,
     peer_open: bool,
     suspended: bool,
@@ -172,7 +172,7 @@ impl SourceMachine {
             request_id: begin.request_id.clone(),
             block_tokens,
             begin_template: begin,
-            state: SrcState::Idle,
+            state: SourceState::Idle,
             stage: 0,
             peer_open: false,
             suspended: false,
@@ -216,36 +216,36 @@ impl SourceMachine {
 
     /// Whether it finished.
     pub fn is_done(&self) -> bool {
-        self.state == SrcState::Done
+        self.state == SourceState::Done
     }
 
-    fn fail(&mut self, why: Reason) -> Vec<SrcAction> {
+    fn fail(&mut self, why: Reason) -> Vec<SourceAction> {
         if self.commit_sent {
             // Past the commit only the destination knows: ask it.
-            self.state = SrcState::Resolving;
-            return vec![SrcAction::Resolve];
+            self.state = SourceState::Resolving;
+            return vec![SourceAction::Resolve];
         }
         let mut a = Vec::new();
         if self.peer_open {
-            a.push(SrcAction::Peer(Msg::Abort(Abort {
+            a.push(SourceAction::Peer(Msg::Abort(Abort {
                 reason: why.to_string(),
             })));
         }
-        a.push(SrcAction::Engine(SrcEngineOp::Abort));
+        a.push(SourceAction::Engine(SourceEngineOp::Abort));
         self.outcome = Some(Outcome::Aborted(why));
-        self.state = SrcState::Finishing;
+        self.state = SourceState::Finishing;
         a
     }
 
-    fn copy_stage(&mut self) -> Vec<SrcAction> {
+    fn copy_stage(&mut self) -> Vec<SourceAction> {
         let (blocks, _) = &self.snapshot;
         let positions =
             delta_positions(&self.copied, self.copied_tokens, blocks, self.block_tokens);
         self.last_delta = positions.len();
         let mut runs = Vec::new();
         coalesce(blocks, &self.dst_blocks, positions, &mut runs);
-        self.state = SrcState::Copying;
-        vec![SrcAction::Copy(runs)]
+        self.state = SourceState::Copying;
+        vec![SourceAction::Copy(runs)]
     }
 
     fn want_blocks(&self, need: usize) -> u32 {
@@ -258,23 +258,23 @@ impl SourceMachine {
     }
 
     /// Feeds one event; returns what to do next.
-    pub fn on(&mut self, ev: SrcEvent) -> Vec<SrcAction> {
-        use SrcState as S;
+    pub fn on(&mut self, ev: SourceEvent) -> Vec<SourceAction> {
+        use SourceState as S;
         match (self.state, ev) {
             (S::Done, _) => vec![],
-            (S::Idle, SrcEvent::Start) => {
+            (S::Idle, SourceEvent::Start) => {
                 self.state = S::Beginning;
-                vec![SrcAction::Engine(SrcEngineOp::Begin)]
+                vec![SourceAction::Engine(SourceEngineOp::Begin)]
             }
-            (S::Beginning, SrcEvent::Engine { ok: true }) => {
+            (S::Beginning, SourceEvent::Engine { ok: true }) => {
                 self.state = S::Snapshot;
-                vec![SrcAction::ReadTable]
+                vec![SourceAction::ReadTable]
             }
-            (S::Beginning, SrcEvent::Engine { ok: false }) => {
+            (S::Beginning, SourceEvent::Engine { ok: false }) => {
                 self.fail(Reason::EngineRefused(EngineStep::Begin))
             }
-            (S::Snapshot, SrcEvent::Table(None)) => self.fail(Reason::RequestGone),
-            (S::Snapshot, SrcEvent::Table(Some(snap))) => {
+            (S::Snapshot, SourceEvent::Table(None)) => self.fail(Reason::RequestGone),
+            (S::Snapshot, SourceEvent::Table(Some(snap))) => {
                 let need = snap.0.len();
                 self.snapshot = snap;
                 if !self.peer_open {
@@ -282,17 +282,17 @@ impl SourceMachine {
                     self.state = S::Reserving;
                     let mut b = self.begin_template.clone();
                     b.blocks = self.want_blocks(need);
-                    return vec![SrcAction::Peer(Msg::Begin(b))];
+                    return vec![SourceAction::Peer(Msg::Begin(b))];
                 }
                 if need > self.dst_blocks.len() {
                     self.state = S::Reserving;
-                    return vec![SrcAction::Peer(Msg::Reserve(Reserve {
+                    return vec![SourceAction::Peer(Msg::Reserve(Reserve {
                         blocks: self.want_blocks(need),
                     }))];
                 }
                 self.copy_stage()
             }
-            (S::Reserving, SrcEvent::Peer(Msg::Reserved(r))) => {
+            (S::Reserving, SourceEvent::Peer(Msg::Reserved(r))) => {
                 if !r.ok {
                     return self.fail(Reason::PeerRefused(PeerStep::Reservation, r.error));
                 }
@@ -302,17 +302,17 @@ impl SourceMachine {
                 self.dst_blocks = r.blocks;
                 self.copy_stage()
             }
-            (S::Copying, SrcEvent::Copied(Ok(bytes))) => {
+            (S::Copying, SourceEvent::Copied(Ok(bytes))) => {
                 self.copied = self.snapshot.0.clone();
                 self.copied_tokens = self.snapshot.1;
                 self.state = S::Acking;
-                vec![SrcAction::Peer(Msg::StageDone(StageDone {
+                vec![SourceAction::Peer(Msg::StageDone(StageDone {
                     stage: self.stage,
                     bytes,
                 }))]
             }
-            (S::Copying, SrcEvent::Copied(Err(e))) => self.fail(Reason::Copy(e)),
-            (S::Acking, SrcEvent::Peer(Msg::StageAck(StageAck { stage, ok, error }))) => {
+            (S::Copying, SourceEvent::Copied(Err(e))) => self.fail(Reason::Copy(e)),
+            (S::Acking, SourceEvent::Peer(Msg::StageAck(StageAck { stage, ok, error }))) => {
                 if !ok || stage != self.stage {
                     return self.fail(Reason::PeerRefused(PeerStep::Stage(self.stage), error));
                 }
@@ -320,7 +320,7 @@ impl SourceMachine {
                 if self.suspended {
                     self.commit_sent = true;
                     self.state = S::Committing;
-                    return vec![SrcAction::Peer(Msg::Commit(Commit {
+                    return vec![SourceAction::Peer(Msg::Commit(Commit {
                         state: std::mem::take(&mut self.request_state),
                         blocks: self.copied.len() as u32,
                     }))];
@@ -329,88 +329,88 @@ impl SourceMachine {
                     || self.stage >= self.tuning.max_stages
                 {
                     self.state = S::Suspending;
-                    return vec![SrcAction::Engine(SrcEngineOp::Suspend)];
+                    return vec![SourceAction::Engine(SourceEngineOp::Suspend)];
                 }
                 self.state = S::Snapshot;
-                vec![SrcAction::ReadTable]
+                vec![SourceAction::ReadTable]
             }
-            (S::Suspending, SrcEvent::Engine { ok: true }) => {
+            (S::Suspending, SourceEvent::Engine { ok: true }) => {
                 self.state = S::ReadingState;
-                vec![SrcAction::ReadState]
+                vec![SourceAction::ReadState]
             }
-            (S::Suspending, SrcEvent::Engine { ok: false }) => {
+            (S::Suspending, SourceEvent::Engine { ok: false }) => {
                 self.fail(Reason::EngineRefused(EngineStep::Suspend))
             }
-            (S::ReadingState, SrcEvent::State(Some(st))) => {
+            (S::ReadingState, SourceEvent::State(Some(st))) => {
                 self.request_state = st;
                 self.suspended = true;
                 self.state = S::Snapshot;
-                vec![SrcAction::ReadTable]
+                vec![SourceAction::ReadTable]
             }
-            (S::ReadingState, SrcEvent::State(None)) => self.fail(Reason::StateUnreadable),
-            (S::Committing, SrcEvent::Peer(Msg::Committed(Committed { ok, error }))) => self
+            (S::ReadingState, SourceEvent::State(None)) => self.fail(Reason::StateUnreadable),
+            (S::Committing, SourceEvent::Peer(Msg::Committed(Committed { ok, error }))) => self
                 .finish(if ok {
                     Outcome::Migrated
                 } else {
                     Outcome::Aborted(Reason::PeerRefused(PeerStep::Commit, error))
                 }),
-            (S::Resolving, SrcEvent::Peer(Msg::Resolution(r))) => match r.outcome() {
+            (S::Resolving, SourceEvent::Peer(Msg::Resolution(r))) => match r.outcome() {
                 Res::Committed => self.finish(Outcome::Migrated),
                 Res::Aborted => self.finish(Outcome::Aborted(Reason::CommitLostAborted)),
                 Res::Unknown => self.retry_resolve("the destination does not know yet".into()),
             },
-            (S::Resolving, SrcEvent::PeerLost(e)) => self.retry_resolve(e),
-            (S::Finishing, SrcEvent::Engine { ok: false }) if self.finish_tries < 3 => {
+            (S::Resolving, SourceEvent::PeerLost(e)) => self.retry_resolve(e),
+            (S::Finishing, SourceEvent::Engine { ok: false }) if self.finish_tries < 3 => {
                 // Freeing or resuming must happen: ask again (the engine answers in order).
                 self.finish_tries += 1;
                 let op = if self.outcome == Some(Outcome::Migrated) {
-                    SrcEngineOp::Commit
+                    SourceEngineOp::Commit
                 } else {
-                    SrcEngineOp::Abort
+                    SourceEngineOp::Abort
                 };
-                vec![SrcAction::Engine(op)]
+                vec![SourceAction::Engine(op)]
             }
-            (S::Finishing, SrcEvent::Engine { .. }) => {
+            (S::Finishing, SourceEvent::Engine { .. }) => {
                 self.state = S::Done;
-                vec![SrcAction::Done(
+                vec![SourceAction::Done(
                     self.outcome.clone().unwrap_or(Outcome::Migrated),
                 )]
             }
             (S::Finishing, _) => vec![],
-            (_, SrcEvent::PeerLost(e)) => self.fail(Reason::LostDestination(e)),
+            (_, SourceEvent::PeerLost(e)) => self.fail(Reason::LostDestination(e)),
             (state, ev) => self.fail(Reason::Protocol(format!("{ev:?} in state {state:?}"))),
         }
     }
 
-    fn finish(&mut self, o: Outcome) -> Vec<SrcAction> {
+    fn finish(&mut self, o: Outcome) -> Vec<SourceAction> {
         let op = if o == Outcome::Migrated {
-            SrcEngineOp::Commit
+            SourceEngineOp::Commit
         } else {
-            SrcEngineOp::Abort
+            SourceEngineOp::Abort
         };
         self.outcome = Some(o);
-        self.state = SrcState::Finishing;
-        vec![SrcAction::Engine(op)]
+        self.state = SourceState::Finishing;
+        vec![SourceAction::Engine(op)]
     }
 
-    fn retry_resolve(&mut self, why: String) -> Vec<SrcAction> {
+    fn retry_resolve(&mut self, why: String) -> Vec<SourceAction> {
         self.resolve_tries += 1;
         if self.resolve_tries >= self.tuning.resolve_attempts {
-            self.state = SrcState::Done;
+            self.state = SourceState::Done;
             let o = Outcome::InDoubt(Reason::Unresolved {
                 attempts: self.resolve_tries,
                 last: why,
             });
             self.outcome = Some(o.clone());
-            return vec![SrcAction::Done(o)];
+            return vec![SourceAction::Done(o)];
         }
-        vec![SrcAction::Resolve]
+        vec![SourceAction::Resolve]
     }
 }
 
 /// A command to the destination engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DstEngineOp {
+pub enum DestEngineOp {
     /// `ReserveBlocks` (the request id is in the mailbox): grow the reservation to this many.
     Reserve(u32),
     /// `MigrateInCommit` with this state in the mailbox.
@@ -421,10 +421,10 @@ pub enum DstEngineOp {
 
 /// What the destination's driver must do next.
 #[derive(Debug, Clone, PartialEq)]
-pub enum DstAction {
+pub enum DestAction {
     /// Send a command to the engine and feed back its reply.
-    Engine(DstEngineOp),
-    /// Read the reservation's blocks from the engine's table ([`DstEvent::Reservation`]).
+    Engine(DestEngineOp),
+    /// Read the reservation's blocks from the engine's table ([`DestEvent::Reservation`]).
     ReadReservation,
     /// Send to the source.
     Peer(Msg),
@@ -434,7 +434,7 @@ pub enum DstAction {
 
 /// What happened, as the destination's driver saw it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum DstEvent {
+pub enum DestEvent {
     /// The source's `Begin`, with the driver's verdict on it (`Some`: refused, why).
     Begin(Box<Begin>, Option<Refusal>),
     /// A message from the source.
@@ -457,7 +457,7 @@ pub enum DstEvent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DstState {
+enum DestState {
     Idle,
     Reserving,
     ReadingReservation,
@@ -469,7 +469,7 @@ enum DstState {
 
 /// The destination's side of one request's migration.
 pub struct DestMachine {
-    state: DstState,
+    state: DestState,
     sink_error: Option<String>,
     fenced: bool,
     reply_transport: String,
@@ -487,7 +487,7 @@ impl DestMachine {
     /// A machine waiting for `Begin`.
     pub fn new() -> DestMachine {
         DestMachine {
-            state: DstState::Idle,
+            state: DestState::Idle,
             sink_error: None,
             fenced: false,
             reply_transport: String::new(),
@@ -498,58 +498,58 @@ impl DestMachine {
 
     /// Whether it finished.
     pub fn is_done(&self) -> bool {
-        self.state == DstState::Done
+        self.state == DestState::Done
     }
 
     /// Whether the commit reached the engine and the answer is awaited.
     pub fn committing(&self) -> bool {
-        self.state == DstState::Committing
+        self.state == DestState::Committing
     }
 
-    fn abort(&mut self, why: Reason, tell_peer: Option<Msg>) -> Vec<DstAction> {
-        let mut a: Vec<DstAction> = tell_peer.into_iter().map(DstAction::Peer).collect();
-        a.push(DstAction::Engine(DstEngineOp::Abort));
+    fn abort(&mut self, why: Reason, tell_peer: Option<Msg>) -> Vec<DestAction> {
+        let mut a: Vec<DestAction> = tell_peer.into_iter().map(DestAction::Peer).collect();
+        a.push(DestAction::Engine(DestEngineOp::Abort));
         self.outcome = Some(Outcome::Aborted(why));
-        self.state = DstState::Aborting;
+        self.state = DestState::Aborting;
         a
     }
 
     /// Feeds one event; returns what to do next.
-    pub fn on(&mut self, ev: DstEvent) -> Vec<DstAction> {
-        use DstState as S;
+    pub fn on(&mut self, ev: DestEvent) -> Vec<DestAction> {
+        use DestState as S;
         match (self.state, ev) {
             (S::Done, _) => vec![],
-            (_, DstEvent::Fenced) if self.state != S::Committing => {
+            (_, DestEvent::Fenced) if self.state != S::Committing => {
                 self.fenced = true;
                 if matches!(self.state, S::Open | S::Idle) {
                     return self.abort(Reason::Fenced, None);
                 }
                 vec![]
             }
-            (S::Committing, DstEvent::Fenced) => vec![],
-            (S::Idle, DstEvent::Begin(b, refusal)) => {
+            (S::Committing, DestEvent::Fenced) => vec![],
+            (S::Idle, DestEvent::Begin(b, refusal)) => {
                 if let Some(why) = refusal {
                     let why = Reason::DestinationRefused(why);
                     self.state = S::Done;
                     self.outcome = Some(Outcome::Aborted(why.clone()));
                     return vec![
-                        DstAction::Peer(Msg::Reserved(Reserved {
+                        DestAction::Peer(Msg::Reserved(Reserved {
                             ok: false,
                             error: why.to_string(),
                             ..Default::default()
                         })),
-                        DstAction::Done(Outcome::Aborted(why)),
+                        DestAction::Done(Outcome::Aborted(why)),
                     ];
                 }
                 self.reply_transport = b.transport.clone();
                 self.state = S::Reserving;
-                vec![DstAction::Engine(DstEngineOp::Reserve(b.blocks))]
+                vec![DestAction::Engine(DestEngineOp::Reserve(b.blocks))]
             }
-            (S::Reserving, DstEvent::Engine { ok: true }) => {
+            (S::Reserving, DestEvent::Engine { ok: true }) => {
                 self.state = S::ReadingReservation;
-                vec![DstAction::ReadReservation]
+                vec![DestAction::ReadReservation]
             }
-            (S::Reserving, DstEvent::Engine { ok: false } | DstEvent::EngineTimeout) => {
+            (S::Reserving, DestEvent::Engine { ok: false } | DestEvent::EngineTimeout) => {
                 let why = Reason::EngineRefused(EngineStep::Reserve);
                 let msg = Msg::Reserved(Reserved {
                     ok: false,
@@ -558,16 +558,16 @@ impl DestMachine {
                 });
                 self.abort(why, Some(msg))
             }
-            (S::ReadingReservation, DstEvent::Reservation(Some(blocks))) => {
+            (S::ReadingReservation, DestEvent::Reservation(Some(blocks))) => {
                 self.state = S::Open;
-                vec![DstAction::Peer(Msg::Reserved(Reserved {
+                vec![DestAction::Peer(Msg::Reserved(Reserved {
                     ok: true,
                     blocks,
                     transport: self.reply_transport.clone(),
                     ..Default::default()
                 }))]
             }
-            (S::ReadingReservation, DstEvent::Reservation(None)) => {
+            (S::ReadingReservation, DestEvent::Reservation(None)) => {
                 let why = Reason::ReservationUnreadable;
                 let msg = Msg::Reserved(Reserved {
                     ok: false,
@@ -576,17 +576,17 @@ impl DestMachine {
                 });
                 self.abort(why, Some(msg))
             }
-            (S::Open, DstEvent::Peer(Msg::Reserve(Reserve { blocks }))) => {
+            (S::Open, DestEvent::Peer(Msg::Reserve(Reserve { blocks }))) => {
                 self.state = S::Reserving;
-                vec![DstAction::Engine(DstEngineOp::Reserve(blocks))]
+                vec![DestAction::Engine(DestEngineOp::Reserve(blocks))]
             }
-            (S::Open, DstEvent::SinkError(e)) => {
+            (S::Open, DestEvent::SinkError(e)) => {
                 self.sink_error.get_or_insert(e);
                 vec![]
             }
-            (S::Open, DstEvent::Peer(Msg::StageDone(StageDone { stage, .. }))) => {
+            (S::Open, DestEvent::Peer(Msg::StageDone(StageDone { stage, .. }))) => {
                 match self.sink_error.clone() {
-                    None => vec![DstAction::Peer(Msg::StageAck(StageAck {
+                    None => vec![DestAction::Peer(Msg::StageAck(StageAck {
                         stage,
                         ok: true,
                         error: String::new(),
@@ -601,7 +601,7 @@ impl DestMachine {
                     }
                 }
             }
-            (S::Open, DstEvent::Peer(Msg::Commit(c))) => {
+            (S::Open, DestEvent::Peer(Msg::Commit(c))) => {
                 if self.fenced {
                     let msg = Msg::Committed(Committed {
                         ok: false,
@@ -610,21 +610,21 @@ impl DestMachine {
                     return self.abort(Reason::Fenced, Some(msg));
                 }
                 self.state = S::Committing;
-                vec![DstAction::Engine(DstEngineOp::Commit(c.state))]
+                vec![DestAction::Engine(DestEngineOp::Commit(c.state))]
             }
-            (S::Committing, DstEvent::Engine { ok: true }) => {
+            (S::Committing, DestEvent::Engine { ok: true }) => {
                 self.state = S::Done;
                 self.answered_commit = true;
                 self.outcome = Some(Outcome::Migrated);
                 vec![
-                    DstAction::Peer(Msg::Committed(Committed {
+                    DestAction::Peer(Msg::Committed(Committed {
                         ok: true,
                         error: String::new(),
                     })),
-                    DstAction::Done(Outcome::Migrated),
+                    DestAction::Done(Outcome::Migrated),
                 ]
             }
-            (S::Committing, DstEvent::Engine { ok: false }) => {
+            (S::Committing, DestEvent::Engine { ok: false }) => {
                 let why = Reason::EngineRefused(EngineStep::Commit);
                 let msg = Msg::Committed(Committed {
                     ok: false,
@@ -633,20 +633,20 @@ impl DestMachine {
                 self.abort(why, Some(msg))
             }
             // The engine decides; wait for it (its queue runs in order).
-            (S::Committing, DstEvent::EngineTimeout | DstEvent::PeerLost(_)) => vec![],
-            (S::Aborting, DstEvent::Engine { .. } | DstEvent::EngineTimeout) => {
+            (S::Committing, DestEvent::EngineTimeout | DestEvent::PeerLost(_)) => vec![],
+            (S::Aborting, DestEvent::Engine { .. } | DestEvent::EngineTimeout) => {
                 self.state = S::Done;
                 let o = self
                     .outcome
                     .clone()
                     .unwrap_or(Outcome::Aborted(Reason::Protocol("no outcome".into())));
-                vec![DstAction::Done(o)]
+                vec![DestAction::Done(o)]
             }
             (S::Aborting, _) => vec![],
-            (S::Open, DstEvent::Peer(Msg::Abort(a))) => {
+            (S::Open, DestEvent::Peer(Msg::Abort(a))) => {
                 self.abort(Reason::SourceAborted(a.reason), None)
             }
-            (_, DstEvent::PeerLost(e)) => self.abort(Reason::LostSource(e), None),
+            (_, DestEvent::PeerLost(e)) => self.abort(Reason::LostSource(e), None),
             (state, ev) => {
                 let why = Reason::Protocol(format!("{ev:?} in state {state:?}"));
                 self.abort(why, None)
@@ -691,8 +691,8 @@ mod tests {
     }
 
     enum To {
-        Src(SrcEvent),
-        Dst(DstEvent),
+        Src(SourceEvent),
+        Dst(DestEvent),
     }
 
     struct World {
@@ -715,44 +715,46 @@ mod tests {
                 .map(|(_, f)| f)
         }
 
-        fn src_action(&mut self, a: SrcAction, q: &mut VecDeque<To>) {
+        fn src_action(&mut self, a: SourceAction, q: &mut VecDeque<To>) {
             let f = self.fault();
             match a {
-                SrcAction::Engine(op) => {
+                SourceAction::Engine(op) => {
                     let before = self.src;
                     let after = match (op, self.src) {
-                        (SrcEngineOp::Begin, SrcReq::Running) => SrcReq::Migrating,
-                        (SrcEngineOp::Suspend, SrcReq::Migrating) => SrcReq::Suspended,
-                        (SrcEngineOp::Commit, SrcReq::Suspended) => SrcReq::Freed,
-                        (SrcEngineOp::Abort, SrcReq::Migrating | SrcReq::Suspended) => {
+                        (SourceEngineOp::Begin, SrcReq::Running) => SrcReq::Migrating,
+                        (SourceEngineOp::Suspend, SrcReq::Migrating) => SrcReq::Suspended,
+                        (SourceEngineOp::Commit, SrcReq::Suspended) => SrcReq::Freed,
+                        (SourceEngineOp::Abort, SrcReq::Migrating | SrcReq::Suspended) => {
                             SrcReq::Running
                         }
                         (_, s) => s,
                     };
-                    let ok = after != before || op == SrcEngineOp::Abort;
+                    let ok = after != before || op == SourceEngineOp::Abort;
                     match f {
-                        Some(Fault::Fail) => q.push_back(To::Src(SrcEvent::Engine { ok: false })),
+                        Some(Fault::Fail) => {
+                            q.push_back(To::Src(SourceEvent::Engine { ok: false }))
+                        }
                         Some(Fault::Late) => {
                             self.src = after;
-                            q.push_back(To::Src(SrcEvent::Engine { ok: false }))
+                            q.push_back(To::Src(SourceEvent::Engine { ok: false }))
                         }
                         None => {
                             self.src = after;
-                            q.push_back(To::Src(SrcEvent::Engine { ok }))
+                            q.push_back(To::Src(SourceEvent::Engine { ok }))
                         }
                     }
                 }
-                SrcAction::Peer(m) => {
+                SourceAction::Peer(m) => {
                     if f.is_some() || !self.connected {
                         self.cut(q);
                     } else {
                         q.push_back(To::Dst(match m {
-                            Msg::Begin(b) => DstEvent::Begin(Box::new(b), None),
-                            m => DstEvent::Peer(m),
+                            Msg::Begin(b) => DestEvent::Begin(Box::new(b), None),
+                            m => DestEvent::Peer(m),
                         }));
                     }
                 }
-                SrcAction::ReadTable => {
+                SourceAction::ReadTable => {
                     if f.is_some() {
                         // The request finished at the source meanwhile.
                         if self.src == SrcReq::Migrating {
@@ -764,20 +766,20 @@ mod tests {
                         self.tokens += 37;
                     }
                     let n = self.tokens.div_ceil(16) as u32;
-                    q.push_back(To::Src(SrcEvent::Table(
+                    q.push_back(To::Src(SourceEvent::Table(
                         present.then(|| ((100..100 + n).collect(), self.tokens)),
                     )));
                 }
-                SrcAction::ReadState => q.push_back(To::Src(SrcEvent::State(
+                SourceAction::ReadState => q.push_back(To::Src(SourceEvent::State(
                     (f.is_none() && self.src == SrcReq::Suspended).then(|| vec![1, 2, 3]),
                 ))),
-                SrcAction::Copy(_) => q.push_back(To::Src(SrcEvent::Copied(match f {
+                SourceAction::Copy(_) => q.push_back(To::Src(SourceEvent::Copied(match f {
                     Some(_) => Err("injected".into()),
                     None => Ok(1),
                 }))),
-                SrcAction::Resolve => {
+                SourceAction::Resolve => {
                     // A new connection: the destination fences and answers from its state.
-                    q.push_back(To::Dst(DstEvent::Fenced));
+                    q.push_back(To::Dst(DestEvent::Fenced));
                     let outcome = if f.is_some() {
                         None
                     } else if self.dst == DstReq::Running {
@@ -786,66 +788,64 @@ mod tests {
                         Some(Res::Aborted)
                     };
                     q.push_back(To::Src(match outcome {
-                        Some(o) => {
-                            SrcEvent::Peer(Msg::Resolution(llumlet_proto::migration::Resolution {
-                                outcome: o as i32,
-                            }))
-                        }
-                        None => SrcEvent::PeerLost("resolver unreachable".into()),
+                        Some(o) => SourceEvent::Peer(Msg::Resolution(
+                            llumlet_proto::migration::Resolution { outcome: o as i32 },
+                        )),
+                        None => SourceEvent::PeerLost("resolver unreachable".into()),
                     }));
                 }
-                SrcAction::Done(o) => self.src_done = Some(o),
+                SourceAction::Done(o) => self.src_done = Some(o),
             }
         }
 
         fn cut(&mut self, q: &mut VecDeque<To>) {
             if self.connected {
                 self.connected = false;
-                q.push_back(To::Src(SrcEvent::PeerLost("cut".into())));
-                q.push_back(To::Dst(DstEvent::PeerLost("cut".into())));
+                q.push_back(To::Src(SourceEvent::PeerLost("cut".into())));
+                q.push_back(To::Dst(DestEvent::PeerLost("cut".into())));
             }
         }
 
-        fn dst_action(&mut self, a: DstAction, q: &mut VecDeque<To>) {
+        fn dst_action(&mut self, a: DestAction, q: &mut VecDeque<To>) {
             let f = self.fault();
             match a {
-                DstAction::Engine(op) => {
+                DestAction::Engine(op) => {
                     let after = match (&op, self.dst) {
-                        (DstEngineOp::Reserve(_), _) => DstReq::Reserved,
-                        (DstEngineOp::Commit(_), DstReq::Reserved) => DstReq::Running,
-                        (DstEngineOp::Abort, DstReq::Reserved) => DstReq::None,
+                        (DestEngineOp::Reserve(_), _) => DstReq::Reserved,
+                        (DestEngineOp::Commit(_), DstReq::Reserved) => DstReq::Running,
+                        (DestEngineOp::Abort, DstReq::Reserved) => DstReq::None,
                         (_, s) => s,
                     };
                     let ok = match op {
-                        DstEngineOp::Commit(_) => after == DstReq::Running,
-                        DstEngineOp::Abort => self.dst != DstReq::Running,
-                        DstEngineOp::Reserve(_) => true,
+                        DestEngineOp::Commit(_) => after == DstReq::Running,
+                        DestEngineOp::Abort => self.dst != DstReq::Running,
+                        DestEngineOp::Reserve(_) => true,
                     };
                     match f {
-                        Some(Fault::Fail) => q.push_back(To::Dst(DstEvent::Engine { ok: false })),
+                        Some(Fault::Fail) => q.push_back(To::Dst(DestEvent::Engine { ok: false })),
                         Some(Fault::Late) => {
                             self.dst = after;
-                            q.push_back(To::Dst(DstEvent::EngineTimeout));
+                            q.push_back(To::Dst(DestEvent::EngineTimeout));
                             // Commands run in order: the reply comes, late.
-                            q.push_back(To::Dst(DstEvent::Engine { ok }));
+                            q.push_back(To::Dst(DestEvent::Engine { ok }));
                         }
                         None => {
                             self.dst = after;
-                            q.push_back(To::Dst(DstEvent::Engine { ok }))
+                            q.push_back(To::Dst(DestEvent::Engine { ok }))
                         }
                     }
                 }
-                DstAction::ReadReservation => q.push_back(To::Dst(DstEvent::Reservation(
+                DestAction::ReadReservation => q.push_back(To::Dst(DestEvent::Reservation(
                     f.is_none().then(|| (500..700).collect()),
                 ))),
-                DstAction::Peer(m) => {
+                DestAction::Peer(m) => {
                     if f.is_some() || !self.connected {
                         self.cut(q);
                     } else {
-                        q.push_back(To::Src(SrcEvent::Peer(m)));
+                        q.push_back(To::Src(SourceEvent::Peer(m)));
                     }
                 }
-                DstAction::Done(o) => self.dst_done = Some(o),
+                DestAction::Done(o) => self.dst_done = Some(o),
             }
         }
     }
@@ -870,7 +870,7 @@ mod tests {
             src_done: None,
             dst_done: None,
         };
-        let mut q = VecDeque::from([To::Src(SrcEvent::Start)]);
+        let mut q = VecDeque::from([To::Src(SourceEvent::Start)]);
         let mut steps = 0;
         while let Some(ev) = q.pop_front() {
             steps += 1;

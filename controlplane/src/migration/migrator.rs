@@ -18,7 +18,7 @@ use super::source::{run_source, OutRequest};
 use super::ucx_side::UcxSide;
 use crate::config::TransportChoice;
 use crate::metrics::{MigrationCounts, Side};
-use crate::migrate::{MigrateError, MigrationParams, Migrator};
+use crate::migration::rpc::{MigrateError, MigrationParams, Migrator};
 use crate::sync::lock;
 
 /// Resolves `host:port` (the scheduler's `dst_engine_ip`, `dst_engine_port`).

@@ -7,6 +7,7 @@
 //! - [`wire`]: the transfer connection's control messages, region descriptions and `Resolve`;
 //! - [`source`]: the source side of one migration, driving its machine;
 //! - [`endpoint`]: the destination's transfer endpoint, driving a machine per migration in;
+//! - [`rpc`]: what the gRPC `Migrate` call asks (parameters), the slots it takes, the seam;
 //! - [`migrator`]: what the gRPC `Migrate` handler calls: selection, destination, the source runs;
 //! - [`link`]: calls to the engine over its command queues;
 //! - [`journal`]: the durable records that settle migrations a dead or in-doubt llumlet left;
@@ -22,6 +23,7 @@ pub mod machine;
 pub mod migrator;
 pub mod negotiate;
 pub mod reason;
+pub mod rpc;
 pub mod source;
 pub mod ucx_side;
 pub mod wire;

@@ -23,7 +23,9 @@ use llumlet_proto::migration::{envelope::Msg, Begin, Reserved};
 
 use super::journal::{self, Entry, Phase};
 use super::link::{Calls, EngineLink};
-use super::machine::{Outcome, SourceMachine, SourceTuning, SrcAction, SrcEngineOp, SrcEvent};
+use super::machine::{
+    Outcome, SourceAction, SourceEngineOp, SourceEvent, SourceMachine, SourceTuning,
+};
 use super::negotiate::{self, Transport};
 use super::reason::Reason;
 use super::ucx_side::UcxSide;
@@ -179,16 +181,16 @@ struct SourceRun<'a> {
 impl SourceRun<'_> {
     /// Runs the machine to its outcome.
     fn drive(mut self) -> SourceReport {
-        let mut queue = VecDeque::from(self.machine.on(SrcEvent::Start));
+        let mut queue = VecDeque::from(self.machine.on(SourceEvent::Start));
         while let Some(action) = queue.pop_front() {
             let event = match action {
-                SrcAction::Engine(op) => Some(self.engine(op)),
-                SrcAction::ReadTable => Some(self.read_table()),
-                SrcAction::ReadState => Some(self.read_state()),
-                SrcAction::Copy(runs) => Some(self.copy(&runs)),
-                SrcAction::Peer(msg) => self.peer(msg),
-                SrcAction::Resolve => Some(self.resolve()),
-                SrcAction::Done(outcome) => return self.done(outcome),
+                SourceAction::Engine(op) => Some(self.engine(op)),
+                SourceAction::ReadTable => Some(self.read_table()),
+                SourceAction::ReadState => Some(self.read_state()),
+                SourceAction::Copy(runs) => Some(self.copy(&runs)),
+                SourceAction::Peer(msg) => self.peer(msg),
+                SourceAction::Resolve => Some(self.resolve()),
+                SourceAction::Done(outcome) => return self.done(outcome),
             };
             if let Some(event) = event {
                 queue.extend(self.machine.on(event));
@@ -200,27 +202,27 @@ impl SourceRun<'_> {
     }
 
     /// A command to the source engine: begin, suspend, commit or abort the migration.
-    fn engine(&mut self, op: SrcEngineOp) -> SrcEvent {
+    fn engine(&mut self, op: SourceEngineOp) -> SourceEvent {
         let (migration, slot) = (self.migration_id, self.req.slot);
         let cmd = match op {
-            SrcEngineOp::Begin => {
+            SourceEngineOp::Begin => {
                 self.journal(Phase::Open);
                 Command::MigrateOutBegin { migration, slot }
             }
-            SrcEngineOp::Suspend => {
+            SourceEngineOp::Suspend => {
                 self.suspended_at = Some(Instant::now());
                 Command::MigrateOutSuspend { migration, slot }
             }
-            SrcEngineOp::Commit => {
+            SourceEngineOp::Commit => {
                 fault::at(Point::SrcAfterCommitted);
                 Command::MigrateOutCommit { migration, slot }
             }
-            SrcEngineOp::Abort => Command::MigrateOutAbort { migration, slot },
+            SourceEngineOp::Abort => Command::MigrateOutAbort { migration, slot },
         };
         let ok = matches!(self.calls.call(cmd), Ok((true, _)));
         let point = match op {
-            SrcEngineOp::Begin => Some(Point::SrcAfterBegin),
-            SrcEngineOp::Suspend => Some(Point::SrcAfterSuspend),
+            SourceEngineOp::Begin => Some(Point::SrcAfterBegin),
+            SourceEngineOp::Suspend => Some(Point::SrcAfterSuspend),
             _ => None,
         };
         if let Some(point) = point.filter(|_| ok) {
@@ -228,15 +230,15 @@ impl SourceRun<'_> {
                 self.cut();
             }
         }
-        SrcEvent::Engine { ok }
+        SourceEvent::Engine { ok }
     }
 
     /// The request's block table and token count, if the slot still holds this request.
-    fn read_table(&mut self) -> SrcEvent {
+    fn read_table(&mut self) -> SourceEvent {
         let r = read_request(self.seg.requests(), self.req.slot, &mut self.table)
             .ok()
             .flatten();
-        SrcEvent::Table(
+        SourceEvent::Table(
             r.filter(|r| r.id.as_str() == Some(self.req.id.as_str()))
                 .map(|r| {
                     (
@@ -248,17 +250,17 @@ impl SourceRun<'_> {
     }
 
     /// The serialized request state the engine left in the mailbox when it suspended.
-    fn read_state(&mut self) -> SrcEvent {
+    fn read_state(&mut self) -> SourceEvent {
         let st = Mail::read(&self.mailbox)
             .ok()
             .filter(|m| m.request_id == self.req.id)
             .map(|m| m.state);
         mailbox::remove(&self.mailbox);
-        SrcEvent::State(st)
+        SourceEvent::State(st)
     }
 
     /// One stage's copy over the negotiated transport.
-    fn copy(&mut self, runs: &[BlockRun]) -> SrcEvent {
+    fn copy(&mut self, runs: &[BlockRun]) -> SourceEvent {
         let r = match self.transport.as_mut() {
             Some(t) => t.copy(&self.src_maps, runs).map_err(|e| e.to_string()),
             None => Err("no transport".into()),
@@ -270,16 +272,16 @@ impl SourceRun<'_> {
         if self.copies == 1 && fault::at(Point::SrcAfterStage0) == Some(Action::Cut) {
             self.cut();
         }
-        SrcEvent::Copied(r)
+        SourceEvent::Copied(r)
     }
 
     /// A message to the destination (connecting first), and its reply where one is due.
-    fn peer(&mut self, msg: Msg) -> Option<SrcEvent> {
+    fn peer(&mut self, msg: Msg) -> Option<SourceEvent> {
         let expects_reply = !matches!(msg, Msg::Abort(_));
         if self.stream.is_none() {
             match connect(self.dst) {
                 Ok(s) => self.stream = Some(s),
-                Err(e) => return Some(SrcEvent::PeerLost(format!("connect {}: {e}", self.dst))),
+                Err(e) => return Some(SourceEvent::PeerLost(format!("connect {}: {e}", self.dst))),
             }
         }
         let committing = matches!(msg, Msg::Commit(_));
@@ -296,7 +298,7 @@ impl SourceRun<'_> {
         }
         if let Err(e) = sent {
             self.stream = None;
-            return Some(SrcEvent::PeerLost(e.to_string()));
+            return Some(SourceEvent::PeerLost(e.to_string()));
         }
         if !expects_reply {
             return None;
@@ -305,35 +307,35 @@ impl SourceRun<'_> {
             Ok(reply) => Some(self.on_reply(reply)),
             Err(e) => {
                 self.stream = None;
-                Some(SrcEvent::PeerLost(e))
+                Some(SourceEvent::PeerLost(e))
             }
         }
     }
 
     /// A reply from the destination: `Reserved` sets the transport up, `Committed` ends the
     /// downtime.
-    fn on_reply(&mut self, reply: Msg) -> SrcEvent {
+    fn on_reply(&mut self, reply: Msg) -> SourceEvent {
         if let (Msg::Reserved(r), Some(s)) = (&reply, self.stream.as_ref()) {
             if r.ok {
                 match setup_transport(&mut self.transport, r, s, &self.regions, self.ucx) {
                     Ok(t) => self.used = Some(t),
-                    Err(e) => return SrcEvent::Copied(Err(e)),
+                    Err(e) => return SourceEvent::Copied(Err(e)),
                 }
             }
         }
         if matches!(reply, Msg::Committed(_)) {
             self.downtime = self.suspended_at.map(|t| t.elapsed());
         }
-        SrcEvent::Peer(reply)
+        SourceEvent::Peer(reply)
     }
 
     /// Asks the destination, on a new connection, how the migration ended.
-    fn resolve(&mut self) -> SrcEvent {
+    fn resolve(&mut self) -> SourceEvent {
         self.stream = None;
         std::thread::sleep(RESOLVE_PAUSE);
         match wire::resolve(self.dst, self.migration_id, &self.req.id) {
-            Ok(r) => SrcEvent::Peer(Msg::Resolution(r)),
-            Err(e) => SrcEvent::PeerLost(e),
+            Ok(r) => SourceEvent::Peer(Msg::Resolution(r)),
+            Err(e) => SourceEvent::PeerLost(e),
         }
     }
 

@@ -12,7 +12,7 @@ use super::link::EngineLink;
 use super::reason::Refusal;
 use super::source::source_regions;
 use super::wire::{host_identity, region_msg, regions_of};
-use llumlet_dataplane::engine::EngineEndpoint;
+use llumlet_dataplane::endpoint::EngineEndpoint;
 use llumlet_dataplane::segment::Attach;
 
 fn gpu_only_engine(tag: &str) -> (EngineEndpoint, std::path::PathBuf) {

@@ -85,6 +85,7 @@ pub struct TransferArgs {
     /// `cuda`, a GPU: device to device over CUDA IPC, same host).
     #[arg(long)]
     pub transport: String,
+    /// The sizes to move.
     #[command(flatten)]
     pub sizes: SizeArgs,
     /// Bytes per KV block and layer (default: 16 tokens × 8 KV heads × 128 × K,V × fp16).

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytemuck::Zeroable;
-use llumlet_dataplane::engine::EngineEndpoint;
+use llumlet_dataplane::endpoint::EngineEndpoint;
 use llumlet_dataplane::segment::{Attach, ControlSegment};
 use llumlet_dataplane::status_ring::{read_newest, StatusRecord};
 use serde_json::json;

@@ -1,5 +1,6 @@
-//! `Migrate`: parameters (reference §3.2), the slot pre-check with at-once accounting (§5.1),
-//! and the [`Migrator`] seam through which the data plane moves requests.
+//! What the gRPC `Migrate` call hands the migration side: its parameters (reference §3.2), the
+//! slot pre-check with at-once accounting (§5.1), and the [`Migrator`] seam through which the
+//! migration driver ([`super::migrator::LiveMigrator`]) moves requests.
 
 use std::sync::{Arc, Mutex};
 
