@@ -12,7 +12,9 @@
 //! - [`runs`]: block pairs to coalesced copy runs, and stage deltas;
 //! - [`rng`]: a small seeded generator (tests, benches and the simulated engine);
 //! - [`sys`]: the operating-system calls outside the segment's mapping (liveness, clock, host);
-//! - [`transport`]: the KV transports (shm, tcp) and the transfer connection's frames.
+//! - [`transport`]: the KV transport trait, `shm` and `tcp`, and the transfer connection's frames;
+//! - `ucx` (feature `ucx`): the UCX transport over `ucx-sys`;
+//! - `cuda` (feature `cuda`): CUDA IPC, device copies and the engine's GPU KV cache.
 //!
 //! Nothing here depends on tokio; nothing on the hot paths allocates or locks.
 
