@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llumlet::config::{MigrationLimits, TransportChoice};
-use llumlet::migration::endpoint::TransferServer;
+use llumlet::migration::auth::TransferKey;
+use llumlet::migration::endpoint::{EndpointConfig, TransferServer};
 use llumlet::migration::link::EngineLink;
 use llumlet::migration::machine::{Outcome, SourceTuning};
 use llumlet::migration::rpc::SlotLedger;
-use llumlet::migration::source::{run_source, OutRequest};
+use llumlet::migration::source::{run_source, OutRequest, SourceOptions};
 use llumlet::status::MigrationLoad;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
@@ -36,6 +37,11 @@ use llumlet_dataplane::transport::{
     TcpTransport, Transport, FRAME_CONTROL,
 };
 use llumlet_tools::sim::SimConfig;
+
+/// Both ends of the in-process migrations share one key.
+fn bench_key() -> TransferKey {
+    TransferKey::from_bytes(b"criterion migration bench key")
+}
 
 fn bench_coalesce(c: &mut Criterion) {
     let mut g = c.benchmark_group("coalesce");
@@ -265,8 +271,12 @@ impl Side {
         };
         let link = EngineLink::new(path.clone());
         link.set_segment(Some(Arc::new(seg)));
-        let (server, addr) =
-            TransferServer::start(Arc::clone(&link), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (server, addr) = TransferServer::start(
+            Arc::clone(&link),
+            "127.0.0.1:0".parse().unwrap(),
+            EndpointConfig::with_key(bench_key()),
+        )
+        .unwrap();
         let ledger = SlotLedger::new(MigrationLimits {
             enabled: true,
             detailed: false,
@@ -357,9 +367,12 @@ fn bench_downtime(c: &mut Criterion) {
                         "bench",
                         sides[1 - from].addr,
                         &OutRequest { slot, id },
-                        TransportChoice::Shm,
-                        None,
-                        SourceTuning::default(),
+                        &SourceOptions {
+                            choice: TransportChoice::Shm,
+                            ucx: None,
+                            tuning: SourceTuning::default(),
+                            key: bench_key(),
+                        },
                     );
                     total += t.elapsed();
                     tokens += len;

@@ -146,6 +146,12 @@ pub struct Config {
     pub transfer_port: u16,
     /// The transport of outgoing migrations.
     pub transport: TransportChoice,
+    /// The cluster's transfer secret (`None`: this host's key).
+    pub transfer_secret_file: Option<std::path::PathBuf>,
+    /// How long a migration in waits for its source.
+    pub transfer_idle_timeout: Duration,
+    /// Transfer connections served at once.
+    pub transfer_max_connections: usize,
     /// The engine's control segment.
     pub engine_shm: std::path::PathBuf,
     /// Prometheus endpoint port, if any (0: any free port).
@@ -547,7 +553,24 @@ impl Config {
                 _ => 0,
             },
         };
+        let transfer_secret_file = match r.optional(env::TRANSFER_SECRET_FILE) {
+            Some(p) => {
+                let p = std::path::PathBuf::from(p.trim());
+                // Checked now, so a bad secret stops the start with the variable's name; the
+                // error names the file and the rule, never the content.
+                crate::migration::auth::TransferKey::from_file(&p)
+                    .map_err(|e| err(env::TRANSFER_SECRET_FILE, &p.display().to_string(), e))?;
+                Some(p)
+            }
+            None => None,
+        };
+        let transfer_idle_timeout =
+            Duration::from_secs(r.int_in(env::TRANSFER_IDLE_TIMEOUT, 1, 3600)? as u64);
+        let transfer_max_connections = r.int_in(env::TRANSFER_MAX_CONNECTIONS, 1, 4096)? as usize;
         Ok(Config {
+            transfer_secret_file,
+            transfer_idle_timeout,
+            transfer_max_connections,
             transfer_port,
             transport,
             unit_id: r

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use crate::agent::Agent;
 use crate::config::{Config, ProcessEnv};
 use crate::engine::QueueEngine;
-use crate::migration::endpoint::TransferServer;
+use crate::migration::auth::TransferKey;
+use crate::migration::endpoint::{EndpointConfig, TransferServer};
 use crate::migration::link::EngineLink;
 use crate::migration::migrator::LiveMigrator;
 use crate::migration::rpc::NoMigrator;
@@ -63,8 +64,22 @@ pub fn run() -> ExitCode {
             config.status_mode,
             config.engine_get_status_timeout,
         ));
+        let key = match TransferKey::load(config.transfer_secret_file.as_deref()) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!("cannot load the transfer key: {e}");
+                eprintln!("llumlet: cannot load the transfer key: {e}");
+                return ExitCode::from(EXIT_START);
+            }
+        };
+        tracing::info!(key = %key.describe(), "transfer connections are authenticated");
+        let endpoint = EndpointConfig {
+            key: key.clone(),
+            idle_timeout: config.transfer_idle_timeout,
+            max_connections: config.transfer_max_connections,
+        };
         let bind = std::net::SocketAddr::from(([0, 0, 0, 0], config.transfer_port));
-        let (transfer_server, transfer) = match TransferServer::start(Arc::clone(&link), bind) {
+        let (transfer_server, transfer) = match TransferServer::start(Arc::clone(&link), bind, endpoint) {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(port = config.transfer_port, "cannot bind the transfer endpoint: {e}");
@@ -98,6 +113,7 @@ pub fn run() -> ExitCode {
         };
         crate::migration::journal::spawn_recovery(
             Arc::clone(&link),
+            key.clone(),
             {
                 let server = Arc::clone(&transfer_server);
                 move || server.sweep_orphans()
@@ -125,6 +141,7 @@ pub fn run() -> ExitCode {
                 config.transport,
                 naming_dir.clone(),
                 ucx,
+                key,
             )
         });
         let migrator: Arc<dyn crate::migration::rpc::Migrator> = match &live {

@@ -57,6 +57,18 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// This process's real user id.
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Fills `out` with bytes from the kernel's random generator (`/dev/urandom`).
+pub fn random_bytes(out: &mut [u8]) -> io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(out)
+}
+
 /// This process's parent pid (0 if the kernel gives none).
 pub fn parent_pid() -> u32 {
     // SAFETY: getppid has no preconditions and cannot fail.
@@ -92,5 +104,11 @@ mod tests {
         assert!(monotonic_ns() >= a + 1_000_000);
         assert_eq!(boot_id().len(), 36, "a UUID");
         assert_eq!(parent_pid(), std::os::unix::process::parent_id());
+        let meta = std::fs::metadata("/proc/self").unwrap();
+        assert_eq!(uid(), std::os::unix::fs::MetadataExt::uid(&meta));
+        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+        random_bytes(&mut a).unwrap();
+        random_bytes(&mut b).unwrap();
+        assert_ne!(a, b, "two draws of 256 bits differ");
     }
 }

@@ -23,8 +23,39 @@ pub const FRAME_CONTROL: u8 = 1;
 pub const FRAME_DATA: u8 = 2;
 /// The largest data payload a sender puts in one frame (whole blocks; at least one block).
 pub const MAX_DATA_FRAME: usize = 4 << 20;
-/// The largest frame a receiver accepts.
+/// The largest frame a receiver accepts (a data frame carries at least one whole block).
 pub const MAX_FRAME: usize = 256 << 20;
+/// The largest control frame a receiver accepts: a `Commit` carries the request's serialized
+/// state (at most [`crate::mailbox::MAX_STATE_BYTES`]); every other message is far smaller.
+pub const MAX_CONTROL_FRAME: usize = crate::mailbox::MAX_STATE_BYTES + (1 << 20);
+
+/// Reads the `len` bytes of a frame into `buf`, growing it as the bytes arrive (a peer that
+/// declares a large frame and sends nothing costs nothing).
+fn read_body(r: &mut impl Read, buf: &mut Vec<u8>, len: usize) -> Result<(), TransportError> {
+    buf.clear();
+    buf.reserve(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(buf)?;
+    if got < len {
+        return Err(TransportError::Closed);
+    }
+    Ok(())
+}
+
+/// Checks a frame's declared length against its kind's maximum, before anything is read or
+/// allocated for it.
+fn check_len(kind: u8, len: usize) -> Result<(), TransportError> {
+    let max = if kind == FRAME_CONTROL {
+        MAX_CONTROL_FRAME
+    } else {
+        MAX_FRAME
+    };
+    if len > max {
+        return Err(TransportError::Malformed(format!(
+            "frame of {len} bytes (at most {max})"
+        )));
+    }
+    Ok(())
+}
 const DATA_HEADER: usize = 16;
 
 /// Transport errors.
@@ -348,23 +379,11 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, TransportE
         });
     }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(TransportError::Malformed(format!(
-            "frame of {len} bytes (at most {MAX_FRAME})"
-        )));
-    }
     if head[4] != FRAME_CONTROL && head[4] != FRAME_DATA {
         return Err(TransportError::Malformed(format!("frame kind {}", head[4])));
     }
-    buf.clear();
-    buf.resize(len, 0);
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            TransportError::Closed
-        } else {
-            e.into()
-        }
-    })?;
+    check_len(head[4], len)?;
+    read_body(r, buf, len)?;
     Ok(head[4])
 }
 
@@ -388,6 +407,15 @@ fn eof_is_closed(e: std::io::Error) -> TransportError {
 
 /// Reads one frame at the destination: a control frame into `buf`; a data frame's header is
 /// checked against `sink`'s reservation and regions first, then its bytes are read from the
+/// Reads and drops `len` bytes of a refused frame, through a small buffer.
+fn discard(r: &mut impl Read, len: usize) -> Result<(), TransportError> {
+    let got = std::io::copy(&mut r.take(len as u64), &mut std::io::sink())?;
+    if got < len as u64 {
+        return Err(TransportError::Closed);
+    }
+    Ok(())
+}
+
 /// socket straight into the KV cache (no intermediate copy).
 pub fn receive_frame(
     r: &mut impl Read,
@@ -397,24 +425,16 @@ pub fn receive_frame(
     let mut head = [0u8; 5];
     r.read_exact(&mut head).map_err(eof_is_closed)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(TransportError::Malformed(format!(
-            "frame of {len} bytes (at most {MAX_FRAME})"
-        )));
-    }
+    check_len(head[4], len)?;
     match head[4] {
         FRAME_CONTROL => {
-            buf.clear();
-            buf.resize(len, 0);
-            r.read_exact(buf).map_err(eof_is_closed)?;
+            read_body(r, buf, len)?;
             Ok(Frame::Control)
         }
         FRAME_DATA => {
             let mut dh = [0u8; DATA_HEADER];
             if len < DATA_HEADER {
-                buf.clear();
-                buf.resize(len, 0);
-                r.read_exact(buf).map_err(eof_is_closed)?;
+                discard(r, len)?;
                 return Ok(Frame::Data(Err(TransportError::Malformed(
                     "data frame shorter than its header".into(),
                 ))));
@@ -432,9 +452,7 @@ pub fn receive_frame(
                     Ok(Frame::Data(Ok(body as u64)))
                 }
                 Err(e) => {
-                    buf.clear();
-                    buf.resize(body, 0);
-                    r.read_exact(buf).map_err(eof_is_closed)?;
+                    discard(r, body)?;
                     Ok(Frame::Data(Err(e)))
                 }
             }
@@ -555,5 +573,56 @@ mod tests {
             read_frame(&mut &huge[..], &mut buf),
             Err(TransportError::Malformed(_))
         ));
+    }
+
+    /// A peer that declares a large frame and then sends little or nothing makes the receiver
+    /// allocate only what arrived; a control frame beyond its kind's maximum is refused unread.
+    #[test]
+    fn declared_lengths_allocate_nothing_before_the_bytes_arrive() {
+        let declared = (MAX_CONTROL_FRAME - 1) as u32;
+        let mut wire = declared.to_le_bytes().to_vec();
+        wire.push(FRAME_CONTROL);
+        wire.extend_from_slice(&[7; 100]);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut &wire[..], &mut buf),
+            Err(TransportError::Closed)
+        ));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes allocated",
+            buf.capacity()
+        );
+        let sink = DataSink::new(Vec::new(), ReservedBlocks::default());
+        let mut buf = Vec::new();
+        assert!(matches!(
+            receive_frame(&mut &wire[..], &mut buf, &sink),
+            Err(TransportError::Closed)
+        ));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes allocated",
+            buf.capacity()
+        );
+        let mut over = ((MAX_CONTROL_FRAME + 1) as u32).to_le_bytes().to_vec();
+        over.push(FRAME_CONTROL);
+        assert!(matches!(
+            read_frame(&mut &over[..], &mut buf),
+            Err(TransportError::Malformed(_))
+        ));
+        // A refused data frame (no reservation) is read through and dropped, not buffered.
+        let body = 8 << 20;
+        let mut data = ((DATA_HEADER + body) as u32).to_le_bytes().to_vec();
+        data.push(FRAME_DATA);
+        data.extend_from_slice(&[0; DATA_HEADER]);
+        data.resize(data.len() + body, 1);
+        let mut buf = Vec::new();
+        let f = receive_frame(&mut &data[..], &mut buf, &sink).unwrap();
+        assert!(matches!(f, Frame::Data(Err(_))));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes allocated",
+            buf.capacity()
+        );
     }
 }

@@ -8,8 +8,9 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llumlet_dataplane::command::Command;
 use llumlet_dataplane::fault::{self, Action, Point};
@@ -23,6 +24,7 @@ use llumlet_proto::migration::{
 };
 use prost::Message;
 
+use super::auth::{self, TransferKey};
 use super::journal;
 use super::link::{CallError, Calls, EngineLink};
 use super::machine::{DestAction, DestEngineOp, DestEvent, DestMachine, Outcome};
@@ -48,8 +50,45 @@ enum Known {
     Aborted,
 }
 
+/// How the endpoint admits connections.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// The key every connection must prove it holds before anything else is read.
+    pub key: TransferKey,
+    /// How long a migration in waits for its source before aborting (and freeing its blocks).
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl EndpointConfig {
+    /// The defaults of `LLUMLET_TRANSFER_IDLE_TIMEOUT` and `LLUMLET_TRANSFER_MAX_CONNECTIONS`
+    /// with `key`.
+    pub fn with_key(key: TransferKey) -> EndpointConfig {
+        EndpointConfig {
+            key,
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 64,
+        }
+    }
+}
+
+/// Counts a connection being served; gives its place back when dropped.
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The destination's transfer endpoint.
 pub struct TransferServer {
+    config: EndpointConfig,
+    /// Connections being served.
+    served: Arc<AtomicUsize>,
+    /// When a refusal was last logged (ms since the epoch): at most one line per interval.
+    refusal_logged: AtomicU64,
     link: Arc<EngineLink>,
     ledger: OnceLock<Arc<SlotLedger>>,
     /// The segment whose orphaned reservations were cleared (by address).
@@ -65,10 +104,14 @@ impl TransferServer {
     pub fn start(
         link: Arc<EngineLink>,
         addr: SocketAddr,
+        config: EndpointConfig,
     ) -> std::io::Result<(Arc<TransferServer>, SocketAddr)> {
         let listener = TcpListener::bind(addr)?;
         let local = listener.local_addr()?;
         let server = Arc::new(TransferServer {
+            config,
+            served: Arc::new(AtomicUsize::new(0)),
+            refusal_logged: AtomicU64::new(0),
             link,
             ledger: OnceLock::new(),
             swept: Mutex::new(0),
@@ -84,12 +127,28 @@ impl TransferServer {
                 for conn in listener.incoming() {
                     match conn {
                         Ok(c) => {
+                            // Bounded: past the limit a connection is closed before anything is
+                            // read from it (and no thread is started for it).
+                            if s.served.fetch_add(1, Ordering::Relaxed) >= s.config.max_connections
+                            {
+                                s.served.fetch_sub(1, Ordering::Relaxed);
+                                s.refused(&c, "too many transfer connections");
+                                continue;
+                            }
+                            let served = Served(Arc::clone(&s.served));
                             let s = Arc::clone(&s);
                             let _ = std::thread::Builder::new()
                                 .name("llumlet-migrate-in".into())
-                                .spawn(move || s.serve(c));
+                                .spawn(move || {
+                                    let _served = served;
+                                    s.serve(c)
+                                });
                         }
-                        Err(e) => tracing::warn!(error = %e, "transfer endpoint: accept failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "transfer endpoint: accept failed");
+                            // Out of descriptors or similar: do not spin.
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                 }
             })?;
@@ -161,8 +220,34 @@ impl TransferServer {
         lock(&self.known).get(key).copied()
     }
 
+    /// Logs a refused connection, at most once a second (a flood must not flood the log).
+    fn refused(&self, c: &TcpStream, why: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = self.refusal_logged.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .refusal_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(peer = ?c.peer_addr().ok(), "transfer connection refused: {why}");
+        }
+    }
+
     fn serve(&self, mut stream: TcpStream) {
         let _ = stream.set_nodelay(true);
+        // Nothing is read from a peer before it proves it holds the key, and a peer that does
+        // not finish the handshake in a step's time is dropped.
+        let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
+        if let Err(e) = auth::server(&mut stream, &self.config.key) {
+            self.refused(&stream, &e.to_string());
+            return;
+        }
+        // A migration in whose source goes silent this long is aborted (its blocks freed).
+        let _ = stream.set_read_timeout(Some(self.config.idle_timeout));
         let mut buf = Vec::new();
         let first = match wire::recv_control(&mut stream, &mut buf) {
             Ok(m) => m,

@@ -24,6 +24,7 @@ use llumlet_dataplane::mailbox;
 
 use llumlet_proto::migration::resolution::Outcome as Res;
 
+use super::auth::TransferKey;
 use super::link::{Calls, EngineLink};
 use super::STEP_TIMEOUT;
 
@@ -221,11 +222,11 @@ fn files(segment: &Path, suffix: &str) -> Vec<PathBuf> {
 }
 
 /// Settles one journal entry; `true` when it is settled (the file can go).
-fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
+fn settle(link: &Arc<EngineLink>, key: &TransferKey, e: &Entry) -> bool {
     let verdict = match e.phase {
         Phase::Open => false,
         Phase::Committing | Phase::InDoubt => {
-            let answer = super::wire::resolve(e.dst, e.migration, &e.request_id)
+            let answer = super::wire::resolve(e.dst, key, e.migration, &e.request_id)
                 .ok()
                 .and_then(|r| Res::try_from(r.outcome).ok());
             match answer {
@@ -269,7 +270,7 @@ fn settle(link: &Arc<EngineLink>, e: &Entry) -> bool {
 
 /// One pass: settles every journal that is in doubt or whose owner is gone (with `open_only`,
 /// only those whose commit was never sent: no network, just the engine).
-pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
+pub fn recover_once(link: &Arc<EngineLink>, key: &TransferKey, open_only: bool) {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = crate::sync::lock(&ONE_AT_A_TIME);
     if link.segment().is_none() {
@@ -289,7 +290,7 @@ pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
         if (e.phase != Phase::InDoubt && owner_alive) || (open_only && e.phase != Phase::Open) {
             continue;
         }
-        if settle(link, &e) {
+        if settle(link, key, &e) {
             let _ = std::fs::remove_file(&p);
         }
     }
@@ -300,6 +301,7 @@ pub fn recover_once(link: &Arc<EngineLink>, open_only: bool) {
 /// [`super::endpoint::TransferServer::sweep_orphans`]) and settles journals ([`recover_once`]).
 pub fn spawn_recovery(
     link: Arc<EngineLink>,
+    key: TransferKey,
     sweep: impl Fn() -> bool + Send + 'static,
     every: Duration,
 ) {
@@ -307,7 +309,7 @@ pub fn spawn_recovery(
         .name("llumlet-recovery".into())
         .spawn(move || loop {
             let _ = sweep();
-            recover_once(&link, false);
+            recover_once(&link, &key, false);
             std::thread::sleep(every);
         });
 }

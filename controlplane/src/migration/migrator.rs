@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
 use llumlet_dataplane::segment::ControlSegment;
 
+use super::auth::TransferKey;
 use super::journal;
 use super::link::EngineLink;
 use super::machine::{Outcome, SourceTuning};
 use super::reason::Reason;
-use super::source::{run_source, OutRequest};
+use super::source::{run_source, OutRequest, SourceOptions};
 use super::ucx_side::UcxSide;
 use crate::config::TransportChoice;
 use crate::metrics::{MigrationCounts, Side};
@@ -36,33 +37,35 @@ pub fn resolve_addr(ip: &str, port: i32) -> Result<SocketAddr, String> {
 pub struct LiveMigrator {
     link: Arc<EngineLink>,
     instance_id: String,
-    choice: TransportChoice,
-    tuning: SourceTuning,
+    source: SourceOptions,
     active: Mutex<HashSet<u32>>,
     naming_dir: Option<std::path::PathBuf>,
-    ucx: Option<Arc<UcxSide>>,
     counts: OnceLock<Arc<MigrationCounts>>,
 }
 
 impl LiveMigrator {
     /// A migrator for the engine behind `link`. With a kv-transfer-config naming directory,
     /// destinations are looked up there first (the scheduler's `dst_engine_ip:dst_engine_port`
-    /// is the fallback).
+    /// is the fallback). Transfer connections are authenticated with `key`.
     pub fn new(
         link: Arc<EngineLink>,
         instance_id: String,
         choice: TransportChoice,
         naming_dir: Option<std::path::PathBuf>,
         ucx: Option<Arc<UcxSide>>,
+        key: TransferKey,
     ) -> Arc<LiveMigrator> {
         Arc::new(LiveMigrator {
             link,
             instance_id,
-            choice,
-            tuning: SourceTuning::default(),
+            source: SourceOptions {
+                choice,
+                ucx,
+                tuning: SourceTuning::default(),
+                key,
+            },
             active: Mutex::new(HashSet::new()),
             naming_dir,
-            ucx,
             counts: OnceLock::new(),
         })
     }
@@ -123,7 +126,8 @@ impl Migrator for LiveMigrator {
         // Requests a previous llumlet left marked for a migration it never committed are
         // released first, so they can be chosen again.
         let link = Arc::clone(&self.link);
-        let _ = tokio::task::spawn_blocking(move || journal::recover_once(&link, true)).await;
+        let key = self.source.key.clone();
+        let _ = tokio::task::spawn_blocking(move || journal::recover_once(&link, &key, true)).await;
         let (cands, ids) = self.candidates(&seg);
         let chosen = crate::selection::select(params, &cands, total);
         let chosen: Vec<u32> = {
@@ -166,10 +170,9 @@ impl Migrator for LiveMigrator {
                 id: ids.get(slot).cloned().unwrap_or_default(),
             };
             let link = Arc::clone(&self.link);
-            let (me, choice, tuning) = (self.instance_id.clone(), self.choice, self.tuning);
-            let ucx = self.ucx.clone();
+            let (me, opts) = (self.instance_id.clone(), self.source.clone());
             let r = tokio::task::spawn_blocking(move || {
-                let report = run_source(&link, &me, dst, &req, choice, ucx.as_ref(), tuning);
+                let report = run_source(&link, &me, dst, &req, &opts);
                 (req, report)
             })
             .await;

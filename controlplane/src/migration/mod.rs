@@ -1,5 +1,6 @@
 //! Live migration, one room per concern:
 //!
+//! - [`auth`]: the transfer connection's mutual authentication (before any protocol message);
 //! - [`machine`]: the pure protocol machines of both sides (no I/O, tested with a fault at every
 //!   action);
 //! - [`negotiate`]: which transport a migration takes (pure);
@@ -15,6 +16,7 @@
 
 use std::time::Duration;
 
+pub mod auth;
 pub mod cuda_side;
 pub mod endpoint;
 pub mod journal;

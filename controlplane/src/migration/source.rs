@@ -21,6 +21,7 @@ use llumlet_dataplane::transport::{
 };
 use llumlet_proto::migration::{envelope::Msg, Begin, Reserved};
 
+use super::auth::TransferKey;
 use super::journal::{self, Entry, Phase};
 use super::link::{Calls, EngineLink};
 use super::machine::{
@@ -94,16 +95,28 @@ pub(super) fn source_regions(
     }
 }
 
+/// How a source migrates: the same for every migration of one llumlet.
+#[derive(Clone)]
+pub struct SourceOptions {
+    /// The configured transport choice.
+    pub choice: TransportChoice,
+    /// This llumlet's UCX, if it has one.
+    pub ucx: Option<Arc<UcxSide>>,
+    /// Stage and retry tuning.
+    pub tuning: SourceTuning,
+    /// The key transfer connections are authenticated with.
+    pub key: TransferKey,
+}
+
 /// Migrates one request to the transfer endpoint at `dst`.
 pub fn run_source(
     link: &Arc<EngineLink>,
     src_instance: &str,
     dst: SocketAddr,
     req: &OutRequest,
-    choice: TransportChoice,
-    ucx: Option<&Arc<UcxSide>>,
-    tuning: SourceTuning,
+    opts: &SourceOptions,
 ) -> SourceReport {
+    let (choice, ucx, tuning) = (opts.choice, opts.ucx.as_ref(), opts.tuning);
     let migration_id = link.next_id();
     let Some(seg) = link.segment() else {
         return SourceReport::refused(Reason::NoEngine);
@@ -139,6 +152,7 @@ pub fn run_source(
         req,
         dst,
         ucx,
+        key: &opts.key,
         regions,
         src_maps,
         stream: None,
@@ -163,6 +177,7 @@ struct SourceRun<'a> {
     req: &'a OutRequest,
     dst: SocketAddr,
     ucx: Option<&'a Arc<UcxSide>>,
+    key: &'a TransferKey,
     regions: Vec<KvRegion>,
     src_maps: Vec<MappedRegion>,
     mailbox: PathBuf,
@@ -279,9 +294,9 @@ impl SourceRun<'_> {
     fn peer(&mut self, msg: Msg) -> Option<SourceEvent> {
         let expects_reply = !matches!(msg, Msg::Abort(_));
         if self.stream.is_none() {
-            match connect(self.dst) {
+            match wire::connect(self.dst, self.key) {
                 Ok(s) => self.stream = Some(s),
-                Err(e) => return Some(SourceEvent::PeerLost(format!("connect {}: {e}", self.dst))),
+                Err(e) => return Some(SourceEvent::PeerLost(e)),
             }
         }
         let committing = matches!(msg, Msg::Commit(_));
@@ -333,7 +348,7 @@ impl SourceRun<'_> {
     fn resolve(&mut self) -> SourceEvent {
         self.stream = None;
         std::thread::sleep(RESOLVE_PAUSE);
-        match wire::resolve(self.dst, self.migration_id, &self.req.id) {
+        match wire::resolve(self.dst, self.key, self.migration_id, &self.req.id) {
             Ok(r) => SourceEvent::Peer(Msg::Resolution(r)),
             Err(e) => SourceEvent::PeerLost(e),
         }
@@ -382,13 +397,6 @@ impl SourceRun<'_> {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
-}
-
-fn connect(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT)?;
-    let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(STEP_TIMEOUT));
-    Ok(s)
 }
 
 /// The transport a source copies with, from the destination's `Reserved` (built at the first

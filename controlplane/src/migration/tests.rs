@@ -7,7 +7,8 @@ use llumlet_dataplane::kv::{KvRegion, LayoutKind, MemoryKind};
 use llumlet_dataplane::segment::ControlSegment;
 use llumlet_proto::migration::{Begin, Region};
 
-use super::endpoint::TransferServer;
+use super::auth::TransferKey;
+use super::endpoint::{EndpointConfig, TransferServer};
 use super::link::EngineLink;
 use super::reason::Refusal;
 use super::source::source_regions;
@@ -71,7 +72,12 @@ fn a_destination_offers_gpu_regions_only_on_the_same_host() {
     };
     let seg = Arc::new(seg);
     let link = EngineLink::new(path.clone());
-    let (server, _) = TransferServer::start(link, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let (server, _) = TransferServer::start(
+        link,
+        "127.0.0.1:0".parse().unwrap(),
+        EndpointConfig::with_key(TransferKey::from_bytes(b"0123456789abcdef")),
+    )
+    .unwrap();
     let regions: Vec<Region> = regions_of(&seg, MemoryKind::CudaIpc)
         .unwrap()
         .iter()

@@ -10,6 +10,7 @@ use llumlet_dataplane::transport::{read_frame, write_frame, FRAME_CONTROL};
 use llumlet_proto::migration::{envelope::Msg, Envelope, Region, Resolution, Resolve};
 use prost::Message;
 
+use super::auth::{self, TransferKey};
 use super::STEP_TIMEOUT;
 
 /// This host's identity for `shm` and `cuda`: the kernel's boot id (the destination also checks
@@ -100,10 +101,26 @@ pub fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
         .collect()
 }
 
+/// Connects to the transfer endpoint at `dst` and authenticates both ends with `key`.
+pub fn connect(dst: SocketAddr, key: &TransferKey) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT)
+        .map_err(|e| format!("connect {dst}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(STEP_TIMEOUT));
+    let _ = s.set_write_timeout(Some(STEP_TIMEOUT));
+    auth::client(&mut s, key).map_err(|e| format!("{dst}: {e}"))?;
+    Ok(s)
+}
+
 /// Asks the destination at `dst` how migration `migration_id` ended (`Resolve`, on a connection
 /// of its own); the destination fences a migration it has not committed, so the answer is final.
-pub fn resolve(dst: SocketAddr, migration_id: u64, request_id: &str) -> Result<Resolution, String> {
-    let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT).map_err(|e| e.to_string())?;
+pub fn resolve(
+    dst: SocketAddr,
+    key: &TransferKey,
+    migration_id: u64,
+    request_id: &str,
+) -> Result<Resolution, String> {
+    let mut s = connect(dst, key)?;
     s.set_read_timeout(Some(STEP_TIMEOUT * 3))
         .map_err(|e| e.to_string())?;
     send(

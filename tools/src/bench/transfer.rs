@@ -21,6 +21,7 @@ use llumlet_proto::migration::{
 use prost::Message;
 
 use super::{Measure, Progress};
+use llumlet::migration::auth::{self, TransferKey};
 use llumlet::migration::source::setup_transport;
 use llumlet::migration::ucx_side::UcxSide;
 use llumlet::migration::wire::{host_identity, map_all, recv_control, region_msg, send};
@@ -190,6 +191,7 @@ fn shape_of(regions: &[llumlet_proto::migration::Region]) -> Result<Shape, Strin
 /// The receiving side: one migration-shaped transfer per connection, until killed. Prints the
 /// port it listens on as the first line of stdout.
 pub fn receive(listen: &str) -> Result<(), String> {
+    let key = transfer_key()?;
     let listener =
         TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -199,7 +201,7 @@ pub fn receive(listen: &str) -> Result<(), String> {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        match serve(stream) {
+        match serve(stream, &key) {
             Ok(()) => {}
             Err(e) => eprintln!("llumlet bench receive: transfer from {peer} failed: {e}"),
         }
@@ -219,11 +221,20 @@ fn refuse(stream: &mut TcpStream, error: String) -> Result<(), String> {
     Err(error)
 }
 
-fn serve(mut stream: TcpStream) -> Result<(), String> {
+/// The key a llumlet would use (`LLUMLET_TRANSFER_SECRET_FILE`, else this host's key): the
+/// sender and the receiver authenticate each other as a migration's two llumlets do.
+fn transfer_key() -> Result<TransferKey, String> {
+    let file = std::env::var_os("LLUMLET_TRANSFER_SECRET_FILE").filter(|v| !v.is_empty());
+    TransferKey::load(file.as_deref().map(std::path::Path::new))
+        .map_err(|e| format!("LLUMLET_TRANSFER_SECRET_FILE: {e}"))
+}
+
+fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(PEER_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    auth::server(&mut stream, key).map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     let b: Begin = match recv_control(&mut stream, &mut buf)? {
         Msg::Begin(b) => b,
@@ -411,6 +422,7 @@ pub fn send_to(
     stream
         .set_read_timeout(Some(PEER_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    auth::client(&mut stream, &transfer_key()?).map_err(|e| e.to_string())?;
     let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
     send(
         &mut stream,
@@ -497,8 +509,12 @@ mod tests {
     fn receiver() -> (TcpStream, std::thread::JoinHandle<Result<(), String>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let h = std::thread::spawn(move || serve(l.accept().unwrap().0));
-        (TcpStream::connect(addr).unwrap(), h)
+        let key = TransferKey::from_bytes(b"bench transfer unit tests");
+        let k2 = key.clone();
+        let h = std::thread::spawn(move || serve(l.accept().unwrap().0, &k2));
+        let mut s = TcpStream::connect(addr).unwrap();
+        auth::client(&mut s, &key).unwrap();
+        (s, h)
     }
 
     fn begin(transport: &str, host: &str, regions: &[KvRegion]) -> Msg {

@@ -1,0 +1,359 @@
+//! Mutual authentication of transfer connections, before any protocol message is read.
+//!
+//! Both ends hold one key: the cluster's secret (`LLUMLET_TRANSFER_SECRET_FILE`), or, when none
+//! is configured, this host's key: 32 random bytes in `/dev/shm/llumlet-transfer-key-<uid>`,
+//! created by the first llumlet of this user, mode 0600. So a peer that cannot read the key file
+//! (another host, another local user) cannot complete the handshake, and the zero-configuration
+//! single-host path gives the same guarantee as the 0600 control segments.
+//!
+//! The handshake (fixed sizes, nothing allocated from what a peer declares):
+//!
+//! 1. client → server: `LLKT`, version 1, a 32-byte random nonce `nc`;
+//! 2. server → client: `LLKT`, version 1, its nonce `ns`, and
+//!    `HMAC-SHA256(key, "llumlet-kvt server" ‖ nc ‖ ns)`;
+//! 3. client → server (after checking that): `HMAC-SHA256(key, "llumlet-kvt client" ‖ nc ‖ ns)`;
+//! 4. server → client: one byte, 1 (accepted); a server that does not accept closes instead.
+//!
+//! Fresh nonces on both sides make every proof single-use; the labels keep a server's proof from
+//! serving as a client's. The MACs are compared in constant time. It authenticates the
+//! connection's start; it does not encrypt or protect the frames that follow (docs/security.md).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+const MAGIC: &[u8; 4] = b"LLKT";
+const VERSION: u8 = 1;
+const NONCE: usize = 32;
+const MAC: usize = 32;
+const HELLO: usize = 4 + 1 + NONCE;
+const CHALLENGE: usize = 4 + 1 + NONCE + MAC;
+/// The shortest secret accepted from a file.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// The longest secret read from a file.
+const MAX_SECRET_BYTES: usize = 4096;
+
+/// Why a handshake failed. Never carries the key or the proofs.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The connection failed or closed before the handshake finished.
+    #[error("the transfer connection closed during its authentication: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer does not speak this handshake (an older llumlet, or not a llumlet).
+    #[error("the peer does not speak the transfer handshake")]
+    NotALlumlet,
+    /// The peer's proof does not match this llumlet's key.
+    #[error("the peer's transfer credential differs from this llumlet's (set the same LLUMLET_TRANSFER_SECRET_FILE on both)")]
+    WrongKey,
+    /// The server closed after the client's proof: it did not accept this llumlet's key.
+    #[error("the destination refused this llumlet's transfer credential (set the same LLUMLET_TRANSFER_SECRET_FILE on both)")]
+    Refused,
+}
+
+/// Where a key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The cluster's secret file.
+    File(PathBuf),
+    /// This host's key (same-host peers of this user only).
+    Host(PathBuf),
+}
+
+/// The key transfer connections are authenticated with. Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct TransferKey {
+    key: Arc<[u8]>,
+    source: KeySource,
+}
+
+impl std::fmt::Debug for TransferKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TransferKey({})", self.describe())
+    }
+}
+
+impl TransferKey {
+    /// The cluster's secret from `path` (`Some`), else this host's key.
+    pub fn load(secret_file: Option<&Path>) -> Result<TransferKey, String> {
+        match secret_file {
+            Some(p) => TransferKey::from_file(p),
+            None => TransferKey::host(),
+        }
+    }
+
+    /// A key given directly (tests, benches).
+    pub fn from_bytes(key: &[u8]) -> TransferKey {
+        TransferKey {
+            key: Arc::from(key),
+            source: KeySource::File(PathBuf::from("(given)")),
+        }
+    }
+
+    /// The secret in `path`: at least [`MIN_SECRET_BYTES`] bytes, readable by its owner only.
+    pub fn from_file(path: &Path) -> Result<TransferKey, String> {
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{}: not a regular file", path.display()));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "{}: readable by others (mode {:o}); the secret file must be mode 0600 or 0400",
+                path.display(),
+                meta.mode() & 0o777
+            ));
+        }
+        let mut key = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_SECRET_BYTES as u64 + 1).read_to_end(&mut key))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.len() > MAX_SECRET_BYTES {
+            return Err(format!(
+                "{}: longer than {MAX_SECRET_BYTES} bytes",
+                path.display()
+            ));
+        }
+        while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            key.pop();
+        }
+        if key.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "{}: shorter than {MIN_SECRET_BYTES} bytes (use e.g. `head -c 32 /dev/urandom | base64`)",
+                path.display()
+            ));
+        }
+        Ok(TransferKey {
+            key: Arc::from(key),
+            source: KeySource::File(path.to_path_buf()),
+        })
+    }
+
+    /// This host's key for this user, created (atomically, mode 0600) if it does not exist.
+    pub fn host() -> Result<TransferKey, String> {
+        let uid = llumlet_dataplane::sys::uid();
+        TransferKey::host_at(
+            &PathBuf::from(format!("/dev/shm/llumlet-transfer-key-{uid}")),
+            uid,
+        )
+    }
+
+    fn host_at(path: &Path, uid: u32) -> Result<TransferKey, String> {
+        if !path.exists() {
+            let mut key = [0u8; 32];
+            llumlet_dataplane::sys::random_bytes(&mut key).map_err(|e| e.to_string())?;
+            // Written whole under a temporary name, then linked into place: a llumlet starting
+            // at the same moment sees either no key or the whole key, and one key wins.
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&key));
+            let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        let meta =
+            std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "{}: not a regular file of this user with mode 0600; remove it",
+                path.display()
+            ));
+        }
+        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.len() != 32 {
+            return Err(format!(
+                "{}: not a key of 32 bytes; remove it",
+                path.display()
+            ));
+        }
+        Ok(TransferKey {
+            key: Arc::from(key),
+            source: KeySource::Host(path.to_path_buf()),
+        })
+    }
+
+    /// Where the key came from.
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// For the logs: where the key came from, never the key.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            KeySource::File(p) => format!("the cluster secret in {}", p.display()),
+            KeySource::Host(p) => format!(
+                "this host's key {} (peers on this host only; set LLUMLET_TRANSFER_SECRET_FILE for other hosts)",
+                p.display()
+            ),
+        }
+    }
+
+    fn proof(&self, label: &[u8], nc: &[u8], ns: &[u8]) -> Hmac<Sha256> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .expect("HMAC takes a key of any length");
+        m.update(label);
+        m.update(nc);
+        m.update(ns);
+        m
+    }
+}
+
+const SERVER: &[u8] = b"llumlet-kvt server";
+const CLIENT: &[u8] = b"llumlet-kvt client";
+
+fn nonce() -> std::io::Result<[u8; NONCE]> {
+    let mut n = [0u8; NONCE];
+    llumlet_dataplane::sys::random_bytes(&mut n)?;
+    Ok(n)
+}
+
+/// The connecting side's handshake (a source, a resolver, the bench's sender).
+pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), AuthError> {
+    let nc = nonce()?;
+    let mut hello = [0u8; HELLO];
+    hello[..4].copy_from_slice(MAGIC);
+    hello[4] = VERSION;
+    hello[5..].copy_from_slice(&nc);
+    s.write_all(&hello)?;
+    let mut ch = [0u8; CHALLENGE];
+    s.read_exact(&mut ch)?;
+    if &ch[..4] != MAGIC || ch[4] != VERSION {
+        return Err(AuthError::NotALlumlet);
+    }
+    let ns = &ch[5..5 + NONCE];
+    key.proof(SERVER, &nc, ns)
+        .verify_slice(&ch[5 + NONCE..])
+        .map_err(|_| AuthError::WrongKey)?;
+    let mine = key.proof(CLIENT, &nc, ns).finalize().into_bytes();
+    s.write_all(&mine)?;
+    let mut ok = [0u8; 1];
+    match s.read_exact(&mut ok) {
+        Ok(()) if ok[0] == 1 => Ok(()),
+        Ok(()) => Err(AuthError::Refused),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(AuthError::Refused),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The accepting side's handshake (the transfer endpoint, the bench's receiver). On an error
+/// the caller closes the connection without a word: an unauthenticated peer learns nothing.
+pub fn server(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), AuthError> {
+    let mut hello = [0u8; HELLO];
+    s.read_exact(&mut hello)?;
+    if &hello[..4] != MAGIC || hello[4] != VERSION {
+        return Err(AuthError::NotALlumlet);
+    }
+    let nc = &hello[5..];
+    let ns = nonce()?;
+    let mut ch = [0u8; CHALLENGE];
+    ch[..4].copy_from_slice(MAGIC);
+    ch[4] = VERSION;
+    ch[5..5 + NONCE].copy_from_slice(&ns);
+    ch[5 + NONCE..].copy_from_slice(&key.proof(SERVER, nc, &ns).finalize().into_bytes());
+    s.write_all(&ch)?;
+    let mut theirs = [0u8; MAC];
+    s.read_exact(&mut theirs)?;
+    key.proof(CLIENT, nc, &ns)
+        .verify_slice(&theirs)
+        .map_err(|_| AuthError::WrongKey)?;
+    s.write_all(&[1])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair(
+        server_key: TransferKey,
+        client_key: TransferKey,
+    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            server(&mut s, &server_key)
+        });
+        let mut c = TcpStream::connect(addr).unwrap();
+        let r = client(&mut c, &client_key);
+        drop(c);
+        (t.join().unwrap(), r)
+    }
+
+    #[test]
+    fn the_same_key_passes_both_ways_and_a_different_one_fails_both_ways() {
+        let a = TransferKey::from_bytes(b"0123456789abcdef0123");
+        let b = TransferKey::from_bytes(b"0123456789abcdef0124");
+        let (s, c) = pair(a.clone(), a.clone());
+        assert!(s.is_ok() && c.is_ok(), "{s:?} {c:?}");
+        // The client checks the server's proof first, and says which side is wrong.
+        let (s, c) = pair(a.clone(), b.clone());
+        assert!(matches!(c, Err(AuthError::WrongKey)), "{c:?}");
+        assert!(s.is_err());
+    }
+
+    #[test]
+    fn a_peer_that_does_not_speak_the_handshake_gets_nothing() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let key = TransferKey::from_bytes(b"0123456789abcdef0123");
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let r = server(&mut s, &key);
+            drop(s);
+            r
+        });
+        let mut c = TcpStream::connect(addr).unwrap();
+        // A protobuf frame header and bytes, as an unauthenticated `Begin` would start.
+        c.write_all(&[200, 0, 0, 0, 1]).unwrap();
+        c.write_all(&[0x0a; 64]).unwrap();
+        assert!(matches!(t.join().unwrap(), Err(AuthError::NotALlumlet)));
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(got.is_empty(), "the server said {} bytes", got.len());
+    }
+
+    #[test]
+    fn secret_files_must_be_private_and_long_enough_and_the_host_key_is_made_once() {
+        let dir = std::env::temp_dir().join(format!("llumlet-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("secret");
+        std::fs::write(&p, b"0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(TransferKey::from_file(&p)
+            .unwrap_err()
+            .contains("readable by others"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let k = TransferKey::from_file(&p).unwrap();
+        assert_eq!(
+            &*k.key, b"0123456789abcdef0123456789abcdef",
+            "the newline is not part of it"
+        );
+        assert!(!format!("{k:?}").contains("0123"), "Debug shows no key");
+        std::fs::write(&p, b"short").unwrap();
+        assert!(TransferKey::from_file(&p).unwrap_err().contains("shorter"));
+        let host = dir.join("host-key");
+        let uid = llumlet_dataplane::sys::uid();
+        let a = TransferKey::host_at(&host, uid).unwrap();
+        let b = TransferKey::host_at(&host, uid).unwrap();
+        assert_eq!(a.key, b.key, "the second llumlet reads the first one's key");
+        assert_eq!(std::fs::metadata(&host).unwrap().mode() & 0o777, 0o600);
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            TransferKey::host_at(&host, uid).is_err(),
+            "a readable host key is refused"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
