@@ -1,0 +1,242 @@
+//! Attacks on the transfer endpoint, against the real binary: a peer without the key gets
+//! nothing and changes nothing; a peer with the key that goes silent loses its reservation within
+//! the idle timeout; a frame header declaring a huge frame costs no memory; a connection flood
+//! keeps the thread count bounded; and a real migration still works after each.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use llumlet::migration::auth::{self, AuthError, TransferKey};
+use llumlet::migration::wire::{recv_control, region_msg, regions_of, send};
+use llumlet_dataplane::kv::MemoryKind;
+use llumlet_dataplane::request_table::RequestState;
+use llumlet_dataplane::segment::{Attach, ControlSegment};
+use llumlet_proto::migration::{envelope::Msg, Begin, Envelope};
+use llumlet_tests::mig::*;
+use llumlet_tests::*;
+use prost::Message;
+
+/// A source engine whose requests outlive the attacks (50 s of decoding).
+fn long_running(seed: u64) -> SimOpts {
+    let mut o = SimOpts::new(seed, 2);
+    o.max_tokens = 5000;
+    o.num_blocks = 2048;
+    o
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
+/// A `Begin` for `blocks` blocks in the layout of `dst`'s engine, as a source would send it.
+fn begin_for(dst: &Instance, blocks: u32) -> Msg {
+    let path = std::path::Path::new("/dev/shm").join(format!(
+        "llumlet-ctl-test-{}-{}",
+        dst.id,
+        std::process::id()
+    ));
+    let Ok(Attach::Ready(seg)) = ControlSegment::attach(&path) else {
+        panic!("attach {}", path.display())
+    };
+    let regions = regions_of(&seg, MemoryKind::HostShm).unwrap();
+    Msg::Begin(Begin {
+        migration_id: 7,
+        src_instance_id: "intruder".into(),
+        request_id: "injected".into(),
+        blocks,
+        transport: "tcp".into(),
+        regions: regions.iter().map(region_msg).collect(),
+        ..Default::default()
+    })
+}
+
+fn connect(port: i32) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s
+}
+
+/// Reads until the peer closes; what it said.
+fn until_closed(mut s: TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn a_peer_without_the_key_can_neither_reserve_nor_learn_anything() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "sec-src", long_running(21), &[]);
+    let mut dst = Instance::start(&redis, "sec-dst", SimOpts::new(22, 1), &[]);
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "sec-dst");
+
+    // The attack of the issue: a plain socket sends `Begin` as its first frame.
+    let bytes = Envelope {
+        msg: Some(begin_for(&dst, 4)),
+    }
+    .encode_to_vec();
+    let mut s = connect(port);
+    s.write_all(&(bytes.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&[1]).unwrap();
+    s.write_all(&bytes).unwrap();
+    assert!(
+        until_closed(s).is_empty(),
+        "an unauthenticated peer was answered"
+    );
+
+    // `Resolve` from a stranger: nothing either.
+    let mut s = connect(port);
+    let mut buf = Vec::new();
+    let _ = send(
+        &mut s,
+        Msg::Resolve(llumlet_proto::migration::Resolve {
+            migration_id: 7,
+            request_id: "x".into(),
+        }),
+    );
+    assert!(recv_control(&mut s, &mut buf).is_err());
+
+    // A peer that speaks the handshake with another key is refused, and told so.
+    let mut s = connect(port);
+    let wrong = TransferKey::from_bytes(b"not this cluster's secret at all");
+    assert!(matches!(
+        auth::client(&mut s, &wrong),
+        Err(AuthError::WrongKey)
+    ));
+
+    assert!(
+        dst.ids_in_state(RequestState::MigratingIn).is_empty(),
+        "nothing was reserved"
+    );
+    assert!(
+        !dst.logs().contains("migration in"),
+        "no migration in began:\n{}",
+        dst.logs()
+    );
+    // The llumlets themselves still migrate (they share this host's key).
+    status(&redis, "sec-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 1
+    });
+    let (ok, msg) = migrate(&rt, &src, "sec-dst", port);
+    assert!(ok, "{msg}\n{}", src.logs());
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
+}
+
+#[test]
+fn a_silent_peer_loses_its_reservation_and_huge_headers_cost_nothing() {
+    let redis = RedisServer::start();
+    let (mport, ms) = {
+        let p = free_port();
+        (p, p.to_string())
+    };
+    let dst = Instance::start(
+        &redis,
+        "idle-dst",
+        SimOpts::new(23, 0),
+        &[
+            ("LLUMLET_TRANSFER_IDLE_TIMEOUT", "2"),
+            ("LLUMLET_METRICS_PORT", &ms),
+        ],
+    );
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "idle-dst");
+    // The test runs as the llumlets' user on their host: it can read this host's key.
+    let key = TransferKey::host().unwrap();
+
+    // Reserve, then go silent.
+    let mut s = connect(port);
+    auth::client(&mut s, &key).unwrap();
+    send(&mut s, begin_for(&dst, 8)).unwrap();
+    let mut buf = Vec::new();
+    let Msg::Reserved(r) = recv_control(&mut s, &mut buf).unwrap() else {
+        panic!("expected Reserved")
+    };
+    assert!(r.ok, "{}", r.error);
+    assert_eq!(
+        dst.ids_in_state(RequestState::MigratingIn),
+        vec!["injected"]
+    );
+    let t = Instant::now();
+    wait_for_metric(
+        mport,
+        "llumlet_migrations_total{side=\"in\",outcome=\"aborted\",reason=\"lost_source\"} 1",
+        Duration::from_secs(10),
+    );
+    let held = t.elapsed();
+    assert!(
+        held < Duration::from_secs(6),
+        "held {held:?} with a 2 s idle timeout"
+    );
+    until(
+        Duration::from_secs(5),
+        "the reservation is freed",
+        || dst.ids_in_state(RequestState::MigratingIn).is_empty(),
+        || dst.logs(),
+    );
+
+    // Frame headers that declare 64 MiB control frames, from six authenticated connections
+    // that then send nothing: the llumlet allocates nothing for them.
+    let rss = proc_status(dst.llumlet.pid(), "VmRSS:");
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut s = connect(port);
+        auth::client(&mut s, &key).unwrap();
+        s.write_all(&(64u32 << 20).to_le_bytes()).unwrap();
+        s.write_all(&[1]).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown_kb = proc_status(dst.llumlet.pid(), "VmRSS:").saturating_sub(rss);
+    assert!(grown_kb < 32 << 10, "RSS grew by {grown_kb} kB");
+    drop(held);
+}
+
+#[test]
+fn a_connection_flood_keeps_threads_bounded_and_the_endpoint_serving() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut src = Instance::start(&redis, "flood-src", long_running(24), &[]);
+    let mut dst = Instance::start(
+        &redis,
+        "flood-dst",
+        SimOpts::new(25, 0),
+        &[("LLUMLET_TRANSFER_MAX_CONNECTIONS", "8")],
+    );
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "flood-dst");
+    let pid = dst.llumlet.pid();
+    let before = proc_status(pid, "Threads:");
+    // Idle connections that never say a word.
+    let flood: Vec<TcpStream> = (0..200).map(|_| connect(port)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = proc_status(pid, "Threads:");
+    assert!(
+        during <= before + 8,
+        "{during} threads with 200 connections (before: {before})"
+    );
+    // The handshake's deadline (a step, 5 s) closes them: the endpoint is free again.
+    let t = Instant::now();
+    for s in flood {
+        assert!(until_closed(s).is_empty());
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    status(&redis, "flood-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 1
+    });
+    let (ok, msg) = migrate(&rt, &src, "flood-dst", port);
+    assert!(ok, "{msg}\n{}", src.logs());
+    check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
+}
