@@ -32,8 +32,13 @@ pub enum CmsError {
         why: String,
     },
     /// No connection: the last attempt failed recently and the backoff has not run out.
-    #[error("redis unreachable, next connection attempt in {0:?}")]
-    Backoff(Duration),
+    #[error("redis unreachable ({last}), next connection attempt in {wait:?}")]
+    Backoff {
+        /// Until the next attempt.
+        wait: Duration,
+        /// Why the last attempt failed (a refused password says so here).
+        last: String,
+    },
 }
 
 /// The connection: the stream, and the buffers reused for every command.
@@ -180,6 +185,8 @@ struct ConnState {
     failures: u64,
     next_attempt: Instant,
     backoff: Duration,
+    /// Why the last connection attempt failed.
+    last_failure: String,
 }
 
 /// Backoff before the second connection attempt after a failure.
@@ -214,6 +221,7 @@ impl Cms {
                 failures: 0,
                 next_attempt: Instant::now(),
                 backoff: BACKOFF_START,
+                last_failure: String::new(),
             }),
             recovered: Notify::new(),
             metrics,
@@ -273,7 +281,10 @@ impl Cms {
         let st = self.lock();
         let now = Instant::now();
         if now < st.next_attempt {
-            return Err(CmsError::Backoff(st.next_attempt - now));
+            return Err(CmsError::Backoff {
+                wait: st.next_attempt - now,
+                last: st.last_failure.clone(),
+            });
         }
         Ok(())
     }
@@ -283,6 +294,7 @@ impl Cms {
         let mut st = self.lock();
         st.next_attempt = Instant::now() + st.backoff;
         st.backoff = (st.backoff * 2).min(self.backoff_max);
+        st.last_failure = why.clone();
         CmsError::Redis {
             op: "CONNECT",
             key: format!("{}:{}", self.cfg.host, self.cfg.port),
@@ -326,7 +338,7 @@ impl Cms {
             match self.attempt_blocking("SET", key, &args) {
                 Ok(()) => break Ok(()),
                 Err(e) => {
-                    if attempt >= self.cfg.retry_times || matches!(e, CmsError::Backoff(_)) {
+                    if attempt >= self.cfg.retry_times || matches!(e, CmsError::Backoff { .. }) {
                         break Err(e);
                     }
                     attempt += 1;
@@ -344,7 +356,7 @@ impl Cms {
             match self.attempt(op, key, args).await {
                 Ok(()) => break Ok(()),
                 Err(e) => {
-                    if attempt >= self.cfg.retry_times || matches!(e, CmsError::Backoff(_)) {
+                    if attempt >= self.cfg.retry_times || matches!(e, CmsError::Backoff { .. }) {
                         break Err(e);
                     }
                     attempt += 1;
@@ -499,11 +511,12 @@ mod tests {
         );
         let e = cms.set("k", b"v1").await.unwrap_err().to_string();
         assert!(e.contains("CONNECT") && e.contains("WRONGPASS"), "{e}");
-        // Within the backoff no new connection is attempted.
-        assert!(matches!(
-            cms.set("k", b"v1").await,
-            Err(CmsError::Backoff(_))
-        ));
+        // Within the backoff no new connection is attempted, and the refusal is still the
+        // reason given (a llumlet that gives up ends with it, not with "unreachable").
+        match cms.set("k", b"v1").await {
+            Err(CmsError::Backoff { last, .. }) => assert!(last.contains("WRONGPASS"), "{last}"),
+            other => panic!("{other:?}"),
+        }
         server.abort();
     }
 }

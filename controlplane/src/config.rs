@@ -241,23 +241,31 @@ fn err(var: &'static str, value: &str, rule: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Parses an integer the way Python's `int()` does: surrounding whitespace, an optional sign,
-/// and `_` between digits are accepted.
-pub fn parse_py_int(s: &str) -> Option<i64> {
+/// The shortest duration any interval or timeout takes, in seconds.
+const MIN_SECONDS: f64 = 0.001;
+/// The longest, in seconds (a day).
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// Whether `s` is written as an integer (Python's `int()` syntax), whatever its size.
+fn parse_py_int_digits(s: &str) -> bool {
     let t = s.trim();
-    let (neg, digits) = match t.as_bytes().first()? {
-        b'-' => (true, &t[1..]),
-        b'+' => (false, &t[1..]),
-        _ => (false, t),
-    };
-    if digits.is_empty()
-        || digits.starts_with('_')
-        || digits.ends_with('_')
-        || digits.contains("__")
-        || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'_')
-    {
+    let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+    !digits.is_empty()
+        && !digits.starts_with('_')
+        && !digits.ends_with('_')
+        && !digits.contains("__")
+        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'_')
+}
+
+/// Parses an integer the way Python's `int()` does: surrounding whitespace, an optional sign,
+/// and `_` between digits are accepted. `None` also for one too large for an `i64`.
+pub fn parse_py_int(s: &str) -> Option<i64> {
+    if !parse_py_int_digits(s) {
         return None;
     }
+    let t = s.trim();
+    let neg = t.starts_with('-');
+    let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
     let v: i64 = digits.replace('_', "").parse().ok()?;
     Some(if neg { -v } else { v })
 }
@@ -294,9 +302,15 @@ impl Reader<'_> {
 
     fn int_in(&self, var: &'static str, min: i64, max: i64) -> Result<i64, ConfigError> {
         let raw = self.required(var)?;
-        let v = parse_py_int(&raw).ok_or_else(|| err(var, &raw, "must be an integer"))?;
+        let range = || format!("is out of range: must be between {min} and {max}");
+        let v = match parse_py_int(&raw) {
+            Some(v) => v,
+            // Digits too many for any integer this llumlet takes.
+            None if parse_py_int_digits(&raw) => return Err(err(var, &raw, range())),
+            None => return Err(err(var, &raw, "must be an integer")),
+        };
         if v < min || v > max {
-            return Err(err(var, &raw, format!("must be between {min} and {max}")));
+            return Err(err(var, &raw, range()));
         }
         Ok(v)
     }
@@ -317,20 +331,27 @@ impl Reader<'_> {
         Ok((v, raw))
     }
 
-    fn seconds_positive(&self, var: &'static str) -> Result<Duration, ConfigError> {
+    /// Seconds in `min..=max`: every duration has a sane range (a push interval of a
+    /// picosecond would send Redis thousands of commands a second; a day is the longest wait any
+    /// of them needs).
+    fn seconds_in(&self, var: &'static str, min: f64, max: f64) -> Result<Duration, ConfigError> {
         let (v, raw) = self.float(var)?;
-        if v <= 0.0 {
-            return Err(err(var, &raw, "must be greater than 0 (seconds)"));
+        if !(min..=max).contains(&v) {
+            return Err(err(
+                var,
+                &raw,
+                format!("is out of range: must be between {min} and {max} (seconds)"),
+            ));
         }
-        Duration::try_from_secs_f64(v).map_err(|_| err(var, &raw, "is too large"))
+        Duration::try_from_secs_f64(v).map_err(|_| err(var, &raw, "is out of range"))
+    }
+
+    fn seconds_positive(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        self.seconds_in(var, MIN_SECONDS, MAX_SECONDS)
     }
 
     fn seconds_non_negative(&self, var: &'static str) -> Result<Duration, ConfigError> {
-        let (v, raw) = self.float(var)?;
-        if v < 0.0 {
-            return Err(err(var, &raw, "must be 0 or more (seconds)"));
-        }
-        Duration::try_from_secs_f64(v).map_err(|_| err(var, &raw, "is too large"))
+        self.seconds_in(var, 0.0, MAX_SECONDS)
     }
 
     fn ratio(&self, var: &'static str) -> Result<f64, ConfigError> {
@@ -669,6 +690,35 @@ mod tests {
         assert_eq!(c.instance_type, InstanceType::Neutral);
         assert_eq!(c.rpc_timeout, Duration::from_secs(5));
         assert!(c.metric_mask.is_all());
+    }
+
+    /// Every number has a sane range: a push interval below a millisecond, or an integer too
+    /// large for any type, is "out of range", with the rule; a word is "must be a number".
+    #[test]
+    fn numbers_outside_their_range_say_so() {
+        let rule = |pairs: &[(&str, &str)]| with(pairs).unwrap_err().to_string();
+        let e = rule(&[(env::STATUS_PUSH_INTERVAL, "1e-300")]);
+        assert!(
+            e.contains(env::STATUS_PUSH_INTERVAL) && e.contains("out of range"),
+            "{e}"
+        );
+        let e = rule(&[(env::METADATA_PUSH_INTERVAL, "1e9")]);
+        assert!(e.contains("out of range"), "{e}");
+        let e = rule(&[(env::CMS_EXPIRED_TIME, "99999999999999999999")]);
+        assert!(
+            e.contains(env::CMS_EXPIRED_TIME) && e.contains("out of range"),
+            "{e}"
+        );
+        let e = rule(&[(env::CMS_EXPIRED_TIME, "ten")]);
+        assert!(e.contains("must be an integer"), "{e}");
+        let e = rule(&[(env::TRANSFER_IDLE_TIMEOUT, "0")]);
+        assert!(e.contains("out of range"), "{e}");
+        assert_eq!(
+            with(&[(env::STATUS_PUSH_INTERVAL, "0.001")])
+                .unwrap()
+                .status_push_interval,
+            Duration::from_millis(1)
+        );
     }
 
     #[test]

@@ -81,7 +81,7 @@ vars! {
     DP_RANK = "LLUMLET_DP_RANK", Some("0"), Llumlet,
         "Published as `dp_rank` (0 <= rank < data parallel size).";
     DP_LOCAL_RANK = "LLUMLET_DP_LOCAL_RANK", Some("0"), Llumlet,
-        "Published as `dp_local_rank` (>= 0).";
+        "Published as `dp_local_rank` (0-86400).";
     TENSOR_PARALLEL_SIZE = "LLUMLET_TENSOR_PARALLEL_SIZE", Some("1"), Llumlet,
         "Published as `tensor_parallel_size` (>= 1).";
     UNIT_ID = "LLUMLET_UNIT_ID", None, Llumlet,
@@ -91,11 +91,11 @@ vars! {
     MAX_NUM_BATCHED_TOKENS = "LLUMLET_MAX_NUM_BATCHED_TOKENS", Some("8192"), Llumlet,
         "Published as `max_num_batched_tokens` (>= 1); the scheduler's TTFT predictor reads it.";
     RPC_TIMEOUT = "LLUMLET_RPC_TIMEOUT", Some("5.0"), Llumlet,
-        "Seconds each gRPC call may take before it answers DEADLINE_EXCEEDED (> 0).";
+        "Seconds each gRPC call may take before it answers DEADLINE_EXCEEDED (0.001-86400).";
     ENGINE_RETRY_INTERVAL = "LLUMLET_ENGINE_RETRY_INTERVAL", Some("2.0"), Llumlet,
-        "Seconds between the 3 attempts of an engine call (>= 0).";
+        "Seconds between the 3 attempts of an engine call (0-86400).";
     SHUTDOWN_GRACE = "LLUMLET_SHUTDOWN_GRACE", Some("1.0"), Llumlet,
-        "Seconds in-flight gRPC calls may take to finish on shutdown (> 0).";
+        "Seconds in-flight gRPC calls may take to finish on shutdown (0.001-86400).";
     CMS_REDIS_ADDRESS = "LLUMNIX_CMS_REDIS_ADDRESS", Some("redis.roles"), Llumlet,
         "Host of the CMS Redis.";
     CMS_REDIS_PORT = "LLUMNIX_CMS_REDIS_PORT", Some("10000"), Llumlet,
@@ -105,25 +105,25 @@ vars! {
     CMS_REDIS_PASSWORD = "LLUMNIX_CMS_REDIS_PASSWORD", Some(""), Llumlet,
         "Redis password; empty: no AUTH.";
     REDIS_SOCKET_TIMEOUT = "REDIS_SOCKET_TIMEOUT", Some("1"), Llumlet,
-        "Seconds one Redis connect or command may take (> 0).";
+        "Seconds one Redis connect or command may take (0.001-86400).";
     REDIS_RETRY_TIMES = "REDIS_RETRY_TIMES", Some("1"), Llumlet,
-        "Immediate retries of a failed Redis command on a fresh connection (>= 0).";
+        "Immediate retries of a failed Redis command on a fresh connection (0-86400).";
     REDIS_RETRY_INTERVAL = "REDIS_RETRY_INTERVAL", Some("0.1"), Llumlet,
-        "Seconds before such a retry (>= 0).";
+        "Seconds before such a retry (0-86400).";
     CMS_EXPIRED_TIME = "LLUMNIX_CMS_EXPIRED_TIME", Some("100"), Llumlet,
         "TTL in whole seconds of both CMS keys; must be strictly greater than both push intervals.";
     STATUS_PUSH_INTERVAL = "LLUMNIX_STATUS_PUSH_INTERVAL", Some("0.04"), Llumlet,
-        "Seconds between status writes to the CMS (> 0).";
+        "Seconds between status writes to the CMS (0.001-86400).";
     METADATA_PUSH_INTERVAL = "LLUMNIX_METADATA_PUSH_INTERVAL", Some("20"), Llumlet,
-        "Seconds between metadata heartbeats (> 0); never waits on the engine.";
+        "Seconds between metadata heartbeats (0.001-86400); never waits on the engine.";
     ENGINE_GET_STATUS_TIMEOUT = "LLUMNIX_ENGINE_GET_STATUS_TIMEOUT", Some("30.0"), Llumlet,
-        "Seconds without a new engine status before the instance is reported `schedulable=false` (> 0).";
+        "Seconds without a new engine status before the instance is reported `schedulable=false` (0.001-86400).";
     ENGINE_MIGRATE_TIMEOUT = "LLUMNIX_ENGINE_MIGRATE_TIMEOUT", Some("5.0"), Llumlet,
-        "Seconds one migrate call to the engine may take (> 0).";
+        "Seconds one migrate call to the engine may take (0.001-86400).";
     ENGINE_ABORT_TIMEOUT = "LLUMNIX_ENGINE_ABORT_TIMEOUT", Some("5.0"), Llumlet,
-        "Seconds one abort call to the engine may take (> 0).";
+        "Seconds one abort call to the engine may take (0.001-86400).";
     ENGINE_MIGRATE_IN_TIMEOUT = "LLUMNIX_ENGINE_MIGRATE_IN_TIMEOUT", Some("5.0"), Llumlet,
-        "Seconds one migrate-in call to the engine may take (> 0).";
+        "Seconds one migrate-in call to the engine may take (0.001-86400).";
     UPDATE_INSTANCE_STATUS_MODE = "LLUMNIX_UPDATE_INSTANCE_STATUS_MODE", Some("push"), Llumlet,
         "`push` or `pull`, any case.";
     ENABLE_MIGRATION = "LLUMNIX_ENABLE_MIGRATION", Some("1"), Llumlet,
@@ -131,13 +131,13 @@ vars! {
     DETAILED_MIG_STATUS = "LLUMNIX_DETAILED_MIG_STATUS", Some("0"), Llumlet,
         "Boolean: also compute and enforce the token and KV-ratio migration limits.";
     MAX_REQ_MIG_IN = "LLUMNIX_MAX_REQ_MIG_IN", Some("1"), Llumlet,
-        "Requests that may migrate in at once (>= 0).";
+        "Requests that may migrate in at once (0-86400).";
     MAX_REQ_MIG_OUT = "LLUMNIX_MAX_REQ_MIG_OUT", Some("1"), Llumlet,
-        "Requests that may migrate out at once (>= 0).";
+        "Requests that may migrate out at once (0-86400).";
     MAX_TOKEN_MIG_IN = "LLUMNIX_MAX_TOKEN_MIG_IN", Some("100000"), Llumlet,
-        "Tokens that may migrate in at once, when detailed (>= 0).";
+        "Tokens that may migrate in at once, when detailed (0-86400).";
     MAX_TOKEN_MIG_OUT = "LLUMNIX_MAX_TOKEN_MIG_OUT", Some("100000"), Llumlet,
-        "Tokens that may migrate out at once, when detailed (>= 0).";
+        "Tokens that may migrate out at once, when detailed (0-86400).";
     MAX_KV_CACHE_USAGE_RATIO_MIG_IN = "LLUMNIX_MAX_KV_CACHE_USAGE_RATIO_MIG_IN", Some("0.3"), Llumlet,
         "KV-cache ratio that may migrate in at once, when detailed (0-1).";
     MAX_KV_CACHE_USAGE_RATIO_MIG_OUT = "LLUMNIX_MAX_KV_CACHE_USAGE_RATIO_MIG_OUT", Some("0.3"), Llumlet,
@@ -145,13 +145,13 @@ vars! {
     USED_METRICS = "LLUMNIX_USED_METRICS", Some("all"), Llumlet,
         "Metrics the scheduler uses, separated by `,` or `;`; status fields no listed metric needs are written as 0.";
     REPORT_INSTANCE_STATUS_INTERVAL_S = "LLUMNIX_REPORT_INSTANCE_STATUS_INTERVAL_S", Some("10.0"), Llumlet,
-        "Seconds between DEBUG log lines of the status being written (> 0).";
+        "Seconds between DEBUG log lines of the status being written (0.001-86400).";
     INSTANCE_UPDATE_STEPS = "LLUMNIX_INSTANCE_UPDATE_STEPS", Some("1"), Engine,
         "Engine steps between status updates (>= 1).";
     ENABLE_LLUMNIX = "VLLM_ENABLE_LLUMNIX", Some("0"), Engine,
         "Boolean: the patched vLLM spawns a llumlet.";
     RECENT_WAITINGS_STALENESS_SECONDS = "LLUMNIX_RECENT_WAITINGS_STALENESS_SECONDS", Some("10"), Engine,
-        "Age limit in seconds of `recent_waiting_requests` (>= 0).";
+        "Age limit in seconds of `recent_waiting_requests` (0-86400).";
     ENABLE_PROFILING = "LLUMNIX_ENABLE_PROFILING", Some("0"), Engine,
         "Boolean: the engine fills the profiling fields of the status.";
     PROFILING_STEPS = "LLUMNIX_PROFILING_STEPS", Some("50"), Engine,

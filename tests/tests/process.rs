@@ -225,6 +225,15 @@ async fn authenticates_with_an_acl_user() {
     p.signal(libc::SIGINT);
     assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(0));
     assert_eq!(redis.get(&format!("{META}inst-acl")), None);
+
+    // A wrong password: the llumlet gives up registering and says Redis refused the password,
+    // not merely that Redis is unreachable.
+    let mut env = base_env(&redis, "inst-acl-bad", free_port());
+    env.insert("LLUMNIX_CMS_REDIS_PASSWORD".into(), "wrong".into());
+    let mut p = LlumletProcess::spawn(&env);
+    assert_eq!(p.wait(Duration::from_secs(30)).code(), Some(1));
+    let err = p.stderr();
+    assert!(err.contains("WRONGPASS"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +289,22 @@ fn invalid_configuration_never_registers() {
             "1",
             "strictly greater than LLUMNIX_METADATA_PUSH_INTERVAL",
         ),
-        ("LLUMNIX_STATUS_PUSH_INTERVAL", "0", "greater than 0"),
+        ("LLUMNIX_STATUS_PUSH_INTERVAL", "0", "out of range"),
+        (
+            "LLUMNIX_STATUS_PUSH_INTERVAL",
+            "1e-300",
+            "between 0.001 and 86400",
+        ),
+        (
+            "LLUMNIX_CMS_EXPIRED_TIME",
+            "99999999999999999999",
+            "out of range",
+        ),
+        (
+            "LLUMLET_TRANSFER_SECRET_FILE",
+            "/nonexistent/secret",
+            "/nonexistent/secret",
+        ),
         (
             "LLUMNIX_UPDATE_INSTANCE_STATUS_MODE",
             "sometimes",
