@@ -3,6 +3,19 @@
 
 use std::fmt::Write;
 
+/// `s` as an error message may echo it: whole up to `max` bytes, else its first `max` bytes
+/// (at a character boundary) and how long it was, so no error carries unbounded input.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len()).into()
+}
+
 /// `repr(s)` for a Python `str`.
 pub fn str_repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') {
@@ -50,5 +63,14 @@ mod tests {
         assert_eq!(str_repr("a'b\"c"), "'a\\'b\"c'");
         assert_eq!(str_repr("x\ny\\"), "'x\\ny\\\\'");
         assert_eq!(str_repr("\u{1}"), "'\\x01'");
+    }
+
+    #[test]
+    fn clipped_echoes_are_bounded_and_keep_characters_whole() {
+        assert_eq!(clip("10.0.0.1", 64), "10.0.0.1");
+        let long = "é".repeat(100_000);
+        let c = clip(&long, 65);
+        assert!(c.len() < 100 && c.ends_with("(200000 bytes)"), "{c}");
+        assert!(c.starts_with(&"é".repeat(32)));
     }
 }

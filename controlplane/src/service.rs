@@ -309,7 +309,17 @@ impl Llumlet for LlumletService {
         &self,
         request: Request<InstanceStatus>,
     ) -> Result<Response<PushInstanceStatusResponse>, Status> {
-        self.shared.pushed.push(request.into_inner());
+        let status = request.into_inner();
+        // An impossible status is refused; the last good one stays what the CMS shows.
+        if let Err(why) = crate::status::check_pushed(&status) {
+            return self.finish(
+                PUSH_STATUS,
+                Err(Status::invalid_argument(format!(
+                    "Push instance status failed due to invalid argument: {why}"
+                ))),
+            );
+        }
+        self.shared.pushed.push(status);
         let r = Ok(PushInstanceStatusResponse {
             success: true,
             message: "Push instance status successfully.".into(),

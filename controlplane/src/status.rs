@@ -24,6 +24,148 @@ pub trait StatusSource: Send + Sync + 'static {
     }
 }
 
+/// The most request ids a pushed status may list in `waiting_requests` or
+/// `recent_waiting_requests`.
+pub const MAX_PUSHED_IDS: usize = 1024;
+/// The longest request id a pushed status may list, in bytes.
+pub const MAX_PUSHED_ID_BYTES: usize = 256;
+
+/// Whether a status pushed over `PushInstanceStatus` could describe an engine: no negative count,
+/// no NaN or infinite number, id lists within [`MAX_PUSHED_IDS`] ids of at most
+/// [`MAX_PUSHED_ID_BYTES`]. The error names the first field that is not, for INVALID_ARGUMENT.
+/// (`profiling_id` may be -1, upstream's "none"; the available-slot fields are the llumlet's own
+/// and are overwritten.)
+pub fn check_pushed(s: &InstanceStatus) -> Result<(), String> {
+    let counts = [
+        ("timestamp_ms", s.timestamp_ms),
+        ("step_id", i64::from(s.step_id)),
+        ("update_id", i64::from(s.update_id)),
+        (
+            "hybrid_scheduler_waiting_to_decode_requests_num",
+            i64::from(s.hybrid_scheduler_waiting_to_decode_requests_num),
+        ),
+        (
+            "scheduler_waiting_to_decode_requests_num",
+            i64::from(s.scheduler_waiting_to_decode_requests_num),
+        ),
+        ("num_waiting_requests", i64::from(s.num_waiting_requests)),
+        (
+            "scheduler_running_to_decode_requests_num",
+            i64::from(s.scheduler_running_to_decode_requests_num),
+        ),
+        ("num_running_requests", i64::from(s.num_running_requests)),
+        ("num_loading_requests", i64::from(s.num_loading_requests)),
+        ("num_total_gpu_tokens", i64::from(s.num_total_gpu_tokens)),
+        ("num_used_gpu_tokens", i64::from(s.num_used_gpu_tokens)),
+        (
+            "num_uncomputed_tokens_hybrid_scheduler_waiting_prefills",
+            i64::from(s.num_uncomputed_tokens_hybrid_scheduler_waiting_prefills),
+        ),
+        (
+            "num_unallocated_tokens_hybrid_scheduler_waiting_decodes",
+            i64::from(s.num_unallocated_tokens_hybrid_scheduler_waiting_decodes),
+        ),
+        (
+            "hybrid_scheduler_waiting_to_decode_tokens_num",
+            i64::from(s.hybrid_scheduler_waiting_to_decode_tokens_num),
+        ),
+        (
+            "num_uncomputed_tokens_scheduler_waiting_prefills",
+            i64::from(s.num_uncomputed_tokens_scheduler_waiting_prefills),
+        ),
+        (
+            "scheduler_waiting_to_decode_tokens_num",
+            i64::from(s.scheduler_waiting_to_decode_tokens_num),
+        ),
+        (
+            "num_uncomputed_tokens_scheduler_running_prefills",
+            i64::from(s.num_uncomputed_tokens_scheduler_running_prefills),
+        ),
+        (
+            "num_unallocated_tokens_scheduler_running_prefills",
+            i64::from(s.num_unallocated_tokens_scheduler_running_prefills),
+        ),
+        (
+            "scheduler_running_to_decode_tokens_num",
+            i64::from(s.scheduler_running_to_decode_tokens_num),
+        ),
+        (
+            "num_tokens_loading_requests",
+            i64::from(s.num_tokens_loading_requests),
+        ),
+        (
+            "num_uncomputed_tokens_all_waiting_prefills",
+            i64::from(s.num_uncomputed_tokens_all_waiting_prefills),
+        ),
+        ("num_migrate_in_reqs", i64::from(s.num_migrate_in_reqs)),
+        ("num_migrate_out_reqs", i64::from(s.num_migrate_out_reqs)),
+        ("num_migrate_in_tokens", i64::from(s.num_migrate_in_tokens)),
+        (
+            "num_migrate_out_tokens",
+            i64::from(s.num_migrate_out_tokens),
+        ),
+        (
+            "num_scheduled_prefill_tokens",
+            i64::from(s.num_scheduled_prefill_tokens),
+        ),
+    ];
+    if let Some((field, v)) = counts.iter().find(|(_, v)| *v < 0) {
+        return Err(format!("{field} is {v}: a count cannot be negative"));
+    }
+    if s.profiling_id < -1 {
+        return Err(format!(
+            "profiling_id is {}: at least -1 (none)",
+            s.profiling_id
+        ));
+    }
+    let numbers = [
+        (
+            "kv_cache_usage_ratio_migrate_in",
+            s.kv_cache_usage_ratio_migrate_in,
+        ),
+        (
+            "kv_cache_usage_ratio_migrate_out",
+            s.kv_cache_usage_ratio_migrate_out,
+        ),
+        (
+            "available_kv_cache_usage_ratio_migrate_in",
+            s.available_kv_cache_usage_ratio_migrate_in,
+        ),
+        (
+            "available_kv_cache_usage_ratio_migrate_out",
+            s.available_kv_cache_usage_ratio_migrate_out,
+        ),
+        ("step_duration", s.step_duration),
+    ];
+    if let Some((field, v)) = numbers.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(format!("{field} is {v}: must be a finite number"));
+    }
+    if s.step_duration < 0.0 {
+        return Err(format!(
+            "step_duration is {}: cannot be negative",
+            s.step_duration
+        ));
+    }
+    for (field, ids) in [
+        ("waiting_requests", &s.waiting_requests),
+        ("recent_waiting_requests", &s.recent_waiting_requests),
+    ] {
+        if ids.len() > MAX_PUSHED_IDS {
+            return Err(format!(
+                "{field} lists {} ids: at most {MAX_PUSHED_IDS}",
+                ids.len()
+            ));
+        }
+        if let Some(id) = ids.iter().find(|id| id.len() > MAX_PUSHED_ID_BYTES) {
+            return Err(format!(
+                "{field} holds an id of {} bytes: at most {MAX_PUSHED_ID_BYTES}",
+                id.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Statuses pushed over gRPC: only the newest is kept (bounded memory, however fast the engine
 /// pushes and however slowly the llumlet reads).
 #[derive(Default)]

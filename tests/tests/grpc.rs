@@ -498,3 +498,49 @@ async fn shutdown_lets_in_flight_rpcs_finish_then_deregisters() {
     let mut c = s.client.clone();
     assert!(c.abort(AbortRequests::default()).await.is_err());
 }
+
+/// `PushInstanceStatus` refuses what no engine could report (negative counts, NaN or infinite
+/// numbers, id lists beyond the documented bound) with INVALID_ARGUMENT, and the CMS keeps the
+/// last good status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_pushed_statuses_are_refused_and_the_last_good_one_stays() {
+    let mut s = setup(&[]).await;
+    push_and_wait(&mut s, 7).await;
+    let bad = [
+        InstanceStatus {
+            update_id: 8,
+            num_running_requests: -3,
+            ..Default::default()
+        },
+        InstanceStatus {
+            update_id: 8,
+            step_duration: f64::NAN,
+            ..Default::default()
+        },
+        InstanceStatus {
+            update_id: 8,
+            kv_cache_usage_ratio_migrate_in: f64::INFINITY,
+            ..Default::default()
+        },
+        InstanceStatus {
+            update_id: 8,
+            // The 389 KB list.
+            waiting_requests: (0..20_000).map(|i| format!("req-{i:012}")).collect(),
+            ..Default::default()
+        },
+    ];
+    for st in bad {
+        let e = s.client.push_instance_status(st).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().len() < 200, "{}", e.message());
+    }
+    // Several push intervals later the CMS still shows the good status.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = s
+        .redis
+        .get("llumnix:instance_status:src")
+        .map(|b| InstanceStatus::decode(&b[..]).unwrap())
+        .unwrap();
+    assert_eq!((st.update_id, st.num_running_requests), (7, 0));
+    assert!(st.step_duration.is_finite());
+}

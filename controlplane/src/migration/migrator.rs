@@ -25,6 +25,13 @@ use crate::sync::lock;
 /// Resolves `host:port` (the scheduler's `dst_engine_ip`, `dst_engine_port`).
 pub fn resolve_addr(ip: &str, port: i32) -> Result<SocketAddr, String> {
     let port = u16::try_from(port).map_err(|_| format!("bad port {port}"))?;
+    // No host name is longer (RFC 1035); a longer one is not even looked up.
+    if ip.len() > 253 {
+        return Err(format!(
+            "{}: longer than a host name can be",
+            crate::pyrepr::clip(ip, 64)
+        ));
+    }
     (ip, port)
         .to_socket_addrs()
         .map_err(|e| format!("{ip}:{port}: {e}"))?
@@ -199,5 +206,27 @@ impl Migrator for LiveMigrator {
             (0, Some(e)) => Err(MigrateError::Failed(e)),
             _ => Ok(moved),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A destination address longer than any host name is refused without a lookup, and the
+    /// error echoes only its start (the scheduler's client gets a message, not a metadata-size
+    /// error).
+    #[test]
+    fn a_huge_destination_address_is_refused_with_a_bounded_message() {
+        let ip = "a".repeat(4 << 20);
+        let e = resolve_addr(&ip, 9000).unwrap_err();
+        assert!(
+            e.len() < 200 && e.contains("longer than a host name"),
+            "{e}"
+        );
+        assert!(resolve_addr("127.0.0.1", 9000).is_ok());
+        assert!(resolve_addr("127.0.0.1", 70000)
+            .unwrap_err()
+            .contains("bad port"));
     }
 }

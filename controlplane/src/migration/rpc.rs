@@ -62,7 +62,7 @@ impl MigrationParams {
             other => {
                 return Err(invalid(format!(
                     "{} is not a valid MigrationType.",
-                    crate::pyrepr::str_repr(other)
+                    crate::pyrepr::str_repr(&crate::pyrepr::clip(other, 64))
                 )))
             }
         };
