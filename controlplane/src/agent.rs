@@ -2,7 +2,7 @@
 //! and the status loop, watches the parent, and shuts down in phases (stop accepting, drain with a
 //! deadline, remove the instance from the CMS).
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,11 +67,24 @@ pub struct Agent {
     stop_requested: Arc<Notify>,
 }
 
-async fn bind_rpc(choice: PortChoice) -> Result<TcpListener, StartError> {
+/// The largest gRPC message the service reads or writes (tonic's default, set on purpose: a
+/// `PushInstanceStatus` or `Migrate` is a few kilobytes).
+pub const MAX_RPC_MESSAGE: usize = 4 << 20;
+
+async fn bind_rpc(choice: PortChoice, bind: Option<IpAddr>) -> Result<TcpListener, StartError> {
     let port = match choice {
         PortChoice::Any => 0,
         PortChoice::Fixed(p) => p,
     };
+    if let Some(ip) = bind {
+        return TcpListener::bind((ip, port))
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "gRPC",
+                port,
+                source,
+            });
+    }
     // Dual-stack `[::]` as upstream; fall back to IPv4 where IPv6 is off.
     match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
         Ok(l) => Ok(l),
@@ -138,7 +151,7 @@ impl Agent {
             metrics.clone(),
         ));
 
-        let listener = bind_rpc(config.rpc_port).await?;
+        let listener = bind_rpc(config.rpc_port, config.rpc_bind).await?;
         let rpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
             what: "gRPC",
             port: 0,
@@ -170,7 +183,9 @@ impl Agent {
         });
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let svc = LlumletServer::new(LlumletService::new(shared.clone()));
+        let svc = LlumletServer::new(LlumletService::new(shared.clone()))
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE);
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)

@@ -140,6 +140,8 @@ pub struct Config {
     pub api_server_port: u16,
     /// gRPC port to bind.
     pub rpc_port: PortChoice,
+    /// The address the gRPC service binds (`None`: every address).
+    pub rpc_bind: Option<IpAddr>,
     /// The parsed `LLUMLET_KV_TRANSFER_CONFIG`, if given.
     pub kv_transfer: Option<crate::kv_transfer::KvTransferConfig>,
     /// Port of the transfer endpoint (0: a free one).
@@ -574,6 +576,16 @@ impl Config {
                 _ => 0,
             },
         };
+        let rpc_bind = match r.optional(env::RPC_BIND_ADDRESS) {
+            Some(a) => Some(a.trim().parse::<IpAddr>().map_err(|_| {
+                err(
+                    env::RPC_BIND_ADDRESS,
+                    &crate::pyrepr::clip(&a, 64),
+                    "must be an IPv4 or IPv6 address",
+                )
+            })?),
+            None => None,
+        };
         let transfer_secret_file = match r.optional(env::TRANSFER_SECRET_FILE) {
             Some(p) => {
                 let p = std::path::PathBuf::from(p.trim());
@@ -589,6 +601,7 @@ impl Config {
             Duration::from_secs(r.int_in(env::TRANSFER_IDLE_TIMEOUT, 1, 3600)? as u64);
         let transfer_max_connections = r.int_in(env::TRANSFER_MAX_CONNECTIONS, 1, 4096)? as usize;
         Ok(Config {
+            rpc_bind,
             transfer_secret_file,
             transfer_idle_timeout,
             transfer_max_connections,

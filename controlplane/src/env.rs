@@ -54,6 +54,8 @@ vars! {
         "Required. The engine's API server port, published as `api_server_port` (1-65535).";
     RPC_PORT = "LLUMNIX_RPC_PORT", Some("-1"), Llumlet,
         "gRPC port of the `llumlet.Llumlet` service: 1024-65535, or -1 to pick a free port.";
+    RPC_BIND_ADDRESS = "LLUMLET_RPC_BIND_ADDRESS", None, Llumlet,
+        "Address the gRPC service listens on (an IPv4 or IPv6 address); unset: every address (`[::]`, else `0.0.0.0`), as upstream.";
     ENGINE_SHM = "LLUMLET_ENGINE_SHM", None, Llumlet,
         "The engine's control segment: a name under /dev/shm or an absolute path; unset: `llumlet-ctl-<instance id>`.";
     KV_TRANSFER_CONFIG = "LLUMLET_KV_TRANSFER_CONFIG", None, Llumlet,

@@ -280,6 +280,29 @@ async fn crash_leaves_keys_to_expire_with_their_ttl() {
     });
 }
 
+/// `LLUMLET_RPC_BIND_ADDRESS` binds the gRPC service to that address only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_service_listens_only_where_it_is_told() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let mut env = base_env(&redis, "inst-bind", port);
+    env.insert("LLUMLET_RPC_BIND_ADDRESS".into(), "127.0.0.1".into());
+    let _p = LlumletProcess::spawn(&env);
+    let mut client = grpc_client(port, Duration::from_secs(10)).await;
+    client.push_instance_status(engine_status(1)).await.unwrap();
+    let listening: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[3] == "0A" && f[1].ends_with(&format!(":{port:04X}"))
+        })
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(listening, vec![format!("0100007F:{port:04X}")]);
+}
+
 #[test]
 fn invalid_configuration_never_registers() {
     let redis = RedisServer::start();
@@ -304,6 +327,11 @@ fn invalid_configuration_never_registers() {
             "LLUMLET_TRANSFER_SECRET_FILE",
             "/nonexistent/secret",
             "/nonexistent/secret",
+        ),
+        (
+            "LLUMLET_RPC_BIND_ADDRESS",
+            "everywhere",
+            "IPv4 or IPv6 address",
         ),
         (
             "LLUMNIX_UPDATE_INSTANCE_STATUS_MODE",
