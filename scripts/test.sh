@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that sets up a fresh machine and runs every check: installs what the tests need
-# (redis-server, a C compiler and UCX from Debian, grpcio-tools for the Python client test), then fmt,
+# (redis-server, a C compiler, UCX and openssl from Debian, grpcio-tools for the Python client
+# test), then fmt,
 # clippy with -D warnings, and the whole test suite (the migration fault suite again over tcp and UCX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ command -v cc >/dev/null || missing+=(gcc)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists ucx 2>/dev/null || missing+=(libucx-dev)
 command -v ucx_perftest >/dev/null || missing+=(ucx-utils)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   as_root apt-get update -qq

@@ -49,6 +49,11 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The gRPC service's TLS files could not be used.
+    #[error(
+        "gRPC TLS (LLUMLET_RPC_TLS_CERT, LLUMLET_RPC_TLS_KEY, LLUMLET_RPC_TLS_CLIENT_CA): {0}"
+    )]
+    Tls(String),
     /// Registration failed on every attempt.
     #[error("could not register in the CMS after {REGISTER_ATTEMPTS} attempts: {0}")]
     Register(crate::cms::CmsError),
@@ -101,6 +106,22 @@ async fn bind_rpc(choice: PortChoice, bind: Option<IpAddr>) -> Result<TcpListene
                 source,
             }),
     }
+}
+
+/// The service's TLS identity (and client CA) from the configured PEM files.
+fn server_tls(
+    tls: &crate::config::RpcTls,
+) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+    };
+    let mut cfg =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(cfg)
 }
 
 /// The metadata this instance publishes.
@@ -186,16 +207,18 @@ impl Agent {
         let svc = LlumletServer::new(LlumletService::new(shared.clone()))
             .max_decoding_message_size(MAX_RPC_MESSAGE)
             .max_encoding_message_size(MAX_RPC_MESSAGE);
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                ),
-        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.rpc_tls {
+            builder = builder
+                .tls_config(server_tls(tls)?)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
+        let server = tokio::spawn(builder.add_service(svc).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
         tracing::info!(grpc = %rpc_addr, metrics = ?metrics_addr, "llumlet listening");
 
         let mut loops = Vec::new();

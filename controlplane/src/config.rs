@@ -125,6 +125,17 @@ pub enum TransportChoice {
     Ucx,
 }
 
+/// TLS of the gRPC service: PEM files, read when the service starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcTls {
+    /// The certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
+    /// Clients must present a certificate this CA signed (mutual TLS).
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -142,6 +153,8 @@ pub struct Config {
     pub rpc_port: PortChoice,
     /// The address the gRPC service binds (`None`: every address).
     pub rpc_bind: Option<IpAddr>,
+    /// TLS of the gRPC service (`None`: plain gRPC).
+    pub rpc_tls: Option<RpcTls>,
     /// The parsed `LLUMLET_KV_TRANSFER_CONFIG`, if given.
     pub kv_transfer: Option<crate::kv_transfer::KvTransferConfig>,
     /// Port of the transfer endpoint (0: a free one).
@@ -586,6 +599,51 @@ impl Config {
             })?),
             None => None,
         };
+        let readable = |var: &'static str, p: String| -> Result<std::path::PathBuf, ConfigError> {
+            let p = std::path::PathBuf::from(p.trim());
+            std::fs::File::open(&p).map_err(|e| {
+                err(
+                    var,
+                    &p.display().to_string(),
+                    format!("cannot be read: {e}"),
+                )
+            })?;
+            Ok(p)
+        };
+        let client_ca = r.optional(env::RPC_TLS_CLIENT_CA);
+        let rpc_tls = match (r.optional(env::RPC_TLS_CERT), r.optional(env::RPC_TLS_KEY)) {
+            (Some(cert), Some(key)) => Some(RpcTls {
+                cert: readable(env::RPC_TLS_CERT, cert)?,
+                key: readable(env::RPC_TLS_KEY, key)?,
+                client_ca: client_ca
+                    .map(|p| readable(env::RPC_TLS_CLIENT_CA, p))
+                    .transpose()?,
+            }),
+            (None, None) => match client_ca {
+                Some(p) => {
+                    return Err(err(
+                        env::RPC_TLS_CLIENT_CA,
+                        &p,
+                        "needs LLUMLET_RPC_TLS_CERT and LLUMLET_RPC_TLS_KEY",
+                    ))
+                }
+                None => None,
+            },
+            (Some(_), None) => {
+                return Err(err(
+                    env::RPC_TLS_KEY,
+                    "",
+                    "is required with LLUMLET_RPC_TLS_CERT",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    env::RPC_TLS_CERT,
+                    "",
+                    "is required with LLUMLET_RPC_TLS_KEY",
+                ))
+            }
+        };
         let transfer_secret_file = match r.optional(env::TRANSFER_SECRET_FILE) {
             Some(p) => {
                 let p = std::path::PathBuf::from(p.trim());
@@ -602,6 +660,7 @@ impl Config {
         let transfer_max_connections = r.int_in(env::TRANSFER_MAX_CONNECTIONS, 1, 4096)? as usize;
         Ok(Config {
             rpc_bind,
+            rpc_tls,
             transfer_secret_file,
             transfer_idle_timeout,
             transfer_max_connections,

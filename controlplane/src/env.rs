@@ -56,6 +56,12 @@ vars! {
         "gRPC port of the `llumlet.Llumlet` service: 1024-65535, or -1 to pick a free port.";
     RPC_BIND_ADDRESS = "LLUMLET_RPC_BIND_ADDRESS", None, Llumlet,
         "Address the gRPC service listens on (an IPv4 or IPv6 address); unset: every address (`[::]`, else `0.0.0.0`), as upstream.";
+    RPC_TLS_CERT = "LLUMLET_RPC_TLS_CERT", None, Llumlet,
+        "PEM certificate chain of the gRPC service; with `LLUMLET_RPC_TLS_KEY` the service speaks only TLS. Unset: plain gRPC, as the Llumnix scheduler dials.";
+    RPC_TLS_KEY = "LLUMLET_RPC_TLS_KEY", None, Llumlet,
+        "PEM private key of `LLUMLET_RPC_TLS_CERT`.";
+    RPC_TLS_CLIENT_CA = "LLUMLET_RPC_TLS_CLIENT_CA", None, Llumlet,
+        "PEM CA certificate: with TLS on, only clients presenting a certificate it signed are served (mutual TLS).";
     ENGINE_SHM = "LLUMLET_ENGINE_SHM", None, Llumlet,
         "The engine's control segment: a name under /dev/shm or an absolute path; unset: `llumlet-ctl-<instance id>`.";
     KV_TRANSFER_CONFIG = "LLUMLET_KV_TRANSFER_CONFIG", None, Llumlet,
