@@ -190,6 +190,20 @@ impl Instance {
         }
     }
 
+    /// The files in /dev/shm beside the engine's control segment whose names go on with `rest`
+    /// (`-mig-in-`: the destination's records of committed migrations in).
+    pub fn segment_files(&self, rest: &str) -> Vec<String> {
+        let prefix = format!("{}{rest}", self.env["LLUMLET_ENGINE_SHM"]);
+        std::fs::read_dir("/dev/shm")
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The transfer port (published as `kvt_port`).
     pub fn transfer_port(&self) -> i32 {
         self.env["LLUMLET_TRANSFER_PORT"].parse().unwrap()

@@ -329,6 +329,13 @@ fn a_migration_to_an_idle_destination_shows_in_both_statuses() {
     let port = kvt_port(&redis, "cms-dst");
     let (ok, msg) = migrate(&rt, &src, "cms-dst", port);
     assert!(ok, "{msg}\n{}", src.logs());
+    // The source retired the destination's record of the commit: nothing is left behind.
+    until(
+        Duration::from_secs(5),
+        "the destination's commit record is retired",
+        || dst.segment_files("-mig-in-").is_empty(),
+        || format!("{:?}\n{}", dst.segment_files("-mig-in-"), dst.logs()),
+    );
     // Counted on both sides.
     for (port, side) in [(src_m, "out"), (dst_m, "in")] {
         let want = format!(

@@ -295,7 +295,8 @@ impl TransferServer {
         };
         drop(m);
         // Not in memory (this llumlet restarted): the durable record decides.
-        let outcome = remembered.unwrap_or_else(|| self.resolve_from_record(r.migration_id));
+        let outcome =
+            remembered.unwrap_or_else(|| self.resolve_from_record(r.migration_id, &r.request_id));
         tracing::info!(migration = r.migration_id, request = %r.request_id, outcome = ?outcome,
             from_record = remembered.is_none(), "resolved a migration for its source");
         let _ = wire::send(
@@ -310,8 +311,8 @@ impl TransferServer {
     /// commit (aborted); "committed": committed; "committing" (the previous llumlet died
     /// waiting for the engine): the engine decides now. Engines answer a repeated commit with
     /// its first answer and refuse a commit of a reservation that is gone.
-    fn resolve_from_record(&self, migration: u64) -> Res {
-        let Some((path, e)) = journal::find_in(self.link.path(), migration) else {
+    fn resolve_from_record(&self, migration: u64, request_id: &str) -> Res {
+        let Some((path, e)) = journal::find_in(self.link.path(), migration, request_id) else {
             return Res::Aborted;
         };
         if e.committed {
@@ -414,13 +415,13 @@ impl TransferServer {
         let transport = negotiate::negotiate(ask, same, ucx_offer.is_some());
         let local_id = self.link.next_id();
         tracing::info!(request = %b.request_id, source = %b.src_instance_id, migration = b.migration_id, transport = transport.name(), "migration in");
-        Inbound {
+        let retiring = Inbound {
             server: self,
             calls: Calls::new(Arc::clone(&self.link), local_id, STEP_TIMEOUT),
             mailbox: seg
                 .as_ref()
                 .map(|_| mailbox::path(self.link.path(), local_id)),
-            in_record: journal::in_path(self.link.path(), local_id),
+            in_record: journal::in_path(self.link.path(), b.migration_id, &b.request_id),
             key: (b.src_instance_id.clone(), b.migration_id),
             machine: DestMachine::new(),
             sink: DataSink::new(maps, ReservedBlocks::default()),
@@ -435,6 +436,41 @@ impl TransferServer {
             ucx_offer,
         }
         .drive(verdict);
+        drop(_slot);
+        if let Some(r) = retiring {
+            r.wait();
+        }
+    }
+}
+
+/// A committed migration in whose durable record the source may now retire.
+struct Retiring {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    record: PathBuf,
+    migration: u64,
+    request_id: String,
+}
+
+impl Retiring {
+    /// Waits a step for the source's `Retire`: once its engine has committed, no `Resolve` can
+    /// come for this migration and the record goes. Without it (the source died, or is an older
+    /// llumlet) the record stays until the source resolves and expires by age.
+    fn wait(mut self) {
+        let _ = self.stream.set_read_timeout(Some(STEP_TIMEOUT));
+        match wire::recv_control(&mut self.stream, &mut self.buf) {
+            Ok(Msg::Retire(r))
+                if r.migration_id == self.migration && r.request_id == self.request_id =>
+            {
+                if let Err(e) = std::fs::remove_file(&self.record) {
+                    tracing::warn!(error = %e, "cannot remove a retired migration-in record");
+                }
+            }
+            Ok(other) => tracing::debug!(message = ?other, "expected Retire after a migration in"),
+            Err(e) => {
+                tracing::debug!(error = %e, "no Retire after a migration in; the record stays")
+            }
+        }
     }
 }
 
@@ -467,7 +503,7 @@ struct Inbound<'a> {
 impl Inbound<'_> {
     /// Runs the machine from the source's `Begin` (with `verdict`, why it is refused) to its
     /// outcome.
-    fn drive(mut self, verdict: Option<Refusal>) {
+    fn drive(mut self, verdict: Option<Refusal>) -> Option<Retiring> {
         self.server.set(&self.key, Known::Open);
         let mut begin = self.begin.clone();
         begin.transport = self.transport.name().into();
@@ -492,6 +528,7 @@ impl Inbound<'_> {
                 queue.extend(self.machine.on(event));
             }
         }
+        None
     }
 
     /// Waits for the source: data frames land in the reservation (no event), a control message
@@ -640,7 +677,9 @@ impl Inbound<'_> {
         }
     }
 
-    fn done(self, outcome: Outcome) {
+    /// The outcome; a migration in that committed waits (after its slot is given back) for
+    /// the source to retire its record.
+    fn done(self, outcome: Outcome) -> Option<Retiring> {
         if let Some(mb) = self.mailbox.as_ref() {
             mailbox::remove(mb);
         }
@@ -655,6 +694,13 @@ impl Inbound<'_> {
         if let Some(c) = self.server.counts.get() {
             c.record(Side::In, &outcome);
         }
+        (outcome == Outcome::Migrated).then(|| Retiring {
+            stream: self.stream,
+            buf: self.buf,
+            record: self.in_record,
+            migration: self.begin.migration_id,
+            request_id: self.begin.request_id,
+        })
     }
 
     /// Shuts the transfer connection down (fault injection).

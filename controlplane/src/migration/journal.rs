@@ -31,6 +31,8 @@ use super::STEP_TIMEOUT;
 /// How long a destination keeps the record of a commit for a source to `Resolve` (a source
 /// resolves within minutes).
 const IN_RECORD_EXPIRY: Duration = Duration::from_secs(3600);
+/// How often the destination looks for expired records.
+const EXPIRY_SCAN_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a migration out stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,10 +137,14 @@ pub struct InEntry {
     pub local: u64,
 }
 
-/// The destination's record of its migration `local` of the engine at `segment`.
-pub fn in_path(segment: &Path, local: u64) -> PathBuf {
-    let mut p = mailbox::path(segment, local).into_os_string();
-    p.push(".in");
+/// The destination's record of the source's migration `migration` of request `request_id` into
+/// the engine at `segment`: named by what a `Resolve` carries, so a lookup opens one file.
+pub fn in_path(segment: &Path, migration: u64, request_id: &str) -> PathBuf {
+    let id = request_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut p = segment.as_os_str().to_os_string();
+    p.push(format!("-mig-in-{migration}-{id:016x}.in"));
     PathBuf::from(p)
 }
 
@@ -176,12 +182,11 @@ impl InEntry {
     }
 }
 
-/// The destination's record of source migration `migration`, if it has one.
-pub fn find_in(segment: &Path, migration: u64) -> Option<(PathBuf, InEntry)> {
-    files(segment, ".in")
-        .into_iter()
-        .filter_map(|p| InEntry::read(&p).ok().map(|e| (p, e)))
-        .find(|(_, e)| e.migration == migration)
+/// The destination's record of source migration `migration` of `request_id`, if it has one.
+pub fn find_in(segment: &Path, migration: u64, request_id: &str) -> Option<(PathBuf, InEntry)> {
+    let p = in_path(segment, migration, request_id);
+    let e = InEntry::read(&p).ok()?;
+    (e.migration == migration).then_some((p, e))
 }
 
 /// Removes destination records older than `age` (a source resolves within minutes).
@@ -276,7 +281,16 @@ pub fn recover_once(link: &Arc<EngineLink>, key: &TransferKey, open_only: bool) 
     if link.segment().is_none() {
         return;
     }
-    expire_in(link.path(), IN_RECORD_EXPIRY);
+    // Records are retired by their sources; the few left (a source that died after the commit
+    // and settled through `Resolve`) expire by age, looked for once a minute.
+    static EXPIRED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut at = crate::sync::lock(&EXPIRED_AT);
+        if at.is_none_or(|t| t.elapsed() >= EXPIRY_SCAN_EVERY) {
+            *at = Some(std::time::Instant::now());
+            expire_in(link.path(), IN_RECORD_EXPIRY);
+        }
+    }
     let me = std::process::id();
     for p in list(link.path()) {
         let e = match Entry::read(&p) {
@@ -339,6 +353,29 @@ mod tests {
         assert!(Entry::read(&p).unwrap_err().contains("unknown phase"));
         std::fs::write(&p, "open\n1\n").unwrap();
         assert!(Entry::read(&p).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A destination's record is found by what a `Resolve` carries, in one file, and only for
+    /// that migration of that request.
+    #[test]
+    fn a_record_is_found_by_its_migration_and_request_without_a_scan() {
+        let dir = std::env::temp_dir().join(format!("llumlet-in-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let seg = dir.join("llumlet-ctl-y");
+        let e = InEntry {
+            committed: true,
+            migration: 42,
+            local: 7,
+        };
+        e.write(&in_path(&seg, 42, "req/../1")).unwrap();
+        assert_eq!(find_in(&seg, 42, "req/../1").map(|(_, e)| e), Some(e));
+        assert!(find_in(&seg, 42, "req-2").is_none());
+        assert!(find_in(&seg, 43, "req/../1").is_none());
+        assert!(
+            in_path(&seg, 42, "req/../1").starts_with(&dir),
+            "ids cannot leave the directory"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

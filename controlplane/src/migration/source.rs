@@ -19,7 +19,7 @@ use llumlet_dataplane::segment::ControlSegment;
 use llumlet_dataplane::transport::{
     check_layouts, layout, ReservedBlocks, ShmTransport, TcpTransport, Transport as KvTransport,
 };
-use llumlet_proto::migration::{envelope::Msg, Begin, Reserved};
+use llumlet_proto::migration::{envelope::Msg, Begin, Reserved, Retire};
 
 use super::auth::TransferKey;
 use super::journal::{self, Entry, Phase};
@@ -355,7 +355,10 @@ impl SourceRun<'_> {
     }
 
     /// The outcome: the journal goes (or stays, in doubt, for the recovery to settle).
-    fn done(self, outcome: Outcome) -> SourceReport {
+    fn done(mut self, outcome: Outcome) -> SourceReport {
+        if outcome == Outcome::Migrated {
+            self.retire();
+        }
         if matches!(outcome, Outcome::InDoubt(_)) {
             // The request stays suspended at the engine; the journal's recovery keeps asking
             // the destination and settles it.
@@ -365,6 +368,20 @@ impl SourceRun<'_> {
         }
         mailbox::remove(&self.mailbox);
         self.report(outcome)
+    }
+
+    /// Tells the destination, once this engine has committed, that its record of the commit can
+    /// go (best effort: without it the record expires by age).
+    fn retire(&mut self) {
+        if let Some(s) = self.stream.as_mut() {
+            let retire = Msg::Retire(Retire {
+                migration_id: self.migration_id,
+                request_id: self.req.id.clone(),
+            });
+            if let Err(e) = wire::send(s, retire) {
+                tracing::debug!(error = %e, "cannot retire the destination's record");
+            }
+        }
     }
 
     fn report(self, outcome: Outcome) -> SourceReport {
