@@ -103,9 +103,13 @@ impl LlumletService {
             .ledger
             .reserve_out(&params)
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        // The caller's strings are clipped: a log line never carries unbounded input.
+        let clip = |s| crate::pyrepr::clip(s, 64);
         tracing::info!(
-            src = %r.src_engine_id, dst = %r.dst_engine_id, dst_addr = %format!("{}:{}", r.dst_engine_ip, r.dst_engine_port),
-            migration_type = params.migration_type.as_str(), policy = %params.req_policy, trigger = %params.trigger_policy,
+            src = %clip(&r.src_engine_id), dst = %clip(&r.dst_engine_id),
+            dst_addr = %format!("{}:{}", clip(&r.dst_engine_ip), r.dst_engine_port),
+            migration_type = params.migration_type.as_str(), policy = %clip(&params.req_policy),
+            trigger = %clip(&params.trigger_policy),
             num_reqs = params.num_reqs, num_tokens = params.num_tokens, ratio = params.kv_cache_usage_ratio,
             "migrate"
         );

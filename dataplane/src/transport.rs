@@ -32,11 +32,21 @@ pub const MAX_CONTROL_FRAME: usize = crate::mailbox::MAX_STATE_BYTES + (1 << 20)
 /// Reads the `len` bytes of a frame into `buf`, growing it as the bytes arrive (a peer that
 /// declares a large frame and sends nothing costs nothing).
 fn read_body(r: &mut impl Read, buf: &mut Vec<u8>, len: usize) -> Result<(), TransportError> {
+    const CHUNK: usize = 256 << 10;
+    // A buffer a large frame left behind is given back rather than kept for the connection.
+    if buf.capacity() > 2 * len.max(CHUNK) {
+        *buf = Vec::new();
+    }
     buf.clear();
-    buf.reserve(len.min(64 << 10));
-    let got = r.take(len as u64).read_to_end(buf)?;
-    if got < len {
-        return Err(TransportError::Closed);
+    // Grown as bytes arrive, exactly: by what already arrived (at least a chunk), never past the
+    // frame's length, so a few reallocations and no slack.
+    while buf.len() < len {
+        let want = (len - buf.len()).min(CHUNK.max(buf.len()));
+        buf.reserve_exact(want);
+        let got = r.take(want as u64).read_to_end(buf)?;
+        if got < want {
+            return Err(TransportError::Closed);
+        }
     }
     Ok(())
 }
@@ -405,8 +415,6 @@ fn eof_is_closed(e: std::io::Error) -> TransportError {
     }
 }
 
-/// Reads one frame at the destination: a control frame into `buf`; a data frame's header is
-/// checked against `sink`'s reservation and regions first, then its bytes are read from the
 /// Reads and drops `len` bytes of a refused frame, through a small buffer.
 fn discard(r: &mut impl Read, len: usize) -> Result<(), TransportError> {
     let got = std::io::copy(&mut r.take(len as u64), &mut std::io::sink())?;
@@ -416,6 +424,8 @@ fn discard(r: &mut impl Read, len: usize) -> Result<(), TransportError> {
     Ok(())
 }
 
+/// Reads one frame at the destination: a control frame into `buf`; a data frame's header is
+/// checked against `sink`'s reservation and regions first, then its bytes are read from the
 /// socket straight into the KV cache (no intermediate copy).
 pub fn receive_frame(
     r: &mut impl Read,

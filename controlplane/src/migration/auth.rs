@@ -32,8 +32,9 @@ const NONCE: usize = 32;
 const MAC: usize = 32;
 const HELLO: usize = 4 + 1 + NONCE;
 const CHALLENGE: usize = 4 + 1 + NONCE + MAC;
-/// The shortest secret accepted from a file.
-pub const MIN_SECRET_BYTES: usize = 16;
+/// The shortest secret accepted from a file: a random 32-byte secret (base64 of 32 random bytes
+/// is 44) cannot be guessed offline from a handshake a peer observed or provoked.
+pub const MIN_SECRET_BYTES: usize = 32;
 /// The longest secret read from a file.
 const MAX_SECRET_BYTES: usize = 4096;
 
@@ -146,17 +147,23 @@ impl TransferKey {
             llumlet_dataplane::sys::random_bytes(&mut key).map_err(|e| e.to_string())?;
             // Written whole under a temporary name, then linked into place: a llumlet starting
             // at the same moment sees either no key or the whole key, and one key wins.
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            let written = std::fs::OpenOptions::new()
+            // The temporary name is random, so nobody can take it in advance; only a file this
+            // process created is removed.
+            let mut tag = [0u8; 8];
+            llumlet_dataplane::sys::random_bytes(&mut tag).map_err(|e| e.to_string())?;
+            let tmp = path.with_extension(format!("tmp-{:016x}", u64::from_le_bytes(tag)));
+            std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)
-                .and_then(|mut f| f.write_all(&key));
-            let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+                .and_then(|mut f| f.write_all(&key))
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let linked = std::fs::hard_link(&tmp, path);
             let _ = std::fs::remove_file(&tmp);
             match linked {
                 Ok(()) => {}
+                // Another llumlet linked its key first: that one is read below.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(format!("{}: {e}", path.display())),
             }
@@ -245,8 +252,47 @@ pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), Auth
     }
 }
 
+/// A stream whose reads all end by one deadline (a handshake cannot be stretched by trickling a
+/// byte just before each read's timeout).
+pub struct Deadline<'a> {
+    stream: &'a mut std::net::TcpStream,
+    by: std::time::Instant,
+}
+
+impl<'a> Deadline<'a> {
+    /// Reads on `stream` from now on end by `within` from now.
+    pub fn new(stream: &'a mut std::net::TcpStream, within: std::time::Duration) -> Deadline<'a> {
+        Deadline {
+            stream,
+            by: std::time::Instant::now() + within,
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.by.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// The accepting side's handshake (the transfer endpoint, the bench's receiver). On an error
-/// the caller closes the connection without a word: an unauthenticated peer learns nothing.
+/// the caller closes the connection: a peer without the key gets the challenge (so it learns
+/// that a llumlet listens here) and nothing else.
 pub fn server(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), AuthError> {
     let mut hello = [0u8; HELLO];
     s.read_exact(&mut hello)?;
@@ -341,7 +387,7 @@ mod tests {
             "the newline is not part of it"
         );
         assert!(!format!("{k:?}").contains("0123"), "Debug shows no key");
-        std::fs::write(&p, b"short").unwrap();
+        std::fs::write(&p, b"0123456789abcdef0123456789abcde").unwrap();
         assert!(TransferKey::from_file(&p).unwrap_err().contains("shorter"));
         let host = dir.join("host-key");
         let uid = llumlet_dataplane::sys::uid();
@@ -355,5 +401,37 @@ mod tests {
             "a readable host key is refused"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A peer that trickles its hello a byte at a time cannot stretch the handshake past its
+    /// deadline.
+    #[test]
+    fn a_trickled_handshake_ends_at_its_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let key = TransferKey::from_bytes(b"0123456789abcdef0123456789abcdef");
+            let started = std::time::Instant::now();
+            let r = server(
+                &mut Deadline::new(&mut s, std::time::Duration::from_millis(800)),
+                &key,
+            );
+            (r, started.elapsed())
+        });
+        let mut c = TcpStream::connect(addr).unwrap();
+        let writer = std::thread::spawn(move || {
+            // 20 bytes, 300 ms apart: 6 s if each byte reset the wait.
+            for b in b"LLKT\x01".iter().chain(&[0u8; 15]) {
+                if c.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+        });
+        let (r, took) = t.join().unwrap();
+        writer.join().unwrap();
+        assert!(r.is_err());
+        assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
     }
 }

@@ -240,9 +240,11 @@ impl TransferServer {
         let _ = stream.set_nodelay(true);
         // Nothing is read from a peer before it proves it holds the key, and a peer that does
         // not finish the handshake in a step's time is dropped.
-        let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
         let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
-        if let Err(e) = auth::server(&mut stream, &self.config.key) {
+        if let Err(e) = auth::server(
+            &mut auth::Deadline::new(&mut stream, STEP_TIMEOUT),
+            &self.config.key,
+        ) {
             self.refused(&stream, &e.to_string());
             return;
         }
@@ -259,9 +261,10 @@ impl TransferServer {
         match first {
             Msg::Resolve(r) => self.answer_resolve(&mut stream, r),
             Msg::Begin(b) => self.migrate_in(stream, b, buf),
-            other => {
-                tracing::warn!(message = ?other, "transfer connection opened with an unexpected message")
-            }
+            other => tracing::warn!(
+                message = message_kind(&other),
+                "transfer connection opened with an unexpected message"
+            ),
         }
     }
 
@@ -466,11 +469,31 @@ impl Retiring {
                     tracing::warn!(error = %e, "cannot remove a retired migration-in record");
                 }
             }
-            Ok(other) => tracing::debug!(message = ?other, "expected Retire after a migration in"),
+            Ok(other) => tracing::debug!(
+                message = message_kind(&other),
+                "expected Retire after a migration in"
+            ),
             Err(e) => {
                 tracing::debug!(error = %e, "no Retire after a migration in; the record stays")
             }
         }
+    }
+}
+
+/// A message's kind, for logs (never its content, which a peer chose).
+fn message_kind(m: &Msg) -> &'static str {
+    match m {
+        Msg::Begin(_) => "Begin",
+        Msg::Reserved(_) => "Reserved",
+        Msg::Reserve(_) => "Reserve",
+        Msg::StageDone(_) => "StageDone",
+        Msg::StageAck(_) => "StageAck",
+        Msg::Commit(_) => "Commit",
+        Msg::Committed(_) => "Committed",
+        Msg::Abort(_) => "Abort",
+        Msg::Resolve(_) => "Resolve",
+        Msg::Resolution(_) => "Resolution",
+        Msg::Retire(_) => "Retire",
     }
 }
 
@@ -582,6 +605,7 @@ impl Inbound<'_> {
                     committed: false,
                     migration: self.begin.migration_id,
                     local: self.local_id,
+                    request_id: self.begin.request_id.clone(),
                 };
                 if mail.write(&mb).is_err() || record.write(&self.in_record).is_err() {
                     return DestEvent::Engine { ok: false };
@@ -633,6 +657,7 @@ impl Inbound<'_> {
                 committed: true,
                 migration: self.begin.migration_id,
                 local: self.local_id,
+                request_id: self.begin.request_id.clone(),
             }
             .write(&self.in_record)
         } else {

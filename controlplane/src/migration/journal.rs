@@ -135,6 +135,8 @@ pub struct InEntry {
     pub migration: u64,
     /// The id the destination used with its engine.
     pub local: u64,
+    /// The request (empty in a record of a llumlet before 2026-12-02).
+    pub request_id: String,
 }
 
 /// The destination's record of the source's migration `migration` of request `request_id` into
@@ -156,14 +158,17 @@ impl InEntry {
         } else {
             "committing"
         };
-        let text = format!("{phase}\n{}\n{}\n", self.migration, self.local);
+        let text = format!(
+            "{phase}\n{}\n{}\n{}",
+            self.migration, self.local, self.request_id
+        );
         mailbox::write_atomic(path, text.as_bytes(), 0o600)
     }
 
     /// Reads a record.
     pub fn read(path: &Path) -> Result<InEntry, String> {
         let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-        let mut l = text.lines();
+        let mut l = text.splitn(4, '\n');
         let committed = match l.next() {
             Some("committed") => true,
             Some("committing") => false,
@@ -174,10 +179,13 @@ impl InEntry {
                 .and_then(|x| x.parse().ok())
                 .ok_or(format!("bad {what}"))
         };
+        let migration = num("migration id")?;
+        let local = num("local id")?;
         Ok(InEntry {
             committed,
-            migration: num("migration id")?,
-            local: num("local id")?,
+            migration,
+            local,
+            request_id: l.next().unwrap_or("").to_string(),
         })
     }
 }
@@ -185,8 +193,19 @@ impl InEntry {
 /// The destination's record of source migration `migration` of `request_id`, if it has one.
 pub fn find_in(segment: &Path, migration: u64, request_id: &str) -> Option<(PathBuf, InEntry)> {
     let p = in_path(segment, migration, request_id);
-    let e = InEntry::read(&p).ok()?;
-    (e.migration == migration).then_some((p, e))
+    if let Ok(e) = InEntry::read(&p) {
+        return (e.migration == migration && e.request_id == request_id).then_some((p, e));
+    }
+    // A record written under the earlier naming (`-mig-<local id>.in`, before 2026-12-02) is
+    // still the truth for a source resolving across an upgrade: looked for only on a miss.
+    files(segment, ".in")
+        .into_iter()
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("-mig-in-"))
+        })
+        .filter_map(|p| InEntry::read(&p).ok().map(|e| (p, e)))
+        .find(|(_, e)| e.migration == migration)
 }
 
 /// Removes destination records older than `age` (a source resolves within minutes).
@@ -367,9 +386,15 @@ mod tests {
             committed: true,
             migration: 42,
             local: 7,
+            request_id: "req/../1".into(),
         };
         e.write(&in_path(&seg, 42, "req/../1")).unwrap();
         assert_eq!(find_in(&seg, 42, "req/../1").map(|(_, e)| e), Some(e));
+        // A record of the earlier naming is still found (on a miss only).
+        let mut legacy = seg.clone().into_os_string();
+        legacy.push("-mig-99.in");
+        std::fs::write(&legacy, "committed\n77\n99\n").unwrap();
+        assert!(find_in(&seg, 77, "any").is_some_and(|(_, e)| e.committed && e.local == 99));
         assert!(find_in(&seg, 42, "req-2").is_none());
         assert!(find_in(&seg, 43, "req/../1").is_none());
         assert!(

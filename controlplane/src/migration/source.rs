@@ -356,15 +356,16 @@ impl SourceRun<'_> {
 
     /// The outcome: the journal goes (or stays, in doubt, for the recovery to settle).
     fn done(mut self, outcome: Outcome) -> SourceReport {
-        if outcome == Outcome::Migrated {
-            self.retire();
-        }
         if matches!(outcome, Outcome::InDoubt(_)) {
             // The request stays suspended at the engine; the journal's recovery keeps asking
             // the destination and settles it.
             self.journal(Phase::InDoubt);
         } else {
             let _ = std::fs::remove_file(&self.journal_path);
+        }
+        // Only once no journal of it is left here can no `Resolve` come for it.
+        if outcome == Outcome::Migrated {
+            self.retire();
         }
         mailbox::remove(&self.mailbox);
         self.report(outcome)
