@@ -98,16 +98,21 @@ fn a_peer_without_the_key_can_neither_reserve_nor_learn_anything() {
     );
 
     // `Resolve` from a stranger: nothing either.
-    let mut s = connect(port);
-    let mut buf = Vec::new();
-    let _ = send(
-        &mut s,
-        Msg::Resolve(llumlet_proto::migration::Resolve {
+    let bytes = Envelope {
+        msg: Some(Msg::Resolve(llumlet_proto::migration::Resolve {
             migration_id: 7,
             request_id: "x".into(),
-        }),
+        })),
+    }
+    .encode_to_vec();
+    let mut s = connect(port);
+    let _ = s.write_all(&(bytes.len() as u32).to_le_bytes());
+    let _ = s.write_all(&[1]);
+    let _ = s.write_all(&bytes);
+    assert!(
+        until_closed(s).is_empty(),
+        "a stranger's Resolve was answered"
     );
-    assert!(recv_control(&mut s, &mut buf).is_err());
 
     // A peer that speaks the handshake with another key is refused, and told so.
     let mut s = connect(port);
@@ -135,6 +140,59 @@ fn a_peer_without_the_key_can_neither_reserve_nor_learn_anything() {
     check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
 }
 
+/// A relay: the attacker has llumlet A connect to it (a `Migrate` naming the attacker's address
+/// as the destination), passes A's handshake on to llumlet B and B's back, then drops A and
+/// speaks to B itself. The handshake completes between A and B, but the attacker holds no
+/// session key: its `Begin` is not tagged for the session, and B reserves nothing.
+#[test]
+fn a_relayed_handshake_gives_the_relay_nothing() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = Instance::start(&redis, "relay-a", long_running(26), &[]);
+    let b = Instance::start(&redis, "relay-b", SimOpts::new(27, 0), &[]);
+    b.wait_attached(&redis);
+    status(&redis, "relay-a", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 1
+    });
+    let b_port = kvt_port(&redis, "relay-b");
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let attacker = std::thread::spawn(move || {
+        let (mut from_a, _) = relay.accept().unwrap();
+        from_a
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut to_b = connect(b_port);
+        let pass = |from: &mut TcpStream, to: &mut TcpStream, n: usize| {
+            let mut m = vec![0u8; n];
+            from.read_exact(&mut m).unwrap();
+            to.write_all(&m).unwrap();
+        };
+        pass(&mut from_a, &mut to_b, 37); // hello
+        pass(&mut to_b, &mut from_a, 69); // challenge and the server's proof
+        pass(&mut from_a, &mut to_b, 32); // the client's proof
+        pass(&mut to_b, &mut from_a, 1); // accepted
+        drop(from_a);
+        // Now the attacker's own Begin, with a tag it had to make up.
+        let mut bytes = Envelope {
+            msg: Some(begin_for(&b, 4)),
+        }
+        .encode_to_vec();
+        bytes.extend_from_slice(&[0u8; 16]);
+        to_b.write_all(&(bytes.len() as u32).to_le_bytes()).unwrap();
+        to_b.write_all(&[1]).unwrap();
+        to_b.write_all(&bytes).unwrap();
+        (until_closed(to_b), b)
+    });
+    // The Migrate A is made to carry out fails (its destination went away).
+    let (ok, _) = migrate(&rt, &a, "relay-b", i32::from(relay_port));
+    assert!(!ok);
+    let (answer, b) = attacker.join().unwrap();
+    assert!(answer.is_empty(), "B answered the relay's Begin");
+    assert!(b.ids_in_state(RequestState::MigratingIn).is_empty());
+    assert!(!b.logs().contains("migration in"), "{}", b.logs());
+}
+
 #[test]
 fn a_silent_peer_loses_its_reservation_and_huge_headers_cost_nothing() {
     let redis = RedisServer::start();
@@ -158,10 +216,10 @@ fn a_silent_peer_loses_its_reservation_and_huge_headers_cost_nothing() {
 
     // Reserve, then go silent.
     let mut s = connect(port);
-    auth::client(&mut s, &key).unwrap();
-    send(&mut s, begin_for(&dst, 8)).unwrap();
+    let mut session = auth::client(&mut s, &key).unwrap();
+    send(&mut s, &mut session, begin_for(&dst, 8)).unwrap();
     let mut buf = Vec::new();
-    let Msg::Reserved(r) = recv_control(&mut s, &mut buf).unwrap() else {
+    let Msg::Reserved(r) = recv_control(&mut s, &mut session, &mut buf).unwrap() else {
         panic!("expected Reserved")
     };
     assert!(r.ok, "{}", r.error);

@@ -15,8 +15,15 @@
 //! 4. server → client: one byte, 1 (accepted); a server that does not accept closes instead.
 //!
 //! Fresh nonces on both sides make every proof single-use; the labels keep a server's proof from
-//! serving as a client's. The MACs are compared in constant time. It authenticates the
-//! connection's start; it does not encrypt or protect the frames that follow (docs/security.md).
+//! serving as a client's. The MACs are compared in constant time.
+//!
+//! The handshake alone would not bind what follows to it: a peer relaying one llumlet's handshake
+//! to another could then speak in its place. So both ends derive a [`Session`] from the key and
+//! the two nonces, one key per direction, and every control message after the handshake carries
+//! a tag over its sequence number and bytes: a relay can pass messages on, but not forge, drop,
+//! reorder or replay one. Data frames (the `tcp` transport's KV bytes) are not tagged: an
+//! attacker on the path can read or alter KV bytes, never a `Begin`, `Reserved` or `Commit`
+//! (docs/security.md).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -217,6 +224,75 @@ impl TransferKey {
 
 const SERVER: &[u8] = b"llumlet-kvt server";
 const CLIENT: &[u8] = b"llumlet-kvt client";
+const CLIENT_TO_SERVER: &[u8] = b"llumlet-kvt c2s";
+const SERVER_TO_CLIENT: &[u8] = b"llumlet-kvt s2c";
+
+/// Bytes of the tag a control message carries after the handshake.
+pub const TAG: usize = 16;
+
+/// One authenticated connection's message keys: one per direction, derived from the key and the
+/// handshake's two nonces, with a sequence number each way.
+pub struct Session {
+    send: Hmac<Sha256>,
+    recv: Hmac<Sha256>,
+    send_seq: u64,
+    recv_seq: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Session(sent {}, received {})",
+            self.send_seq, self.recv_seq
+        )
+    }
+}
+
+impl Session {
+    fn derive(key: &TransferKey, nc: &[u8], ns: &[u8], client: bool) -> Session {
+        let keyed = |label: &[u8]| {
+            let k = key.proof(label, nc, ns).finalize().into_bytes();
+            <Hmac<Sha256> as Mac>::new_from_slice(&k).expect("HMAC takes a key of any length")
+        };
+        let (c2s, s2c) = (keyed(CLIENT_TO_SERVER), keyed(SERVER_TO_CLIENT));
+        let (send, recv) = if client { (c2s, s2c) } else { (s2c, c2s) };
+        Session {
+            send,
+            recv,
+            send_seq: 0,
+            recv_seq: 0,
+        }
+    }
+
+    fn tag(mac: &Hmac<Sha256>, seq: u64, bytes: &[u8]) -> Hmac<Sha256> {
+        let mut m = mac.clone();
+        m.update(&seq.to_le_bytes());
+        m.update(bytes);
+        m
+    }
+
+    /// The tag of the next message this side sends.
+    pub fn seal(&mut self, bytes: &[u8]) -> [u8; TAG] {
+        let full = Session::tag(&self.send, self.send_seq, bytes)
+            .finalize()
+            .into_bytes();
+        self.send_seq += 1;
+        let mut t = [0u8; TAG];
+        t.copy_from_slice(&full[..TAG]);
+        t
+    }
+
+    /// Whether `tag` is the peer's tag of its next message `bytes` (compared in constant time).
+    pub fn open(&mut self, bytes: &[u8], tag: &[u8]) -> bool {
+        let ok = Session::tag(&self.recv, self.recv_seq, bytes)
+            .verify_truncated_left(tag)
+            .is_ok()
+            && tag.len() == TAG;
+        self.recv_seq += 1;
+        ok
+    }
+}
 
 fn nonce() -> std::io::Result<[u8; NONCE]> {
     let mut n = [0u8; NONCE];
@@ -225,7 +301,7 @@ fn nonce() -> std::io::Result<[u8; NONCE]> {
 }
 
 /// The connecting side's handshake (a source, a resolver, the bench's sender).
-pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), AuthError> {
+pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session, AuthError> {
     let nc = nonce()?;
     let mut hello = [0u8; HELLO];
     hello[..4].copy_from_slice(MAGIC);
@@ -245,7 +321,7 @@ pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), Auth
     s.write_all(&mine)?;
     let mut ok = [0u8; 1];
     match s.read_exact(&mut ok) {
-        Ok(()) if ok[0] == 1 => Ok(()),
+        Ok(()) if ok[0] == 1 => Ok(Session::derive(key, &nc, ns, true)),
         Ok(()) => Err(AuthError::Refused),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(AuthError::Refused),
         Err(e) => Err(e.into()),
@@ -293,7 +369,7 @@ impl Write for Deadline<'_> {
 /// The accepting side's handshake (the transfer endpoint, the bench's receiver). On an error
 /// the caller closes the connection: a peer without the key gets the challenge (so it learns
 /// that a llumlet listens here) and nothing else.
-pub fn server(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), AuthError> {
+pub fn server(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session, AuthError> {
     let mut hello = [0u8; HELLO];
     s.read_exact(&mut hello)?;
     if &hello[..4] != MAGIC || hello[4] != VERSION {
@@ -313,7 +389,7 @@ pub fn server(s: &mut (impl Read + Write), key: &TransferKey) -> Result<(), Auth
         .verify_slice(&theirs)
         .map_err(|_| AuthError::WrongKey)?;
     s.write_all(&[1])?;
-    Ok(())
+    Ok(Session::derive(key, nc, &ns, false))
 }
 
 #[cfg(test)]
@@ -321,10 +397,9 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
 
-    fn pair(
-        server_key: TransferKey,
-        client_key: TransferKey,
-    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
+    type Pair = (Result<Session, AuthError>, Result<Session, AuthError>);
+
+    fn pair(server_key: TransferKey, client_key: TransferKey) -> Pair {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -342,11 +417,27 @@ mod tests {
         let a = TransferKey::from_bytes(b"0123456789abcdef0123");
         let b = TransferKey::from_bytes(b"0123456789abcdef0124");
         let (s, c) = pair(a.clone(), a.clone());
-        assert!(s.is_ok() && c.is_ok(), "{s:?} {c:?}");
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        // The sessions agree: each side opens what the other sealed, in order, and nothing
+        // else (a replay, a changed byte, another direction's tag).
+        let t1 = c.seal(b"Begin");
+        let t2 = c.seal(b"Commit");
+        assert!(s.open(b"Begin", &t1));
+        assert!(!s.open(b"Begin", &t1), "a replay");
+        let mut c2 = pair_again(&a);
+        let t = c2.seal(b"Commit");
+        assert!(!s.open(b"Commit", &t), "another session's tag");
+        let _ = t2;
+        let back = s.seal(b"Committed");
+        assert!(!c.open(b"Committed!", &back));
         // The client checks the server's proof first, and says which side is wrong.
         let (s, c) = pair(a.clone(), b.clone());
         assert!(matches!(c, Err(AuthError::WrongKey)), "{c:?}");
         assert!(s.is_err());
+    }
+
+    fn pair_again(k: &TransferKey) -> Session {
+        pair(k.clone(), k.clone()).1.unwrap()
     }
 
     #[test]

@@ -20,11 +20,10 @@ use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS}
 use llumlet_dataplane::segment::ControlSegment;
 use llumlet_dataplane::transport::{check_layouts, receive_frame, DataSink, Frame, ReservedBlocks};
 use llumlet_proto::migration::{
-    envelope::Msg, resolution::Outcome as Res, Begin, Envelope, Resolution, Resolve, UcxRegion,
+    envelope::Msg, resolution::Outcome as Res, Begin, Resolution, Resolve, UcxRegion,
 };
-use prost::Message;
 
-use super::auth::{self, TransferKey};
+use super::auth::{self, Session, TransferKey};
 use super::journal;
 use super::link::{CallError, Calls, EngineLink};
 use super::machine::{DestAction, DestEngineOp, DestEvent, DestMachine, Outcome};
@@ -241,17 +240,20 @@ impl TransferServer {
         // Nothing is read from a peer before it proves it holds the key, and a peer that does
         // not finish the handshake in a step's time is dropped.
         let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
-        if let Err(e) = auth::server(
+        let mut session = match auth::server(
             &mut auth::Deadline::new(&mut stream, STEP_TIMEOUT),
             &self.config.key,
         ) {
-            self.refused(&stream, &e.to_string());
-            return;
-        }
+            Ok(s) => s,
+            Err(e) => {
+                self.refused(&stream, &e.to_string());
+                return;
+            }
+        };
         // A migration in whose source goes silent this long is aborted (its blocks freed).
         let _ = stream.set_read_timeout(Some(self.config.idle_timeout));
         let mut buf = Vec::new();
-        let first = match wire::recv_control(&mut stream, &mut buf) {
+        let first = match wire::recv_control(&mut stream, &mut session, &mut buf) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(error = %e, "transfer connection closed before a message");
@@ -259,8 +261,8 @@ impl TransferServer {
             }
         };
         match first {
-            Msg::Resolve(r) => self.answer_resolve(&mut stream, r),
-            Msg::Begin(b) => self.migrate_in(stream, b, buf),
+            Msg::Resolve(r) => self.answer_resolve(&mut stream, &mut session, r),
+            Msg::Begin(b) => self.migrate_in(stream, session, b, buf),
             other => tracing::warn!(
                 message = message_kind(&other),
                 "transfer connection opened with an unexpected message"
@@ -268,7 +270,7 @@ impl TransferServer {
         }
     }
 
-    fn answer_resolve(&self, stream: &mut TcpStream, r: Resolve) {
+    fn answer_resolve(&self, stream: &mut TcpStream, session: &mut Session, r: Resolve) {
         // The resolver does not know the source's instance id: look the migration up by id.
         let deadline = Instant::now() + STEP_TIMEOUT * 2;
         let mut m = lock(&self.known);
@@ -304,6 +306,7 @@ impl TransferServer {
             from_record = remembered.is_none(), "resolved a migration for its source");
         let _ = wire::send(
             stream,
+            session,
             Msg::Resolution(Resolution {
                 outcome: outcome as i32,
             }),
@@ -370,7 +373,7 @@ impl TransferServer {
         Ok((maps, regions))
     }
 
-    fn migrate_in(&self, stream: TcpStream, b: Begin, buf: Vec<u8>) {
+    fn migrate_in(&self, stream: TcpStream, session: Session, b: Begin, buf: Vec<u8>) {
         let swept = self.sweep_orphans();
         let seg = self.link.segment();
         let (mut verdict, maps, regions) = match self.verdict(&b, seg.as_ref()) {
@@ -432,6 +435,7 @@ impl TransferServer {
             table: Vec::new(),
             local_id,
             stream,
+            session,
             buf,
             begin: b,
             transport,
@@ -449,6 +453,7 @@ impl TransferServer {
 /// A committed migration in whose durable record the source may now retire.
 struct Retiring {
     stream: TcpStream,
+    session: Session,
     buf: Vec<u8>,
     record: PathBuf,
     migration: u64,
@@ -461,7 +466,7 @@ impl Retiring {
     /// llumlet) the record stays until the source resolves and expires by age.
     fn wait(mut self) {
         let _ = self.stream.set_read_timeout(Some(STEP_TIMEOUT));
-        match wire::recv_control(&mut self.stream, &mut self.buf) {
+        match wire::recv_control(&mut self.stream, &mut self.session, &mut self.buf) {
             Ok(Msg::Retire(r))
                 if r.migration_id == self.migration && r.request_id == self.request_id =>
             {
@@ -506,6 +511,7 @@ fn same_host(b: &Begin) -> bool {
 struct Inbound<'a> {
     server: &'a TransferServer,
     stream: TcpStream,
+    session: Session,
     buf: Vec<u8>,
     /// The source's `Begin`.
     begin: Begin,
@@ -560,12 +566,13 @@ impl Inbound<'_> {
         let event = match receive_frame(&mut self.stream, &mut self.buf, &self.sink) {
             Ok(Frame::Data(Ok(_))) => return Vec::new(),
             Ok(Frame::Data(Err(e))) => DestEvent::SinkError(e.to_string()),
-            Ok(Frame::Control) => match Envelope::decode(&self.buf[..]).ok().and_then(|e| e.msg) {
-                Some(Msg::Commit(c)) if self.server.get(&self.key) == Some(Known::Fenced) => {
+            Ok(Frame::Control) => match wire::open_control(&mut self.session, &self.buf) {
+                Ok(Msg::Commit(c)) if self.server.get(&self.key) == Some(Known::Fenced) => {
                     return vec![DestEvent::Fenced, DestEvent::Peer(Msg::Commit(c))];
                 }
-                Some(m) => DestEvent::Peer(m),
-                None => DestEvent::PeerLost("malformed control message".into()),
+                Ok(m) => DestEvent::Peer(m),
+                // A message the session did not tag (a relay's own, or a replay) ends it.
+                Err(e) => DestEvent::PeerLost(e),
             },
             Err(e) => DestEvent::PeerLost(e.to_string()),
         };
@@ -693,7 +700,7 @@ impl Inbound<'_> {
                 }
             }
         }
-        match wire::send(&mut self.stream, msg) {
+        match wire::send(&mut self.stream, &mut self.session, msg) {
             Ok(()) => {
                 let _ = self.stream.flush();
                 None
@@ -721,6 +728,7 @@ impl Inbound<'_> {
         }
         (outcome == Outcome::Migrated).then(|| Retiring {
             stream: self.stream,
+            session: self.session,
             buf: self.buf,
             record: self.in_record,
             migration: self.begin.migration_id,

@@ -21,7 +21,7 @@ use llumlet_dataplane::transport::{
 };
 use llumlet_proto::migration::{envelope::Msg, Begin, Reserved, Retire};
 
-use super::auth::TransferKey;
+use super::auth::{Session, TransferKey};
 use super::journal::{self, Entry, Phase};
 use super::link::{Calls, EngineLink};
 use super::machine::{
@@ -156,6 +156,7 @@ pub fn run_source(
         regions,
         src_maps,
         stream: None,
+        session: None,
         transport: None,
         used: None,
         buf: Vec::new(),
@@ -183,6 +184,8 @@ struct SourceRun<'a> {
     mailbox: PathBuf,
     journal_path: PathBuf,
     stream: Option<TcpStream>,
+    /// The authenticated session of `stream`.
+    session: Option<Session>,
     transport: Option<Box<dyn KvTransport>>,
     used: Option<Transport>,
     buf: Vec<u8>,
@@ -295,7 +298,10 @@ impl SourceRun<'_> {
         let expects_reply = !matches!(msg, Msg::Abort(_));
         if self.stream.is_none() {
             match wire::connect(self.dst, self.key) {
-                Ok(s) => self.stream = Some(s),
+                Ok((s, session)) => {
+                    self.stream = Some(s);
+                    self.session = Some(session);
+                }
                 Err(e) => return Some(SourceEvent::PeerLost(e)),
             }
         }
@@ -306,8 +312,8 @@ impl SourceRun<'_> {
                 self.cut();
             }
         }
-        let s = self.stream.as_mut()?;
-        let sent = wire::send(s, msg);
+        let (s, session) = (self.stream.as_mut()?, self.session.as_mut()?);
+        let sent = wire::send(s, session, msg);
         if sent.is_ok() && committing && fault::at(Point::SrcAfterCommit) == Some(Action::Cut) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -318,7 +324,7 @@ impl SourceRun<'_> {
         if !expects_reply {
             return None;
         }
-        match wire::recv_control(s, &mut self.buf) {
+        match wire::recv_control(s, session, &mut self.buf) {
             Ok(reply) => Some(self.on_reply(reply)),
             Err(e) => {
                 self.stream = None;
@@ -374,12 +380,12 @@ impl SourceRun<'_> {
     /// Tells the destination, once this engine has committed, that its record of the commit can
     /// go (best effort: without it the record expires by age).
     fn retire(&mut self) {
-        if let Some(s) = self.stream.as_mut() {
+        if let (Some(s), Some(session)) = (self.stream.as_mut(), self.session.as_mut()) {
             let retire = Msg::Retire(Retire {
                 migration_id: self.migration_id,
                 request_id: self.req.id.clone(),
             });
-            if let Err(e) = wire::send(s, retire) {
+            if let Err(e) = wire::send(s, session, retire) {
                 tracing::debug!(error = %e, "cannot retire the destination's record");
             }
         }

@@ -10,7 +10,7 @@ use llumlet_dataplane::transport::{read_frame, write_frame, FRAME_CONTROL};
 use llumlet_proto::migration::{envelope::Msg, Envelope, Region, Resolution, Resolve};
 use prost::Message;
 
-use super::auth::{self, TransferKey};
+use super::auth::{self, Session, TransferKey};
 use super::STEP_TIMEOUT;
 
 /// This host's identity for `shm` and `cuda`: the kernel's boot id (the destination also checks
@@ -19,19 +19,38 @@ pub fn host_identity() -> String {
     llumlet_dataplane::sys::boot_id()
 }
 
-/// Sends one control message.
-pub fn send(stream: &mut TcpStream, m: Msg) -> std::io::Result<()> {
-    let bytes = Envelope { msg: Some(m) }.encode_to_vec();
+/// Sends one control message, tagged for the session.
+pub fn send(stream: &mut TcpStream, session: &mut Session, m: Msg) -> std::io::Result<()> {
+    let mut bytes = Envelope { msg: Some(m) }.encode_to_vec();
+    let tag = session.seal(&bytes);
+    bytes.extend_from_slice(&tag);
     write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-/// Reads one control message; a data frame or undecodable bytes are errors.
-pub fn recv_control(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Msg, String> {
+/// The control message in a received control frame's bytes, if its tag is the session's next.
+pub fn open_control(session: &mut Session, frame: &[u8]) -> Result<Msg, String> {
+    let Some(split) = frame.len().checked_sub(auth::TAG) else {
+        return Err("control message without its tag".into());
+    };
+    let (bytes, tag) = frame.split_at(split);
+    if !session.open(bytes, tag) {
+        return Err("control message with a wrong tag".into());
+    }
+    Envelope::decode(bytes)
+        .ok()
+        .and_then(|e| e.msg)
+        .ok_or_else(|| "malformed control message".to_string())
+}
+
+/// Reads one control message of the session; a data frame, a wrong tag or undecodable bytes
+/// are errors.
+pub fn recv_control(
+    stream: &mut TcpStream,
+    session: &mut Session,
+    buf: &mut Vec<u8>,
+) -> Result<Msg, String> {
     match read_frame(stream, buf) {
-        Ok(FRAME_CONTROL) => Envelope::decode(&buf[..])
-            .ok()
-            .and_then(|e| e.msg)
-            .ok_or_else(|| "malformed control message".to_string()),
+        Ok(FRAME_CONTROL) => open_control(session, buf),
         Ok(_) => Err("unexpected data frame".into()),
         Err(e) => Err(e.to_string()),
     }
@@ -102,14 +121,14 @@ pub fn map_all(regions: &[KvRegion]) -> Result<Vec<MappedRegion>, String> {
 }
 
 /// Connects to the transfer endpoint at `dst` and authenticates both ends with `key`.
-pub fn connect(dst: SocketAddr, key: &TransferKey) -> Result<TcpStream, String> {
+pub fn connect(dst: SocketAddr, key: &TransferKey) -> Result<(TcpStream, Session), String> {
     let mut s = TcpStream::connect_timeout(&dst, STEP_TIMEOUT)
         .map_err(|e| format!("connect {dst}: {e}"))?;
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = s.set_write_timeout(Some(STEP_TIMEOUT));
-    auth::client(&mut s, key).map_err(|e| format!("{dst}: {e}"))?;
-    Ok(s)
+    let session = auth::client(&mut s, key).map_err(|e| format!("{dst}: {e}"))?;
+    Ok((s, session))
 }
 
 /// Asks the destination at `dst` how migration `migration_id` ended (`Resolve`, on a connection
@@ -120,11 +139,12 @@ pub fn resolve(
     migration_id: u64,
     request_id: &str,
 ) -> Result<Resolution, String> {
-    let mut s = connect(dst, key)?;
+    let (mut s, mut session) = connect(dst, key)?;
     s.set_read_timeout(Some(STEP_TIMEOUT * 3))
         .map_err(|e| e.to_string())?;
     send(
         &mut s,
+        &mut session,
         Msg::Resolve(Resolve {
             migration_id,
             request_id: request_id.into(),
@@ -132,7 +152,7 @@ pub fn resolve(
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    match recv_control(&mut s, &mut buf)? {
+    match recv_control(&mut s, &mut session, &mut buf)? {
         Msg::Resolution(r) => Ok(r),
         other => Err(format!("unexpected answer {other:?}")),
     }

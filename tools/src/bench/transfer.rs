@@ -16,15 +16,16 @@ use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
 use llumlet_dataplane::transport::{receive_frame, DataSink, Frame, ReservedBlocks, Transport};
 use llumlet_proto::migration::{
-    envelope::Msg, Begin, Commit, Committed, Envelope, Reserved, StageAck, StageDone,
+    envelope::Msg, Begin, Commit, Committed, Reserved, StageAck, StageDone,
 };
-use prost::Message;
 
 use super::{Measure, Progress};
-use llumlet::migration::auth::{self, TransferKey};
+use llumlet::migration::auth::{self, Session, TransferKey};
 use llumlet::migration::source::setup_transport;
 use llumlet::migration::ucx_side::UcxSide;
-use llumlet::migration::wire::{host_identity, map_all, recv_control, region_msg, send};
+use llumlet::migration::wire::{
+    host_identity, map_all, open_control, recv_control, region_msg, send,
+};
 
 /// Tokens per block in the bench's KV layout (the llumlet only needs it for slot accounting).
 pub const BLOCK_TOKENS: u64 = 16;
@@ -209,9 +210,10 @@ pub fn receive(listen: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn refuse(stream: &mut TcpStream, error: String) -> Result<(), String> {
+fn refuse(stream: &mut TcpStream, sess: &mut Session, error: String) -> Result<(), String> {
     let _ = send(
         stream,
+        sess,
         Msg::Reserved(Reserved {
             ok: false,
             error: error.clone(),
@@ -234,22 +236,22 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
     stream
         .set_read_timeout(Some(PEER_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    auth::server(&mut stream, key).map_err(|e| e.to_string())?;
+    let mut sess = auth::server(&mut stream, key).map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    let b: Begin = match recv_control(&mut stream, &mut buf)? {
+    let b: Begin = match recv_control(&mut stream, &mut sess, &mut buf)? {
         Msg::Begin(b) => b,
         other => return Err(format!("expected Begin, got {other:?}")),
     };
     let shape = match shape_of(&b.regions) {
         Ok(s) => s,
-        Err(e) => return refuse(&mut stream, e),
+        Err(e) => return refuse(&mut stream, &mut sess, e),
     };
     let on_gpu = b.transport == "cuda";
     let cache = match on_gpu {
         true => None,
         false => match kv_cache("rx", shape) {
             Ok(c) => Some(c),
-            Err(e) => return refuse(&mut stream, e),
+            Err(e) => return refuse(&mut stream, &mut sess, e),
         },
     };
     let regions: Vec<KvRegion> = match &cache {
@@ -276,6 +278,7 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
         "shm" => {
             return refuse(
                 &mut stream,
+                &mut sess,
                 "shm needs both sides on one host (the receiver's boot id differs)".into(),
             )
         }
@@ -283,11 +286,23 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
         "ucx" => {
             let side = match UcxSide::start() {
                 Ok(s) => s,
-                Err(e) => return refuse(&mut stream, format!("the receiver has no UCX: {e}")),
+                Err(e) => {
+                    return refuse(
+                        &mut stream,
+                        &mut sess,
+                        format!("the receiver has no UCX: {e}"),
+                    )
+                }
             };
             let (worker, offered) = match side.offer(&regions) {
                 Ok(o) => o,
-                Err(e) => return refuse(&mut stream, format!("UCX registration failed: {e}")),
+                Err(e) => {
+                    return refuse(
+                        &mut stream,
+                        &mut sess,
+                        format!("UCX registration failed: {e}"),
+                    )
+                }
             };
             reserved.ucx_worker = worker;
             reserved.ucx_regions = offered;
@@ -296,6 +311,7 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
         "cuda" if b.host.is_empty() || b.host != host_identity() => {
             return refuse(
                 &mut stream,
+                &mut sess,
                 "cuda needs both sides on one host (the receiver's boot id differs)".into(),
             )
         }
@@ -303,11 +319,17 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
         "cuda" => {
             let c = match super::gpu::cache(shape) {
                 Ok(c) => c,
-                Err(e) => return refuse(&mut stream, e),
+                Err(e) => return refuse(&mut stream, &mut sess, e),
             };
             let exported = match c.regions() {
                 Ok(r) => r,
-                Err(e) => return refuse(&mut stream, format!("cannot export the GPU cache: {e}")),
+                Err(e) => {
+                    return refuse(
+                        &mut stream,
+                        &mut sess,
+                        format!("cannot export the GPU cache: {e}"),
+                    )
+                }
             };
             reserved.regions = exported.iter().map(region_msg).collect();
             gpu_cache = Some(c);
@@ -316,19 +338,26 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
         "cuda" => {
             return refuse(
                 &mut stream,
+                &mut sess,
                 "this receiver was built without the `cuda` feature".into(),
             )
         }
-        other => return refuse(&mut stream, format!("unknown transport {other:?}")),
+        other => {
+            return refuse(
+                &mut stream,
+                &mut sess,
+                format!("unknown transport {other:?}"),
+            )
+        }
     }
-    send(&mut stream, Msg::Reserved(reserved)).map_err(|e| e.to_string())?;
+    send(&mut stream, &mut sess, Msg::Reserved(reserved)).map_err(|e| e.to_string())?;
     let sink = DataSink::new(maps, ReservedBlocks::new(&blocks));
     loop {
         match receive_frame(&mut stream, &mut buf, &sink).map_err(|e| e.to_string())? {
             Frame::Data(r) => {
                 r.map_err(|e| e.to_string())?;
             }
-            Frame::Control => match Envelope::decode(&buf[..]).ok().and_then(|e| e.msg) {
+            Frame::Control => match open_control(&mut sess, &buf).ok() {
                 Some(Msg::StageDone(s)) => {
                     // Every sender has mapped what it needs by its first stage: the name can go,
                     // so a receiver killed mid-transfer leaves nothing in /dev/shm.
@@ -337,6 +366,7 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
                     }
                     send(
                         &mut stream,
+                        &mut sess,
                         Msg::StageAck(StageAck {
                             stage: s.stage,
                             ok: true,
@@ -361,6 +391,7 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
                     let ok = theirs == Some(mine);
                     send(
                         &mut stream,
+                        &mut sess,
                         Msg::Committed(Committed {
                             ok,
                             error: if ok {
@@ -422,10 +453,11 @@ pub fn send_to(
     stream
         .set_read_timeout(Some(PEER_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    auth::client(&mut stream, &transfer_key()?).map_err(|e| e.to_string())?;
+    let mut sess = auth::client(&mut stream, &transfer_key()?).map_err(|e| e.to_string())?;
     let blocks: Vec<u32> = (0..shape.blocks as u32).collect();
     send(
         &mut stream,
+        &mut sess,
         Msg::Begin(Begin {
             migration_id: 1,
             src_instance_id: "bench".into(),
@@ -440,7 +472,7 @@ pub fn send_to(
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    let r = match recv_control(&mut stream, &mut buf)? {
+    let r = match recv_control(&mut stream, &mut sess, &mut buf)? {
         Msg::Reserved(r) if r.ok => r,
         Msg::Reserved(r) => return Err(format!("the receiver refused: {}", r.error)),
         other => return Err(format!("expected Reserved, got {other:?}")),
@@ -457,9 +489,13 @@ pub fn send_to(
     coalesce(&blocks, &r.blocks, 0..blocks.len(), &mut runs);
     let mut stage = |i: u32| -> Result<(), String> {
         let bytes = t.copy(&maps, &runs).map_err(|e| e.to_string())?;
-        send(&mut stream, Msg::StageDone(StageDone { stage: i, bytes }))
-            .map_err(|e| e.to_string())?;
-        match recv_control(&mut stream, &mut buf)? {
+        send(
+            &mut stream,
+            &mut sess,
+            Msg::StageDone(StageDone { stage: i, bytes }),
+        )
+        .map_err(|e| e.to_string())?;
+        match recv_control(&mut stream, &mut sess, &mut buf)? {
             Msg::StageAck(a) if a.ok && a.stage == i => Ok(()),
             other => Err(format!("expected StageAck {i}, got {other:?}")),
         }
@@ -477,13 +513,14 @@ pub fn send_to(
     }
     send(
         &mut stream,
+        &mut sess,
         Msg::Commit(Commit {
             state: want.to_le_bytes().to_vec(),
             blocks: shape.blocks as u32,
         }),
     )
     .map_err(|e| e.to_string())?;
-    match recv_control(&mut stream, &mut buf)? {
+    match recv_control(&mut stream, &mut sess, &mut buf)? {
         Msg::Committed(c) if c.ok => {}
         Msg::Committed(c) => return Err(c.error),
         other => return Err(format!("expected Committed, got {other:?}")),
@@ -506,15 +543,19 @@ mod tests {
     use super::*;
 
     /// A receiver serving one connection on a thread; the sender's side of the stream.
-    fn receiver() -> (TcpStream, std::thread::JoinHandle<Result<(), String>>) {
+    fn receiver() -> (
+        TcpStream,
+        Session,
+        std::thread::JoinHandle<Result<(), String>>,
+    ) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let key = TransferKey::from_bytes(b"bench transfer unit tests");
         let k2 = key.clone();
         let h = std::thread::spawn(move || serve(l.accept().unwrap().0, &k2));
         let mut s = TcpStream::connect(addr).unwrap();
-        auth::client(&mut s, &key).unwrap();
-        (s, h)
+        let sess = auth::client(&mut s, &key).unwrap();
+        (s, sess, h)
     }
 
     fn begin(transport: &str, host: &str, regions: &[KvRegion]) -> Msg {
@@ -535,17 +576,19 @@ mod tests {
         // Nothing was sent: the receiver holds zeros, the sender's digest is of other bytes.
         fill(&mut src, shape, 1);
         let sent = digest(&map_all(&regions).unwrap());
-        let (mut s, h) = receiver();
-        send(&mut s, begin("tcp", "", &regions)).unwrap();
-        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Reserved(r) if r.ok));
+        let (mut s, mut sess, h) = receiver();
+        send(&mut s, &mut sess, begin("tcp", "", &regions)).unwrap();
+        assert!(
+            matches!(recv_control(&mut s, &mut sess, &mut buf).unwrap(), Msg::Reserved(r) if r.ok)
+        );
         let commit = |d: u64| {
             Msg::Commit(Commit {
                 state: d.to_le_bytes().to_vec(),
                 blocks: 0,
             })
         };
-        send(&mut s, commit(sent)).unwrap();
-        match recv_control(&mut s, &mut buf).unwrap() {
+        send(&mut s, &mut sess, commit(sent)).unwrap();
+        match recv_control(&mut s, &mut sess, &mut buf).unwrap() {
             Msg::Committed(c) => assert!(!c.ok && c.error.contains("differ"), "{c:?}"),
             other => panic!("{other:?}"),
         }
@@ -553,11 +596,15 @@ mod tests {
         // The digest of what the receiver does hold (zeros) commits.
         let zeros = kv_cache("t-zeros", shape).unwrap();
         let held = digest(&map_all(&zeros.regions().unwrap()).unwrap());
-        let (mut s, h) = receiver();
-        send(&mut s, begin("tcp", "", &regions)).unwrap();
-        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Reserved(r) if r.ok));
-        send(&mut s, commit(held)).unwrap();
-        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Committed(c) if c.ok));
+        let (mut s, mut sess, h) = receiver();
+        send(&mut s, &mut sess, begin("tcp", "", &regions)).unwrap();
+        assert!(
+            matches!(recv_control(&mut s, &mut sess, &mut buf).unwrap(), Msg::Reserved(r) if r.ok)
+        );
+        send(&mut s, &mut sess, commit(held)).unwrap();
+        assert!(
+            matches!(recv_control(&mut s, &mut sess, &mut buf).unwrap(), Msg::Committed(c) if c.ok)
+        );
         h.join().unwrap().unwrap();
     }
 
@@ -571,17 +618,19 @@ mod tests {
             ("shm", "another-boot-id", "one host"),
             ("carrier-pigeon", "", "unknown transport"),
         ] {
-            let (mut s, h) = receiver();
-            send(&mut s, begin(t, host, &regions)).unwrap();
-            match recv_control(&mut s, &mut buf).unwrap() {
+            let (mut s, mut sess, h) = receiver();
+            send(&mut s, &mut sess, begin(t, host, &regions)).unwrap();
+            match recv_control(&mut s, &mut sess, &mut buf).unwrap() {
                 Msg::Reserved(r) => assert!(!r.ok && r.error.contains(why), "{r:?}"),
                 other => panic!("{other:?}"),
             }
             assert!(h.join().unwrap().unwrap_err().contains(why));
         }
-        let (mut s, h) = receiver();
-        send(&mut s, begin("tcp", "", &[])).unwrap();
-        assert!(matches!(recv_control(&mut s, &mut buf).unwrap(), Msg::Reserved(r) if !r.ok));
+        let (mut s, mut sess, h) = receiver();
+        send(&mut s, &mut sess, begin("tcp", "", &[])).unwrap();
+        assert!(
+            matches!(recv_control(&mut s, &mut sess, &mut buf).unwrap(), Msg::Reserved(r) if !r.ok)
+        );
         assert!(h.join().unwrap().is_err());
     }
 }
