@@ -64,7 +64,7 @@ pub enum AuthError {
 
 /// Where a key came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
+enum KeySource {
     /// The cluster's secret file.
     File(PathBuf),
     /// This host's key (same-host peers of this user only).
@@ -194,11 +194,6 @@ impl TransferKey {
             key: Arc::from(key),
             source: KeySource::Host(path.to_path_buf()),
         })
-    }
-
-    /// Where the key came from.
-    pub fn source(&self) -> &KeySource {
-        &self.source
     }
 
     /// For the logs: where the key came from, never the key.

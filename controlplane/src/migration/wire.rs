@@ -21,7 +21,12 @@ pub fn host_identity() -> String {
 
 /// Sends one control message, tagged for the session.
 pub fn send(stream: &mut TcpStream, session: &mut Session, m: Msg) -> std::io::Result<()> {
-    let mut bytes = Envelope { msg: Some(m) }.encode_to_vec();
+    // Room for the tag from the start: a `Commit` carrying a large request state is not copied
+    // again to append 16 bytes (it is sent in the downtime).
+    let env = Envelope { msg: Some(m) };
+    let mut bytes = Vec::with_capacity(env.encoded_len() + auth::TAG);
+    env.encode(&mut bytes)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let tag = session.seal(&bytes);
     bytes.extend_from_slice(&tag);
     write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
