@@ -40,6 +40,16 @@
 #define LLUMLET_ERR_CORRUPT -5
 
 /**
+ * No such thing (a mailbox that was not written).
+ */
+#define LLUMLET_ERR_NOT_FOUND -6
+
+/**
+ * The caller's buffer is too small; the size needed was written.
+ */
+#define LLUMLET_ERR_TOO_SMALL -7
+
+/**
  * A bug: a panic was caught at the boundary.
  */
 #define LLUMLET_ERR_PANIC -99
@@ -123,6 +133,42 @@
  * Blocks reserved for a request migrating in.
  */
 #define LLUMLET_REQ_MIGRATING_IN 5
+
+/**
+ * KV region memory kinds of [`LlumletKvRegion`]: host memory in a shared-memory segment (the
+ * handle is its name under /dev/shm or its absolute path).
+ */
+#define LLUMLET_KV_HOST_SHM 1
+
+/**
+ * GPU memory exported with `cuIpcGetMemHandle` (the handle is the 64 IPC handle bytes).
+ */
+#define LLUMLET_KV_CUDA_IPC 2
+
+/**
+ * KV region layouts: K and V of a layer together in each block.
+ */
+#define LLUMLET_KV_TOGETHER 1
+
+/**
+ * Only the K tensor of a layer.
+ */
+#define LLUMLET_KV_KEY_ONLY 2
+
+/**
+ * Only the V tensor of a layer.
+ */
+#define LLUMLET_KV_VALUE_ONLY 3
+
+/**
+ * Bytes of a region's handle.
+ */
+#define LLUMLET_KV_HANDLE_BYTES 64
+
+/**
+ * Bytes a mailbox's request id can take (63 and a NUL).
+ */
+#define LLUMLET_MAILBOX_ID_BYTES 64
 
 /**
  * An engine's endpoint (opaque to C).
@@ -258,6 +304,49 @@ typedef struct llumlet_status {
 } llumlet_status;
 
 /**
+ * Where part of the KV cache lives: block `b` of the region is the `block_size_bytes` bytes
+ * at `offset + b * block_size_bytes` of the memory the handle names.
+ */
+typedef struct llumlet_kv_region {
+  /**
+   * `LLUMLET_KV_HOST_SHM` or `LLUMLET_KV_CUDA_IPC`.
+   */
+  uint32_t memory;
+  /**
+   * `LLUMLET_KV_TOGETHER`, `LLUMLET_KV_KEY_ONLY` or `LLUMLET_KV_VALUE_ONLY`.
+   */
+  uint32_t layout;
+  /**
+   * The model layer.
+   */
+  uint32_t layer;
+  /**
+   * Bytes of `handle` in use.
+   */
+  uint32_t handle_len;
+  /**
+   * Byte offset of block 0 in the memory.
+   */
+  uint64_t offset;
+  /**
+   * Blocks in the region.
+   */
+  uint64_t num_blocks;
+  /**
+   * Bytes of one block.
+   */
+  uint64_t block_size_bytes;
+  /**
+   * Bytes of one token's slot in a block.
+   */
+  uint64_t token_size_bytes;
+  /**
+   * The segment name or path (host), or the IPC handle (GPU).
+   */
+  uint8_t handle[LLUMLET_KV_HANDLE_BYTES];
+} llumlet_kv_region;
+
+/**
  * A command or reply, flattened for C.
  */
 typedef struct llumlet_command {
@@ -369,6 +458,71 @@ int32_t llumlet_engine_request_progress(struct llumlet_engine *engine,
  * `engine` is a live engine.
  */
 int32_t llumlet_engine_remove_request(struct llumlet_engine *engine, uint32_t slot);
+
+/**
+ * Replaces a request's block table (after a preemption, or a reservation that grew).
+ *
+ * # Safety
+ * `engine` is a live engine; `blocks` points to `n` `u32`s (NULL if 0).
+ */
+int32_t llumlet_engine_set_request_blocks(struct llumlet_engine *engine,
+                                          uint32_t slot,
+                                          const uint32_t *blocks,
+                                          size_t n);
+
+/**
+ * Registers where part of the KV cache lives (one call per layer, or per K and V tensor of a
+ * layer), in the order the llumlet pairs regions across instances. A host region is checked
+ * against its segment now: one that does not fit, or a segment that cannot be opened, is
+ * `LLUMLET_ERR_INVALID` naming the layer and sizes. Returns the region's index.
+ *
+ * # Safety
+ * `engine` is a live engine; `region` points to a readable `llumlet_kv_region`.
+ */
+int32_t llumlet_engine_register_kv_region(struct llumlet_engine *engine,
+                                          const struct llumlet_kv_region *region);
+
+/**
+ * Writes migration `migration`'s mailbox: the request id and the engine's serialized request
+ * state (source engine, before answering `MigrateOutSuspend`). All or nothing: a reader sees
+ * the whole record or none.
+ *
+ * # Safety
+ * `engine` is a live engine; `request_id` a NUL-terminated string; `state` points to
+ * `state_len` readable bytes (NULL if 0).
+ */
+int32_t llumlet_engine_mailbox_write(struct llumlet_engine *engine,
+                                     uint64_t migration,
+                                     const char *request_id,
+                                     const uint8_t *state,
+                                     size_t state_len);
+
+/**
+ * Reads migration `migration`'s mailbox (destination engine: the request id before
+ * `ReserveBlocks`, the state before `MigrateInCommit`). `*state_len` always receives the
+ * state's length; the id (NUL-terminated) and the state are copied only when both fit
+ * (`id_cap` of `LLUMLET_MAILBOX_ID_BYTES` always does), else `LLUMLET_ERR_TOO_SMALL`. No mailbox
+ * is `LLUMLET_ERR_NOT_FOUND`; one that is not a record is `LLUMLET_ERR_CORRUPT`.
+ *
+ * # Safety
+ * `engine` is a live engine; `id_out` points to `id_cap` writable bytes; `state_out` to
+ * `state_cap` writable bytes (NULL if 0); `state_len` is writable.
+ */
+int32_t llumlet_engine_mailbox_read(struct llumlet_engine *engine,
+                                    uint64_t migration,
+                                    char *id_out,
+                                    size_t id_cap,
+                                    uint8_t *state_out,
+                                    size_t state_cap,
+                                    size_t *state_len);
+
+/**
+ * Removes migration `migration`'s mailbox (absent is fine).
+ *
+ * # Safety
+ * `engine` is a live engine.
+ */
+int32_t llumlet_engine_mailbox_remove(struct llumlet_engine *engine, uint64_t migration);
 
 /**
  * Takes the next command from the llumlet: returns 1 and fills `*out` if there was one, 0 if

@@ -17,6 +17,8 @@ use std::path::Path;
 use bytemuck::Zeroable;
 use llumlet_dataplane::command::{Command, QueueError};
 use llumlet_dataplane::endpoint::{EngineEndpoint, PollError};
+use llumlet_dataplane::kv::{KvError, KvRegion, LayoutKind, MappedRegion, MemoryKind};
+use llumlet_dataplane::mailbox::{self, Mail, MailError};
 use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
 use llumlet_dataplane::segment::{segment_name, segment_path};
 pub use llumlet_dataplane::status_ring::StatusCounters;
@@ -34,6 +36,10 @@ pub const LLUMLET_ERR_SEGMENT: i32 = -3;
 pub const LLUMLET_ERR_FULL: i32 = -4;
 /// Shared memory is inconsistent, or a message is not a command.
 pub const LLUMLET_ERR_CORRUPT: i32 = -5;
+/// No such thing (a mailbox that was not written).
+pub const LLUMLET_ERR_NOT_FOUND: i32 = -6;
+/// The caller's buffer is too small; the size needed was written.
+pub const LLUMLET_ERR_TOO_SMALL: i32 = -7;
 /// A bug: a panic was caught at the boundary.
 pub const LLUMLET_ERR_PANIC: i32 = -99;
 
@@ -70,6 +76,47 @@ pub const LLUMLET_REQ_RUNNING: u32 = 3;
 pub const LLUMLET_REQ_SUSPENDED: u32 = 4;
 /// Blocks reserved for a request migrating in.
 pub const LLUMLET_REQ_MIGRATING_IN: u32 = 5;
+
+/// KV region memory kinds of [`LlumletKvRegion`]: host memory in a shared-memory segment (the
+/// handle is its name under /dev/shm or its absolute path).
+pub const LLUMLET_KV_HOST_SHM: u32 = 1;
+/// GPU memory exported with `cuIpcGetMemHandle` (the handle is the 64 IPC handle bytes).
+pub const LLUMLET_KV_CUDA_IPC: u32 = 2;
+/// KV region layouts: K and V of a layer together in each block.
+pub const LLUMLET_KV_TOGETHER: u32 = 1;
+/// Only the K tensor of a layer.
+pub const LLUMLET_KV_KEY_ONLY: u32 = 2;
+/// Only the V tensor of a layer.
+pub const LLUMLET_KV_VALUE_ONLY: u32 = 3;
+/// Bytes of a region's handle.
+pub const LLUMLET_KV_HANDLE_BYTES: usize = 64;
+/// Bytes a mailbox's request id can take (63 and a NUL).
+pub const LLUMLET_MAILBOX_ID_BYTES: usize = 64;
+
+/// Where part of the KV cache lives: block `b` of the region is the `block_size_bytes` bytes
+/// at `offset + b * block_size_bytes` of the memory the handle names.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LlumletKvRegion {
+    /// `LLUMLET_KV_HOST_SHM` or `LLUMLET_KV_CUDA_IPC`.
+    pub memory: u32,
+    /// `LLUMLET_KV_TOGETHER`, `LLUMLET_KV_KEY_ONLY` or `LLUMLET_KV_VALUE_ONLY`.
+    pub layout: u32,
+    /// The model layer.
+    pub layer: u32,
+    /// Bytes of `handle` in use.
+    pub handle_len: u32,
+    /// Byte offset of block 0 in the memory.
+    pub offset: u64,
+    /// Blocks in the region.
+    pub num_blocks: u64,
+    /// Bytes of one block.
+    pub block_size_bytes: u64,
+    /// Bytes of one token's slot in a block.
+    pub token_size_bytes: u64,
+    /// The segment name or path (host), or the IPC handle (GPU).
+    pub handle: [u8; LLUMLET_KV_HANDLE_BYTES],
+}
 
 /// A command or reply, flattened for C.
 #[repr(C)]
@@ -374,6 +421,238 @@ pub unsafe extern "C" fn llumlet_engine_remove_request(
     })
 }
 
+/// Replaces a request's block table (after a preemption, or a reservation that grew).
+///
+/// # Safety
+/// `engine` is a live engine; `blocks` points to `n` `u32`s (NULL if 0).
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_set_request_blocks(
+    engine: *mut LlumletEngine,
+    slot: u32,
+    blocks: *const u32,
+    n: usize,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        // SAFETY: forwarded caller contract.
+        let blocks = unsafe { blocks_arg(blocks, n) }?;
+        e.endpoint
+            .set_request_blocks(slot, blocks)
+            .map_err(table_err)?;
+        Ok(LLUMLET_OK)
+    })
+}
+
+fn region_arg(r: &LlumletKvRegion) -> Result<KvRegion, Failure> {
+    let invalid = |m: String| (LLUMLET_ERR_INVALID, m);
+    let memory = match r.memory {
+        LLUMLET_KV_HOST_SHM => MemoryKind::HostShm,
+        LLUMLET_KV_CUDA_IPC => MemoryKind::CudaIpc,
+        v => return Err(invalid(format!("KV memory kind {v} is not a LLUMLET_KV_* value"))),
+    };
+    let layout = match r.layout {
+        LLUMLET_KV_TOGETHER => LayoutKind::KvTogether,
+        LLUMLET_KV_KEY_ONLY => LayoutKind::KeyOnly,
+        LLUMLET_KV_VALUE_ONLY => LayoutKind::ValueOnly,
+        v => return Err(invalid(format!("KV layout {v} is not a LLUMLET_KV_* value"))),
+    };
+    let n = r.handle_len as usize;
+    if n == 0 || n > LLUMLET_KV_HANDLE_BYTES {
+        return Err(invalid(format!(
+            "KV region handle_len {n} is not 1..={LLUMLET_KV_HANDLE_BYTES}"
+        )));
+    }
+    if r.token_size_bytes == 0
+        || r.block_size_bytes == 0
+        || !r.block_size_bytes.is_multiple_of(r.token_size_bytes)
+    {
+        return Err(invalid(format!(
+            "KV region of layer {}: a block of {} bytes is not a whole number of {}-byte tokens",
+            r.layer, r.block_size_bytes, r.token_size_bytes
+        )));
+    }
+    let region = KvRegion {
+        memory,
+        layout,
+        layer: r.layer,
+        offset: r.offset,
+        num_blocks: r.num_blocks,
+        block_size_bytes: r.block_size_bytes,
+        token_size_bytes: r.token_size_bytes,
+        handle: r.handle[..n].to_vec(),
+    };
+    if region
+        .len()
+        .and_then(|l| l.checked_add(region.offset))
+        .is_none()
+    {
+        return Err(invalid(format!(
+            "KV region of layer {}: its size overflows",
+            r.layer
+        )));
+    }
+    Ok(region)
+}
+
+/// Registers where part of the KV cache lives (one call per layer, or per K and V tensor of a
+/// layer), in the order the llumlet pairs regions across instances. A host region is checked
+/// against its segment now: one that does not fit, or a segment that cannot be opened, is
+/// `LLUMLET_ERR_INVALID` naming the layer and sizes. Returns the region's index.
+///
+/// # Safety
+/// `engine` is a live engine; `region` points to a readable `llumlet_kv_region`.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_register_kv_region(
+    engine: *mut LlumletEngine,
+    region: *const LlumletKvRegion,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        // SAFETY: a non-NULL `region` is readable per the caller's contract.
+        let r = region_arg(unsafe { region.as_ref() }.ok_or_else(|| null("region"))?)?;
+        if r.memory == MemoryKind::HostShm {
+            MappedRegion::map(&r).map_err(|x| (LLUMLET_ERR_INVALID, x.to_string()))?;
+        }
+        let index = e.endpoint.register_kv_region(&r).map_err(|x| match x {
+            KvError::Full => (LLUMLET_ERR_FULL, x.to_string()),
+            _ => (LLUMLET_ERR_INVALID, x.to_string()),
+        })?;
+        Ok(i32::try_from(index).unwrap_or(i32::MAX))
+    })
+}
+
+fn mailbox_path(e: &LlumletEngine, migration: u64) -> std::path::PathBuf {
+    mailbox::path(e.endpoint.segment().path(), migration)
+}
+
+/// Writes migration `migration`'s mailbox: the request id and the engine's serialized request
+/// state (source engine, before answering `MigrateOutSuspend`). All or nothing: a reader sees
+/// the whole record or none.
+///
+/// # Safety
+/// `engine` is a live engine; `request_id` a NUL-terminated string; `state` points to
+/// `state_len` readable bytes (NULL if 0).
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_mailbox_write(
+    engine: *mut LlumletEngine,
+    migration: u64,
+    request_id: *const c_char,
+    state: *const u8,
+    state_len: usize,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        // SAFETY: forwarded caller contract.
+        let id = unsafe { str_arg(request_id, "request_id") }?;
+        let state = if state_len == 0 {
+            &[][..]
+        } else if state.is_null() {
+            return Err(null("state"));
+        } else {
+            // SAFETY: non-NULL and `state_len` readable bytes per the caller's contract.
+            unsafe { std::slice::from_raw_parts(state, state_len) }
+        };
+        let mail = Mail {
+            request_id: id.to_string(),
+            state: state.to_vec(),
+        };
+        mail.write(&mailbox_path(e, migration))
+            .map_err(|x| match x {
+                MailError::TooLong { .. } | MailError::Malformed(_) => {
+                    (LLUMLET_ERR_INVALID, x.to_string())
+                }
+                MailError::Io { .. } => (LLUMLET_ERR_SEGMENT, x.to_string()),
+            })?;
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Reads migration `migration`'s mailbox (destination engine: the request id before
+/// `ReserveBlocks`, the state before `MigrateInCommit`). `*state_len` always receives the
+/// state's length; the id (NUL-terminated) and the state are copied only when both fit
+/// (`id_cap` of `LLUMLET_MAILBOX_ID_BYTES` always does), else `LLUMLET_ERR_TOO_SMALL`. No mailbox
+/// is `LLUMLET_ERR_NOT_FOUND`; one that is not a record is `LLUMLET_ERR_CORRUPT`.
+///
+/// # Safety
+/// `engine` is a live engine; `id_out` points to `id_cap` writable bytes; `state_out` to
+/// `state_cap` writable bytes (NULL if 0); `state_len` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_mailbox_read(
+    engine: *mut LlumletEngine,
+    migration: u64,
+    id_out: *mut c_char,
+    id_cap: usize,
+    state_out: *mut u8,
+    state_cap: usize,
+    state_len: *mut usize,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        if id_out.is_null() {
+            return Err(null("id_out"));
+        }
+        if state_len.is_null() {
+            return Err(null("state_len"));
+        }
+        let mail = Mail::read(&mailbox_path(e, migration)).map_err(|x| match &x {
+            MailError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                (LLUMLET_ERR_NOT_FOUND, x.to_string())
+            }
+            MailError::Io { .. } => (LLUMLET_ERR_SEGMENT, x.to_string()),
+            _ => (LLUMLET_ERR_CORRUPT, x.to_string()),
+        })?;
+        // SAFETY: non-NULL and writable per the caller's contract.
+        unsafe { *state_len = mail.state.len() };
+        let id = mail.request_id.as_bytes();
+        if id.len() >= id_cap || mail.state.len() > state_cap {
+            return Err((
+                LLUMLET_ERR_TOO_SMALL,
+                format!(
+                    "mailbox holds a {}-byte id and a {}-byte state; the buffers take {} and {}",
+                    id.len(),
+                    mail.state.len(),
+                    id_cap,
+                    state_cap
+                ),
+            ));
+        }
+        if !mail.state.is_empty() && state_out.is_null() {
+            return Err(null("state_out"));
+        }
+        // SAFETY: `id_out` has `id_cap > id.len()` writable bytes and `state_out` has
+        // `state_cap >= state.len()` (checked above); neither overlaps our own buffers.
+        unsafe {
+            std::ptr::copy_nonoverlapping(id.as_ptr(), id_out.cast::<u8>(), id.len());
+            *id_out.add(id.len()) = 0;
+            if !mail.state.is_empty() {
+                std::ptr::copy_nonoverlapping(mail.state.as_ptr(), state_out, mail.state.len());
+            }
+        }
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Removes migration `migration`'s mailbox (absent is fine).
+///
+/// # Safety
+/// `engine` is a live engine.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_mailbox_remove(
+    engine: *mut LlumletEngine,
+    migration: u64,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        mailbox::remove(&mailbox_path(e, migration));
+        Ok(LLUMLET_OK)
+    })
+}
+
 fn to_c(c: Command) -> LlumletCommand {
     let (kind, ok, id, a) = match c {
         Command::StatusRequest { seq } => (LLUMLET_CMD_STATUS_REQUEST, 0, seq, 0),
@@ -613,5 +892,104 @@ mod tests {
             llumlet_engine_destroy(e);
             llumlet_engine_destroy(ptr::null_mut());
         }
+    }
+
+    #[test]
+    fn mailbox_and_kv_regions_round_trip_and_refuse_bad_input() {
+        let dir = std::env::temp_dir();
+        let seg = CString::new(format!("{}/llumlet-ffi-mb-{}", dir.display(), std::process::id()))
+            .unwrap();
+        let kv_path = format!("{}/llumlet-ffi-kv-{}", dir.display(), std::process::id());
+        std::fs::write(&kv_path, vec![0u8; 4096]).unwrap();
+        let id = CString::new("inst").unwrap();
+        let req = CString::new("req-7").unwrap();
+        // SAFETY: every pointer passed is valid for what the function reads or writes.
+        unsafe {
+            let mut e = ptr::null_mut();
+            assert_eq!(llumlet_engine_create(id.as_ptr(), seg.as_ptr(), &mut e), LLUMLET_OK);
+            let mut idb = [0 as c_char; LLUMLET_MAILBOX_ID_BYTES];
+            let mut st = [0u8; 8];
+            let mut n = 0usize;
+            let read = |e, idb: &mut [c_char], st: &mut [u8], n: &mut usize| {
+                llumlet_engine_mailbox_read(
+                    e,
+                    5,
+                    idb.as_mut_ptr(),
+                    idb.len(),
+                    st.as_mut_ptr(),
+                    st.len(),
+                    n,
+                )
+            };
+            assert_eq!(read(e, &mut idb, &mut st, &mut n), LLUMLET_ERR_NOT_FOUND);
+            let state = b"0123456789";
+            assert_eq!(
+                llumlet_engine_mailbox_write(e, 5, req.as_ptr(), state.as_ptr(), state.len()),
+                LLUMLET_OK
+            );
+            assert_eq!(read(e, &mut idb, &mut st, &mut n), LLUMLET_ERR_TOO_SMALL);
+            assert_eq!(n, 10);
+            let mut big = [0u8; 16];
+            assert_eq!(read(e, &mut idb, &mut big, &mut n), LLUMLET_OK);
+            assert_eq!(&big[..n], state);
+            assert_eq!(CStr::from_ptr(idb.as_ptr()).to_str().unwrap(), "req-7");
+            assert_eq!(llumlet_engine_mailbox_remove(e, 5), LLUMLET_OK);
+            assert_eq!(read(e, &mut idb, &mut big, &mut n), LLUMLET_ERR_NOT_FOUND);
+
+            let mut r = LlumletKvRegion {
+                memory: LLUMLET_KV_HOST_SHM,
+                layout: LLUMLET_KV_KEY_ONLY,
+                layer: 0,
+                handle_len: kv_path.len() as u32,
+                offset: 0,
+                num_blocks: 4,
+                block_size_bytes: 1024,
+                token_size_bytes: 64,
+                handle: [0; LLUMLET_KV_HANDLE_BYTES],
+            };
+            r.handle[..kv_path.len()].copy_from_slice(kv_path.as_bytes());
+            assert_eq!(llumlet_engine_register_kv_region(e, &r), 0);
+            r.layout = LLUMLET_KV_VALUE_ONLY;
+            r.offset = 1024;
+            assert_eq!(llumlet_engine_register_kv_region(e, &r), LLUMLET_ERR_INVALID);
+            assert!(msg().contains("layer 0 needs bytes 1024..5120"), "{}", msg());
+            r.offset = 0;
+            r.token_size_bytes = 100;
+            assert_eq!(llumlet_engine_register_kv_region(e, &r), LLUMLET_ERR_INVALID);
+            assert!(msg().contains("whole number"), "{}", msg());
+            r.token_size_bytes = 64;
+            r.memory = 9;
+            assert_eq!(llumlet_engine_register_kv_region(e, &r), LLUMLET_ERR_INVALID);
+            r.memory = LLUMLET_KV_HOST_SHM;
+            assert_eq!(llumlet_engine_register_kv_region(e, &r), 1);
+            let regions = (*e).endpoint.segment().kv().regions();
+            assert_eq!(regions.len(), 2);
+            let second = regions[1].as_ref().unwrap();
+            assert_eq!(second.layout, LayoutKind::ValueOnly);
+            assert_eq!(second.handle, kv_path.as_bytes());
+
+            let blocks = [3u32, 4];
+            let mut slot = 0;
+            assert_eq!(
+                llumlet_engine_add_request(
+                    e,
+                    req.as_ptr(),
+                    LLUMLET_REQ_MIGRATING_IN,
+                    0,
+                    0,
+                    0,
+                    ptr::null(),
+                    0,
+                    &mut slot
+                ),
+                LLUMLET_OK
+            );
+            assert_eq!(
+                llumlet_engine_set_request_blocks(e, slot, blocks.as_ptr(), 2),
+                LLUMLET_OK
+            );
+            llumlet_engine_destroy(e);
+        }
+        let _ = std::fs::remove_file(&kv_path);
     }
 }
