@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that sets up a fresh machine and runs every check: installs what the tests need
 # (redis-server, a C compiler, UCX and openssl from Debian, grpcio-tools for the Python client
-# test), then fmt,
+# test, vLLM 0.18 in a cached environment for the adapter's tests: scripts/vllm-env.sh), then fmt,
 # clippy with -D warnings, and the whole test suite (the migration fault suite again over tcp and UCX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,9 @@ echo "== cargo build (binaries, and the C library the FFI tests link)"
 cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== the vLLM adapter with vLLM 0.18 engines (stand-in model on CPU) beside llumlets"
+vllm_python=$(scripts/vllm-env.sh)
+(cd tests/vllm && "$vllm_python" -m pytest -q -p no:cacheprovider -p no:warnings .)
 echo "== the migration fault suite again over the tcp transport (one host picks shm by default)"
 LLUMLET_TEST_TRANSPORT=tcp cargo test -p llumlet-tests --locked --test migration_faults
 echo "== the migration fault suite again, over UCX: its TCP transport (software RMA), then its shared memory"
