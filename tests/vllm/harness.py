@@ -168,13 +168,43 @@ class Instance:
         until(30, f"{self.id}'s status in the CMS", lambda: self.status() is not None, self.logs)
 
     def start_llumlet(self):
-        self.log = open(os.path.join(self.dir, "llumlet.log"), "ab")
+        self.runs = getattr(self, "runs", 0) + 1
+        self.log = open(os.path.join(self.dir, f"llumlet-{self.runs}.log"), "ab")
         self.llumlet = subprocess.Popen([llumlet_bin()], env=self.llumlet_env, stdout=self.log,
                                         stderr=self.log)
 
+    def restart_llumlet(self, extra=None):
+        """Stops the llumlet (if it still runs) and starts it again with `extra` environment."""
+        if self.llumlet is not None and self.llumlet.poll() is None:
+            self.llumlet.send_signal(signal.SIGTERM)
+            try:
+                self.llumlet.wait(10)
+            except subprocess.TimeoutExpired:
+                self.llumlet.kill()
+                self.llumlet.wait()
+        self.log.close()
+        env = {k: v for k, v in self.llumlet_env.items() if k != "LLUMLET_TEST_FAULTS"}
+        self.llumlet_env = {**env, **(extra or {})}
+        self.start_llumlet()
+        until(30, f"{self.id}'s llumlet serving", self._serving, self.logs)
+
+    def _serving(self) -> bool:
+        try:
+            self.metric("llumlet_")
+            return True
+        except OSError:
+            return False
+
+    def log_of_run(self, run=None) -> str:
+        """What the llumlet started `run`-th (default: the latest) wrote."""
+        with open(os.path.join(self.dir, f"llumlet-{run or self.runs}.log"), "rb") as f:
+            return f.read().decode(errors="replace")
+
     def logs(self) -> str:
-        with open(os.path.join(self.dir, "llumlet.log"), "rb") as f:
-            return f"--- llumlet {self.id} ---\n" + f.read().decode(errors="replace")[-6000:]
+        out = ""
+        for run in range(max(1, self.runs - 1), self.runs + 1):
+            out += f"--- llumlet {self.id}, run {run} ---\n" + self.log_of_run(run)[-6000:]
+        return out
 
     def status(self):
         cms_pb2, _, _ = protos()
@@ -219,10 +249,13 @@ def migrate(src: Instance, dst: Instance, num_reqs: int = 1, policy: str = "SR",
 
     _, pb, pb_grpc = protos()
     with grpc.insecure_channel(f"127.0.0.1:{src.rpc}") as ch:
-        r = pb_grpc.LlumletStub(ch).Migrate(pb.MigrateRequest(
-            src_engine_id=src.id, dst_engine_id=dst.id, dst_engine_ip="127.0.0.1",
-            dst_engine_port=dst.kvt, migration_type="NUM_REQ", migration_req_policy=policy,
-            trigger_policy="test", num_reqs=num_reqs), timeout=timeout)
+        try:
+            r = pb_grpc.LlumletStub(ch).Migrate(pb.MigrateRequest(
+                src_engine_id=src.id, dst_engine_id=dst.id, dst_engine_ip="127.0.0.1",
+                dst_engine_port=dst.kvt, migration_type="NUM_REQ", migration_req_policy=policy,
+                trigger_policy="test", num_reqs=num_reqs), timeout=timeout)
+        except grpc.RpcError as e:  # the llumlet died, or answered with an error status
+            return False, f"{e.code()}: {e.details()}"
         return r.success, r.message
 
 
