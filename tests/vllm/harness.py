@@ -116,7 +116,8 @@ def engine_args(**over):
 class Instance:
     """A vLLM engine with the adapter, and its llumlet."""
 
-    def __init__(self, redis: Redis, name: str, step_ms: int = 20, llumlet_env=None):
+    def __init__(self, redis: Redis, name: str, step_ms: int = 20, llumlet_env=None,
+                 multiprocess: bool = True, **engine_over):
         from vllm.v1.engine.llm_engine import LLMEngine
 
         self.id = f"vllm-{name}-{os.getpid()}"
@@ -128,12 +129,12 @@ class Instance:
             "LLUMLET_ENGINE_SHM": self.shm,
             "STAND_IN_STEP_MS": str(step_ms),
             "STAND_IN_EVENTS": self.events,
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
         }
         saved = {k: os.environ.get(k) for k in engine_env}
         os.environ.update(engine_env)
         try:  # the EngineCore process is spawned now and inherits this environment
-            self.engine = LLMEngine.from_engine_args(engine_args())
+            self.engine = LLMEngine.from_engine_args(engine_args(**engine_over))
         finally:
             for k, v in saved.items():
                 if v is None:

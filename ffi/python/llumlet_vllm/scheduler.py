@@ -197,6 +197,7 @@ class LlumletAdapter:
 
     def schedule(self):
         self._serve_commands()
+        self._note_recent_waiting()
         if self._out_rid and len(self.running) > 1:
             # FCFS preemption takes `running.pop()`: keep requests migrating out at the front.
             marked = [r for r in self.running if r.request_id in self._out_rid]
@@ -279,14 +280,18 @@ class LlumletAdapter:
             step_duration=step_s * 1000.0,
         )
         ids = [r.request_id for r in waiting]
-        for rid in ids:
-            self._recent.setdefault(rid, now)
-        live = set(ids)
-        for rid, t in list(self._recent.items()):
-            if rid not in live and now - t > self._staleness_s:
-                del self._recent[rid]
         recent = [rid for rid, t in self._recent.items() if now - t <= self._staleness_s]
         return s, ids, recent
+
+    def _note_recent_waiting(self) -> None:
+        """At the start of a step (upstream's STEP_BEGIN): every request waiting now is recorded,
+        and kept until it arrived longer than the staleness ago, waiting or not by then."""
+        now = time.time()
+        for r in _vllm.waiting_requests(self):
+            self._recent.setdefault(r.request_id, r.arrival_time)
+        for rid, t in list(self._recent.items()):
+            if now - t > self._staleness_s:
+                del self._recent[rid]
 
     def _publish(self, so, step_s: float) -> None:
         self.update_id += 1
