@@ -136,6 +136,12 @@ class Instance:
         try:  # the EngineCore process is spawned now and inherits this environment
             self.engine = LLMEngine.from_engine_args(engine_args(**engine_over))
         finally:
+            if not multiprocess:
+                # An EngineCore in this process froze vLLM's environment for it: thaw it, so that
+                # the engines of later tests read theirs.
+                import vllm.envs
+
+                vllm.envs.disable_envs_cache()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

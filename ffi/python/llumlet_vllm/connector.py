@@ -53,37 +53,45 @@ class LayoutError(RuntimeError):
     """A KV cache the llumlet cannot address block by block."""
 
 
+# Regions travel from the worker's connector to the scheduler of the same engine, keyed by the
+# engine's KV transfer id (with world size 1 both live in the EngineCore process; the worker's
+# connector is created first).
 _lock = threading.Lock()
-_pending: list[Region] = []
-_sink = None  # the adapter's endpoint once it exists in this process
+_pending: dict[str, list[Region]] = {}
+_sinks: dict[str, object] = {}
 
 
-def publish(regions: list[Region]) -> None:
-    """Hands regions to the adapter in this process (now, or when its endpoint is created)."""
+def engine_key(vllm_config) -> str | None:
+    ktc = vllm_config.kv_transfer_config
+    return None if ktc is None else str(ktc.engine_id)
+
+
+def publish(key: str, regions: list[Region]) -> None:
+    """Hands regions to the adapter of engine `key` (now, or when its endpoint is created)."""
     with _lock:
-        if _sink is not None:
+        sink = _sinks.get(key)
+        if sink is not None:
             for r in regions:
-                _sink(r)
+                sink(r)
         else:
-            _pending.extend(regions)
+            _pending.setdefault(key, []).extend(regions)
 
 
-def attach_sink(sink) -> int:
-    """The adapter's endpoint registers regions from now on; returns how many were pending."""
-    global _sink
+def attach_sink(key: str | None, sink) -> int:
+    """Engine `key`'s adapter registers its regions from now on; returns how many were pending."""
+    if key is None:
+        return 0
     with _lock:
-        _sink = sink
-        n = len(_pending)
-        for r in _pending:
+        _sinks[key] = sink
+        pending = _pending.pop(key, [])
+        for r in pending:
             sink(r)
-        _pending.clear()
-        return n
+        return len(pending)
 
 
-def detach_sink() -> None:
-    global _sink
+def detach_sink(key: str | None) -> None:
     with _lock:
-        _sink = None
+        _sinks.pop(key, None)
 
 
 def _layer_index(name: str) -> int:
@@ -173,13 +181,14 @@ class LlumletConnector(KVConnectorBase_V1):
         self._num_blocks = (kv_cache_config.num_blocks if kv_cache_config is not None
                             else vllm_config.cache_config.num_gpu_blocks)
         self._block_size = vllm_config.cache_config.block_size
+        self._key = engine_key(vllm_config)
 
     # worker side ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches):
         regions = describe(kv_caches, self._num_blocks, self._block_size)
         log.info("llumlet_vllm: %d KV regions of %d blocks (%d bytes each)", len(regions),
                  self._num_blocks, regions[0].block_size_bytes if regions else 0)
-        publish(regions)
+        publish(self._key, regions)
 
     def start_load_kv(self, forward_context, **kwargs):
         return None

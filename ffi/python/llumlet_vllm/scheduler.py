@@ -142,7 +142,8 @@ class LlumletAdapter:
         self._zmq = None
         self._sockets: dict[str, object] = {}
         self._skipped_ids: set[str] = set()
-        n = connector.attach_sink(self._register_region)
+        self._regions_key = connector.engine_key(self.vllm_config)
+        n = connector.attach_sink(self._regions_key, self._register_region)
         if n == 0:
             log.warning("llumlet_vllm: no KV regions registered (is --kv-transfer-config set to "
                         "LlumletConnector?); the llumlet will refuse migrations")
@@ -164,7 +165,7 @@ class LlumletAdapter:
             return
         stop.set()
         self._poller.join(timeout=1.0)
-        connector.detach_sink()
+        connector.detach_sink(self._regions_key)
         for s in self._sockets.values():
             s.close(linger=1000)
         self._sockets.clear()

@@ -141,6 +141,9 @@ class StandInExecutor(Executor):
         return
 
     def shutdown(self) -> None:
+        from vllm.distributed.kv_transfer import kv_transfer_state as kts
+
+        kts.ensure_kv_transfer_shutdown()  # as the GPU worker does
         if self.path is not None:
             try:
                 os.unlink(self.path)
