@@ -449,13 +449,21 @@ fn region_arg(r: &LlumletKvRegion) -> Result<KvRegion, Failure> {
     let memory = match r.memory {
         LLUMLET_KV_HOST_SHM => MemoryKind::HostShm,
         LLUMLET_KV_CUDA_IPC => MemoryKind::CudaIpc,
-        v => return Err(invalid(format!("KV memory kind {v} is not a LLUMLET_KV_* value"))),
+        v => {
+            return Err(invalid(format!(
+                "KV memory kind {v} is not a LLUMLET_KV_* value"
+            )))
+        }
     };
     let layout = match r.layout {
         LLUMLET_KV_TOGETHER => LayoutKind::KvTogether,
         LLUMLET_KV_KEY_ONLY => LayoutKind::KeyOnly,
         LLUMLET_KV_VALUE_ONLY => LayoutKind::ValueOnly,
-        v => return Err(invalid(format!("KV layout {v} is not a LLUMLET_KV_* value"))),
+        v => {
+            return Err(invalid(format!(
+                "KV layout {v} is not a LLUMLET_KV_* value"
+            )))
+        }
     };
     let n = r.handle_len as usize;
     if n == 0 || n > LLUMLET_KV_HANDLE_BYTES {
@@ -897,8 +905,12 @@ mod tests {
     #[test]
     fn mailbox_and_kv_regions_round_trip_and_refuse_bad_input() {
         let dir = std::env::temp_dir();
-        let seg = CString::new(format!("{}/llumlet-ffi-mb-{}", dir.display(), std::process::id()))
-            .unwrap();
+        let seg = CString::new(format!(
+            "{}/llumlet-ffi-mb-{}",
+            dir.display(),
+            std::process::id()
+        ))
+        .unwrap();
         let kv_path = format!("{}/llumlet-ffi-kv-{}", dir.display(), std::process::id());
         std::fs::write(&kv_path, vec![0u8; 4096]).unwrap();
         let id = CString::new("inst").unwrap();
@@ -906,7 +918,10 @@ mod tests {
         // SAFETY: every pointer passed is valid for what the function reads or writes.
         unsafe {
             let mut e = ptr::null_mut();
-            assert_eq!(llumlet_engine_create(id.as_ptr(), seg.as_ptr(), &mut e), LLUMLET_OK);
+            assert_eq!(
+                llumlet_engine_create(id.as_ptr(), seg.as_ptr(), &mut e),
+                LLUMLET_OK
+            );
             let mut idb = [0 as c_char; LLUMLET_MAILBOX_ID_BYTES];
             let mut st = [0u8; 8];
             let mut n = 0usize;
@@ -951,15 +966,28 @@ mod tests {
             assert_eq!(llumlet_engine_register_kv_region(e, &r), 0);
             r.layout = LLUMLET_KV_VALUE_ONLY;
             r.offset = 1024;
-            assert_eq!(llumlet_engine_register_kv_region(e, &r), LLUMLET_ERR_INVALID);
-            assert!(msg().contains("layer 0 needs bytes 1024..5120"), "{}", msg());
+            assert_eq!(
+                llumlet_engine_register_kv_region(e, &r),
+                LLUMLET_ERR_INVALID
+            );
+            assert!(
+                msg().contains("layer 0 needs bytes 1024..5120"),
+                "{}",
+                msg()
+            );
             r.offset = 0;
             r.token_size_bytes = 100;
-            assert_eq!(llumlet_engine_register_kv_region(e, &r), LLUMLET_ERR_INVALID);
+            assert_eq!(
+                llumlet_engine_register_kv_region(e, &r),
+                LLUMLET_ERR_INVALID
+            );
             assert!(msg().contains("whole number"), "{}", msg());
             r.token_size_bytes = 64;
             r.memory = 9;
-            assert_eq!(llumlet_engine_register_kv_region(e, &r), LLUMLET_ERR_INVALID);
+            assert_eq!(
+                llumlet_engine_register_kv_region(e, &r),
+                LLUMLET_ERR_INVALID
+            );
             r.memory = LLUMLET_KV_HOST_SHM;
             assert_eq!(llumlet_engine_register_kv_region(e, &r), 1);
             let regions = (*e).endpoint.segment().kv().regions();
