@@ -36,7 +36,7 @@ echo "== cargo test"
 cargo test --workspace --locked
 echo "== the vLLM adapter with vLLM 0.18 engines (stand-in model on CPU) beside llumlets"
 vllm_python=$(scripts/vllm-env.sh)
-(cd tests/vllm && "$vllm_python" -m pytest -q -p no:cacheprovider -p no:warnings .)
+(cd tests/vllm && LLUMLET_FFI_LIB="$PWD/../../target/debug/libllumlet_ffi.so" "$vllm_python" -m pytest -q -p no:cacheprovider -p no:warnings .)
 echo "== the migration fault suite again over the tcp transport (one host picks shm by default)"
 LLUMLET_TEST_TRANSPORT=tcp cargo test -p llumlet-tests --locked --test migration_faults
 echo "== the migration fault suite again, over UCX: its TCP transport (software RMA), then its shared memory"

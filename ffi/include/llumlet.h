@@ -171,6 +171,11 @@
 #define LLUMLET_MAILBOX_ID_BYTES 64
 
 /**
+ * The engine's command queue, read on a thread of its own (opaque to C).
+ */
+typedef struct llumlet_command_reader llumlet_command_reader;
+
+/**
  * An engine's endpoint (opaque to C).
  */
 typedef struct llumlet_engine llumlet_engine;
@@ -532,6 +537,38 @@ int32_t llumlet_engine_mailbox_remove(struct llumlet_engine *engine, uint64_t mi
  * `engine` is a live engine; `out` is writable.
  */
 int32_t llumlet_engine_poll_command(struct llumlet_engine *engine, struct llumlet_command *out);
+
+/**
+ * Takes the engine's command reader (once per engine): from then on commands are read with
+ * `llumlet_reader_wait` (on any one thread at a time) and not with
+ * `llumlet_engine_poll_command`, while the engine handle keeps publishing and keeping the table
+ * on its own thread. Release it with `llumlet_reader_destroy` before or after the engine.
+ *
+ * # Safety
+ * `engine` is a live engine; `out` is writable.
+ */
+int32_t llumlet_engine_command_reader(struct llumlet_engine *engine,
+                                      struct llumlet_command_reader **out);
+
+/**
+ * Waits up to `timeout_us` microseconds for the next command: 1 and `*out` filled if one came,
+ * 0 if none did, or a negative error. Polls without holding anything the engine's thread
+ * needs (and, from Python's ctypes, without holding the interpreter).
+ *
+ * # Safety
+ * `reader` is a live reader used by no other thread during the call; `out` is writable.
+ */
+int32_t llumlet_reader_wait(struct llumlet_command_reader *reader,
+                            struct llumlet_command *out,
+                            uint64_t timeout_us);
+
+/**
+ * Destroys a command reader. NULL is ignored.
+ *
+ * # Safety
+ * `reader` is NULL or a live reader; it must not be used after.
+ */
+void llumlet_reader_destroy(struct llumlet_command_reader *reader);
 
 /**
  * Sends a reply or event to the llumlet. A full queue is `LLUMLET_ERR_FULL`: nothing is sent,

@@ -59,6 +59,25 @@ class KvRegion(ctypes.Structure):
                 ("handle", ctypes.c_uint8 * KV_HANDLE_BYTES)]
 
 
+class CommandReader:
+    """Reads an engine's commands on a thread of its own (see `Engine.command_reader`)."""
+
+    def __init__(self, handle):
+        self._h = handle
+
+    def wait(self, timeout_s):
+        """The next command as (kind, ok, id, a), or None if none came within `timeout_s`."""
+        c = Command()
+        if _check(_lib.llumlet_reader_wait(self._h, ctypes.byref(c), int(timeout_s * 1e6))) == 0:
+            return None
+        return (c.kind, c.ok, c.id, c.a)
+
+    def close(self):
+        if self._h:
+            _lib.llumlet_reader_destroy(self._h)
+            self._h = _P()
+
+
 class LlumletError(RuntimeError):
     def __init__(self, code, message):
         super().__init__(f"{message} (code {code})")
@@ -98,6 +117,10 @@ _lib.llumlet_engine_mailbox_write.argtypes = [_P, ctypes.c_uint64, ctypes.c_char
 _lib.llumlet_engine_mailbox_read.argtypes = [_P, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
                                              ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
 _lib.llumlet_engine_mailbox_remove.argtypes = [_P, ctypes.c_uint64]
+_lib.llumlet_engine_command_reader.argtypes = [_P, ctypes.POINTER(_P)]
+_lib.llumlet_reader_wait.argtypes = [_P, ctypes.POINTER(Command), ctypes.c_uint64]
+_lib.llumlet_reader_destroy.argtypes = [_P]
+_lib.llumlet_reader_destroy.restype = None
 _lib.llumlet_engine_poll_command.argtypes = [_P, ctypes.POINTER(Command)]
 _lib.llumlet_engine_send.argtypes = [_P, ctypes.POINTER(Command)]
 _lib.llumlet_engine_published.argtypes = [_P, ctypes.POINTER(ctypes.c_uint64)]
@@ -196,6 +219,13 @@ class Engine:
         """Tells the llumlet the status it asked for (request `seq`) is the newest one published."""
         reply = Command(CMD_STATUS_PUBLISHED, 0, seq, self.published())
         _check(_lib.llumlet_engine_send(self._h, ctypes.byref(reply)))
+
+    def command_reader(self):
+        """The command queue's reader, for a thread of its own (once per engine; `poll_command`
+        refuses afterwards). Its `wait` holds neither this handle nor the interpreter."""
+        h = _P()
+        _check(_lib.llumlet_engine_command_reader(self._h, ctypes.byref(h)))
+        return CommandReader(h)
 
     def poll_command(self):
         """The next command from the llumlet as (kind, ok, id, a), or None."""

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use bytemuck::Zeroable;
 use llumlet_dataplane::command::{Command, QueueError};
-use llumlet_dataplane::endpoint::{EngineEndpoint, PollError};
+use llumlet_dataplane::endpoint::{CommandReader, EngineEndpoint, PollError};
 use llumlet_dataplane::kv::{KvError, KvRegion, LayoutKind, MappedRegion, MemoryKind};
 use llumlet_dataplane::mailbox::{self, Mail, MailError};
 use llumlet_dataplane::request_table::{RequestInfo, RequestState, TableError};
@@ -755,8 +755,86 @@ pub unsafe extern "C" fn llumlet_engine_poll_command(
             Err(e @ PollError::Queue(_)) | Err(e @ PollError::Decode(_)) => {
                 Err((LLUMLET_ERR_CORRUPT, e.to_string()))
             }
+            Err(e @ PollError::ReaderTaken) => Err((LLUMLET_ERR_INVALID, e.to_string())),
         }
     })
+}
+
+/// The engine's command queue, read on a thread of its own (opaque to C).
+pub struct LlumletCommandReader {
+    reader: CommandReader,
+}
+
+/// Takes the engine's command reader (once per engine): from then on commands are read with
+/// `llumlet_reader_wait` (on any one thread at a time) and not with
+/// `llumlet_engine_poll_command`, while the engine handle keeps publishing and keeping the table
+/// on its own thread. Release it with `llumlet_reader_destroy` before or after the engine.
+///
+/// # Safety
+/// `engine` is a live engine; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_engine_command_reader(
+    engine: *mut LlumletEngine,
+    out: *mut *mut LlumletCommandReader,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: forwarded caller contract.
+        let e = unsafe { engine_arg(engine) }?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let reader = e.endpoint.command_reader().ok_or_else(|| {
+            (
+                LLUMLET_ERR_INVALID,
+                "the engine's command reader was already taken".to_string(),
+            )
+        })?;
+        // SAFETY: `out` is non-NULL and writable per the caller's contract.
+        unsafe { *out = Box::into_raw(Box::new(LlumletCommandReader { reader })) };
+        Ok(LLUMLET_OK)
+    })
+}
+
+/// Waits up to `timeout_us` microseconds for the next command: 1 and `*out` filled if one came,
+/// 0 if none did, or a negative error. Polls without holding anything the engine's thread
+/// needs (and, from Python's ctypes, without holding the interpreter).
+///
+/// # Safety
+/// `reader` is a live reader used by no other thread during the call; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_reader_wait(
+    reader: *mut LlumletCommandReader,
+    out: *mut LlumletCommand,
+    timeout_us: u64,
+) -> i32 {
+    boundary(|| {
+        // SAFETY: per the caller's contract, a non-NULL `reader` is a live reader we created.
+        let r = unsafe { reader.as_ref() }.ok_or_else(|| null("reader"))?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        match r.reader.wait(std::time::Duration::from_micros(timeout_us)) {
+            Ok(None) => Ok(0),
+            Ok(Some(c)) => {
+                // SAFETY: non-NULL and writable per the caller's contract.
+                unsafe { *out = to_c(c) };
+                Ok(1)
+            }
+            Err(e) => Err((LLUMLET_ERR_CORRUPT, e.to_string())),
+        }
+    })
+}
+
+/// Destroys a command reader. NULL is ignored.
+///
+/// # Safety
+/// `reader` is NULL or a live reader; it must not be used after.
+#[no_mangle]
+pub unsafe extern "C" fn llumlet_reader_destroy(reader: *mut LlumletCommandReader) {
+    if !reader.is_null() {
+        // SAFETY: created by Box::into_raw in llumlet_engine_command_reader, not destroyed before.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(reader) })));
+    }
 }
 
 /// Sends a reply or event to the llumlet. A full queue is `LLUMLET_ERR_FULL`: nothing is sent,
@@ -1016,7 +1094,23 @@ mod tests {
                 llumlet_engine_set_request_blocks(e, slot, blocks.as_ptr(), 2),
                 LLUMLET_OK
             );
+
+            // The command reader: once per engine; the engine's own poll then refuses.
+            let mut r = ptr::null_mut();
+            assert_eq!(llumlet_engine_command_reader(e, &mut r), LLUMLET_OK);
+            let mut again = ptr::null_mut();
+            assert_eq!(
+                llumlet_engine_command_reader(e, &mut again),
+                LLUMLET_ERR_INVALID
+            );
+            let mut c = LlumletCommand::default();
+            assert_eq!(llumlet_engine_poll_command(e, &mut c), LLUMLET_ERR_INVALID);
+            assert_eq!(llumlet_reader_wait(r, &mut c, 1000), 0);
             llumlet_engine_destroy(e);
+            // The reader keeps the segment mapped after the engine is gone.
+            assert_eq!(llumlet_reader_wait(r, &mut c, 0), 0);
+            llumlet_reader_destroy(r);
+            llumlet_reader_destroy(ptr::null_mut());
         }
         let _ = std::fs::remove_file(&kv_path);
     }

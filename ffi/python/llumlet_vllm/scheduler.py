@@ -53,24 +53,6 @@ def _env_float(name: str, default: float, lo: float) -> float:
     return v
 
 
-class _Locked:
-    """The binding's engine handle, one call at a time (the poller thread and the engine thread
-    share it; ctypes releases the GIL during calls)."""
-
-    def __init__(self, ep):
-        self._ep = ep
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name):
-        f = getattr(self._ep, name)
-
-        def call(*a, **k):
-            with self._lock:
-                return f(*a, **k)
-
-        return call
-
-
 @dataclass
 class _Out:
     """A request migrating out."""
@@ -119,7 +101,11 @@ class LlumletAdapter:
             raise ValueError("llumlet_vllm supports models with one KV cache group; this one has "
                              f"{len(self.kv_cache_config.kv_cache_groups)}")
         self.engine_core = _vllm.find_engine_core()
-        self._ep = _Locked(le.Engine(instance, shm=shm))
+        self._ep = le.Engine(instance, shm=shm)
+        # Commands are read on a thread of their own, which waits inside the binding (without
+        # the interpreter lock) and wakes the engine loop when one comes; everything else on
+        # the endpoint is done on the engine thread.
+        self._reader = self._ep.command_reader()
         self.step_id = 0
         self.update_id = 0
         self._num_total_tokens = self.cache_config.num_gpu_blocks * self.block_size
@@ -165,6 +151,7 @@ class LlumletAdapter:
             return
         stop.set()
         self._poller.join(timeout=1.0)
+        self._reader.close()
         connector.detach_sink(self._regions_key)
         for s in self._sockets.values():
             s.close(linger=1000)
@@ -175,21 +162,16 @@ class LlumletAdapter:
 
     def _poll_loop(self):
         """Moves the llumlet's commands to the engine thread and wakes an idle engine."""
-        quiet = 0
         while not self._stop.is_set():
             try:
-                cmd = self._ep.poll_command()
+                cmd = self._reader.wait(0.1)
             except le.LlumletError as e:
                 log.error("llumlet_vllm: command queue: %s", e)
                 time.sleep(0.1)
                 continue
-            if cmd is None:
-                quiet += 1
-                time.sleep(0.0005 if quiet < 200 else 0.002)
-                continue
-            quiet = 0
-            self._commands.append(cmd)
-            _vllm.wake(self.engine_core)
+            if cmd is not None:
+                self._commands.append(cmd)
+                _vllm.wake(self.engine_core)
 
     # ------------------------------------------------------------------ the step
     def has_requests(self) -> bool:
