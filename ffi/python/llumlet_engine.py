@@ -159,8 +159,10 @@ class Engine:
 
     def request_progress(self, slot, state, output_tokens, new_blocks=()):
         """Records a request's state, output tokens and the blocks it gained since the last call."""
-        arr = (ctypes.c_uint32 * len(new_blocks))(*new_blocks)
-        _check(_lib.llumlet_engine_request_progress(self._h, slot, state, output_tokens, arr, len(new_blocks)))
+        arr = (ctypes.c_uint32 * len(new_blocks))(*new_blocks) if new_blocks else None
+        rc = _lib.llumlet_engine_request_progress(self._h, slot, state, output_tokens, arr, len(new_blocks))
+        if rc < 0:
+            _check(rc)
 
     def set_request_blocks(self, slot, blocks):
         """Replaces a request's block table."""

@@ -137,6 +137,12 @@ def block_ids(sched, request_id: str) -> list[int]:
     return list(sched.kv_cache_manager.get_block_ids(request_id)[0])
 
 
+def blocks_of(sched, request_id: str) -> list:
+    """The request's blocks as vLLM keeps them (KVCacheBlock objects, `.block_id`), without the
+    copies `get_block_ids` makes: read every step for every request."""
+    return sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id) or []
+
+
 def free_blocks(sched) -> int:
     return sched.kv_cache_manager.block_pool.get_num_free_blocks()
 

@@ -305,21 +305,22 @@ class LlumletAdapter:
             self._drop_row(rid)
         for rid, (r, st) in live.items():
             row = self._rows.get(rid)
-            blocks = _vllm.block_ids(self, rid)
+            blocks = _vllm.blocks_of(self, rid)
             try:
                 if row is None:
                     if rid in self._skipped_ids:
                         continue
                     slot = self._ep.add_request(rid, st, int(r.arrival_time * 1000), r.num_prompt_tokens,
-                                                r.num_output_tokens, blocks)
+                                                r.num_output_tokens, [b.block_id for b in blocks])
                     self._rows[rid] = _Row(slot, len(blocks), r.num_preemptions)
                     self._slot_rid[slot] = rid
                 elif row.preemptions != r.num_preemptions or len(blocks) < row.blocks:
-                    self._ep.set_request_blocks(row.slot, blocks)
+                    self._ep.set_request_blocks(row.slot, [b.block_id for b in blocks])
                     self._ep.request_progress(row.slot, st, r.num_output_tokens)
                     row.blocks, row.preemptions = len(blocks), r.num_preemptions
                 else:
-                    self._ep.request_progress(row.slot, st, r.num_output_tokens, blocks[row.blocks:])
+                    new = [b.block_id for b in blocks[row.blocks:]] if len(blocks) > row.blocks else ()
+                    self._ep.request_progress(row.slot, st, r.num_output_tokens, new)
                     row.blocks = len(blocks)
             except le.LlumletError as e:
                 # An id longer than the ring takes, or a full table: the request runs, but the
