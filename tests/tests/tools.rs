@@ -183,6 +183,22 @@ fn the_demo_runs_against_a_real_redis_when_given_one() {
     );
 }
 
+#[test]
+fn the_demo_with_vllm_engines_says_how_to_install_vllm_when_it_is_missing() {
+    // (The demo with vLLM engines runs in tests/vllm, where vLLM is installed.)
+    let o = llumlet(
+        &["demo", "--engine", "vllm", "--duration", "1"],
+        &[("LLUMLET_VLLM_PYTHON", "/nonexistent/python")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("no vLLM with the llumlet-rs adapter at /nonexistent/python")
+            && err.contains("scripts/vllm-env.sh"),
+        "{err}"
+    );
+}
+
 fn transfer(transport: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
     let o = llumlet(
         &[

@@ -51,6 +51,11 @@ pub struct DemoArgs {
     /// over CUDA IPC; feature `cuda` and a GPU).
     #[arg(long, default_value = "host")]
     pub kv: String,
+    /// The engines: `sim` (the simulated engine) or `vllm` (vLLM 0.18 with the llumlet-rs
+    /// adapter and a stand-in model, from the environment scripts/vllm-env.sh makes, or the
+    /// python named by LLUMLET_VLLM_PYTHON).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "vllm"])]
+    pub engine: String,
 }
 
 #[derive(Debug)]
@@ -258,9 +263,24 @@ impl Instance {
         engine_args: &[(&str, String)],
         llumlet_env: &[(&str, String)],
     ) -> std::io::Result<Instance> {
-        let shm = format!("llumlet-ctl-{id}-{}", std::process::id());
         let mut e = Command::new(exe);
-        e.args(["sim-engine", "--instance-id", &id, "--shm", &shm]);
+        e.arg("sim-engine");
+        Instance::spawn_with(e, exe, dir, cms, id, engine_args, llumlet_env)
+    }
+
+    /// [`Instance::spawn`] with another engine program: `engine` gets `--instance-id ID --shm
+    /// SHM` and `engine_args`.
+    pub(crate) fn spawn_with(
+        mut e: Command,
+        exe: &Path,
+        dir: &Path,
+        cms: &Cms,
+        id: String,
+        engine_args: &[(&str, String)],
+        llumlet_env: &[(&str, String)],
+    ) -> std::io::Result<Instance> {
+        let shm = format!("llumlet-ctl-{id}-{}", std::process::id());
+        e.args(["--instance-id", &id, "--shm", &shm]);
         for (k, v) in engine_args {
             e.arg(k).arg(v);
         }
@@ -318,7 +338,26 @@ fn spawn_instance(
     i: usize,
     requests: u32,
     a: &DemoArgs,
+    vllm: Option<&VllmEnv>,
 ) -> std::io::Result<Instance> {
+    if let Some(v) = vllm {
+        let mut e = Command::new(&v.python);
+        e.arg(&v.script).env("LLUMLET_FFI_LIB", &v.ffi_lib);
+        let engine_args = [
+            ("--model", v.model.display().to_string()),
+            ("--events-dir", dir.display().to_string()),
+            ("--step-ms", a.step_ms.to_string()),
+            ("--seed", (i + 1).to_string()),
+            // The stand-in's KV cache holds 2048 tokens: a quarter of the simulated load.
+            ("--requests", requests.div_ceil(4).to_string()),
+            ("--max-tokens", "200".to_string()),
+        ];
+        let env = [
+            ("LLUMNIX_MAX_REQ_MIG_OUT", "2".to_string()),
+            ("LLUMNIX_MAX_REQ_MIG_IN", "2".to_string()),
+        ];
+        return Instance::spawn_with(e, exe, dir, cms, format!("demo-{i}"), &engine_args, &env);
+    }
     let engine_args = [
         ("--step-ms", a.step_ms.to_string()),
         ("--seed", (i + 1).to_string()),
@@ -335,6 +374,95 @@ fn spawn_instance(
         ("LLUMNIX_MAX_REQ_MIG_IN", "2".to_string()),
     ];
     Instance::spawn(exe, dir, cms, format!("demo-{i}"), &engine_args, &env)
+}
+
+/// What `--engine vllm` runs the engines with.
+struct VllmEnv {
+    python: PathBuf,
+    script: PathBuf,
+    model: PathBuf,
+    ffi_lib: PathBuf,
+}
+
+const VLLM_ENGINE_PY: &str = include_str!("vllm_engine.py");
+const TINY_MODEL_CONFIG: &str = include_str!("../../../tests/vllm/tiny-model/config.json");
+
+impl VllmEnv {
+    /// The python with vLLM and the adapter, and the engine library beside this binary; the
+    /// engine script and the stand-in model's config are written into `dir`.
+    fn find(exe: &Path, dir: &Path) -> Result<VllmEnv, String> {
+        let install = "install it with scripts/vllm-env.sh (vLLM 0.18.0, the adapter and the \
+                       stand-in model into ~/.cache/llumlet-rs/vllm-0.18.0, about 9 GB), or set \
+                       LLUMLET_VLLM_PYTHON to a python with vllm==0.18.0 and \
+                       `pip install -e ffi/python -e tests/vllm/stand_in`";
+        let python = match std::env::var_os("LLUMLET_VLLM_PYTHON") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/llumlet-rs/vllm-0.18.0/bin/python"),
+        };
+        let found = Command::new(&python)
+            .args([
+                "-c",
+                "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in \
+                 ('vllm', 'llumlet_vllm', 'llumlet_stand_in')) else 1)",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            return Err(format!(
+                "--engine vllm: no vLLM with the llumlet-rs adapter at {}: {install}",
+                python.display()
+            ));
+        }
+        let ffi_lib = exe.with_file_name("libllumlet_ffi.so");
+        if !ffi_lib.exists() {
+            return Err(format!(
+                "--engine vllm: the engines need {} (cargo build{} -p llumlet-ffi)",
+                ffi_lib.display(),
+                if cfg!(debug_assertions) {
+                    ""
+                } else {
+                    " --release"
+                }
+            ));
+        }
+        let script = dir.join("vllm_engine.py");
+        let model = dir.join("tiny-model");
+        std::fs::create_dir_all(&model)
+            .and_then(|()| std::fs::write(&script, VLLM_ENGINE_PY))
+            .and_then(|()| std::fs::write(model.join("config.json"), TINY_MODEL_CONFIG))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(VllmEnv {
+            python,
+            script,
+            model,
+            ffi_lib,
+        })
+    }
+}
+
+/// Waits until every engine said it is ready (a vLLM engine takes seconds to start).
+async fn wait_ready(instances: &[Instance], within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let out: Vec<String> = instances.iter().map(|i| i.engine.output()).collect();
+        if out.iter().all(|o| o.contains("vllm-engine: ready")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            for i in instances {
+                eprintln!("--- {} engine:\n{}", i.id, i.engine.output());
+            }
+            return Err(format!(
+                "the engines did not all start within {} s",
+                within.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until every instance's llumlet registered in the CMS (its metadata names its gRPC and
@@ -410,6 +538,10 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
         None => std::env::temp_dir().join(format!("llumlet-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let vllm = match a.engine.as_str() {
+        "vllm" => Some(VllmEnv::find(&exe, &dir)?),
+        _ => None,
+    };
     let (_embedded, cms) = match &a.redis_url {
         Some(u) => (None, parse_redis_url(u)?),
         None => {
@@ -423,8 +555,9 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
     let tty = std::io::stderr().is_terminal();
     let say = |s: &str| eprintln!("{s}");
     say(&format!(
-        "llumlet demo: {} engines with their llumlets, CMS {}, {} s of skewed load; logs in {}",
+        "llumlet demo: {} {} engines with their llumlets, CMS {}, {} s of skewed load; logs in {}",
         a.instances,
+        if vllm.is_some() { "vLLM" } else { "simulated" },
         if a.redis_url.is_some() {
             format!("redis at {}:{}", cms.host, cms.port)
         } else {
@@ -437,7 +570,7 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
     let mut instances = Vec::new();
     for (i, r) in requests.iter().enumerate() {
         instances.push(
-            spawn_instance(&exe, &dir, &cms, i, *r, &a)
+            spawn_instance(&exe, &dir, &cms, i, *r, &a, vllm.as_ref())
                 .map_err(|e| format!("cannot start instance {i}: {e}"))?,
         );
     }
@@ -448,6 +581,10 @@ async fn demo(a: DemoArgs) -> Result<bool, String> {
         .map_err(|e| format!("cannot reach the CMS at {}:{}: {e}", cms.host, cms.port))?;
     let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
     let metas = wait_registered(&mut conn, &instances, Duration::from_secs(30)).await?;
+    if vllm.is_some() {
+        say("llumlet demo: waiting for the vLLM engines to start");
+        wait_ready(&instances, Duration::from_secs(180)).await?;
+    }
     let start = Instant::now();
     let samples: Arc<Mutex<Vec<Vec<Sample>>>> = Arc::new(Mutex::new(vec![Vec::new(); ids.len()]));
     let calls: Arc<Mutex<Vec<Call>>> = Arc::new(Mutex::new(Vec::new()));
@@ -702,7 +839,10 @@ impl Report {
                 }
             }
             for l in i.engine.lines() {
-                let Some(ev) = l.strip_prefix("sim-engine: ") else {
+                let Some(ev) = l
+                    .strip_prefix("sim-engine: ")
+                    .or_else(|| l.strip_prefix("vllm-engine: "))
+                else {
                     continue;
                 };
                 let id = ev.split_whitespace().nth(1).unwrap_or("").to_string();
