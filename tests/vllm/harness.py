@@ -147,6 +147,9 @@ class Instance:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+        self._start_llumlet(redis, llumlet_env)
+
+    def _start_llumlet(self, redis: Redis, llumlet_env=None):
         self.rpc = free_port()
         self.kvt = free_port()
         self.metrics = free_port()
@@ -238,16 +241,110 @@ class Instance:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def close(self):
+    def close_llumlet(self):
         if self.llumlet is not None and self.llumlet.poll() is None:
             self.llumlet.send_signal(signal.SIGTERM)
             try:
                 self.llumlet.wait(5)
             except subprocess.TimeoutExpired:
                 self.llumlet.kill()
+
+    def close(self):
+        self.close_llumlet()
         with contextlib.suppress(Exception):
             self.engine.engine_core.shutdown()
         shutil.rmtree(self.dir, ignore_errors=True)
+        remove_shm_files(self.shm)
+
+
+def remove_shm_files(prefix: str):
+    """What an instance left in /dev/shm: mailboxes, migration records (a killed llumlet's)."""
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
+
+
+class Server(Instance):
+    """vLLM's OpenAI-compatible server (`vllm serve`: its API server and its EngineCore, each a
+    process of its own) with the adapter and the stand-in model, and its llumlet."""
+
+    def __init__(self, redis: Redis, name: str, step_ms: int = 20):
+        self.id = f"vllm-{name}-{os.getpid()}"
+        self.shm = f"llumlet-ctl-{self.id}"
+        self.dir = tempfile.mkdtemp(prefix=f"llumlet-vllm-{name}-")
+        self.events = os.path.join(self.dir, "events")
+        self.http = free_port()
+        env = dict(os.environ, LLUMLET_INSTANCE_ID=self.id, LLUMLET_ENGINE_SHM=self.shm,
+                   STAND_IN_STEP_MS=str(step_ms), STAND_IN_EVENTS=self.events)
+        self.server_log = open(os.path.join(self.dir, "server.log"), "wb")
+        vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+        self.server = subprocess.Popen(
+            [vllm, "serve", MODEL, "--port", str(self.http), "--host", "127.0.0.1",
+             "--skip-tokenizer-init", "--max-model-len", "512", "--block-size", "16",
+             "--enforce-eager", "--dtype", "float16", "--max-num-seqs", "16",
+             "--distributed-executor-backend", "llumlet_stand_in.executor.StandInExecutor",
+             "--scheduler-cls", "llumlet_vllm.make_scheduler",
+             "--kv-transfer-config", '{"kv_connector": "LlumletConnector", '
+             '"kv_connector_module_path": "llumlet_vllm.connector", "kv_role": "kv_both"}'],
+            env=env, stdout=self.server_log, stderr=subprocess.STDOUT, start_new_session=True)
+        until(120, f"{self.id}'s server answering", self._healthy, self.server_logs)
+        self._start_llumlet(redis)
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        if self.server.poll() is not None:
+            raise AssertionError(f"vllm serve exited\n{self.server_logs()}")
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.http}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def server_logs(self) -> str:
+        with open(os.path.join(self.dir, "server.log"), "rb") as f:
+            return f.read().decode(errors="replace")[-6000:]
+
+    def stream(self, prompt: list[int], max_tokens: int, on_token=None):
+        """A streaming completion: (token ids, finish reasons seen, whether [DONE] came)."""
+        import http.client
+        import json
+
+        c = http.client.HTTPConnection("127.0.0.1", self.http, timeout=120)
+        c.request("POST", "/v1/completions", json.dumps({
+            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "return_token_ids": True, "temperature": 0, "ignore_eos": True,
+        }), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200, r.read()
+        toks, finishes, done = [], [], False
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            choice = json.loads(line[6:])["choices"][0]
+            toks.extend(choice.get("token_ids") or [])
+            if on_token is not None:
+                on_token(len(toks))
+            if choice.get("finish_reason"):
+                finishes.append(choice["finish_reason"])
+        c.close()
+        return toks, finishes, done
+
+    def close(self):
+        super().close_llumlet()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.pid, signal.SIGTERM)
+        try:
+            self.server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_shm_files(self.shm)
 
 
 def migrate(src: Instance, dst: Instance, num_reqs: int = 1, policy: str = "SR", timeout: float = 30):

@@ -569,12 +569,14 @@ class LlumletAdapter:
             self._forget_in(inc)
             _vllm.free_reservation(self, inc.placeholder)
             self._drop_row(rid)
+            self._ep.mailbox_remove(inc.migration)
             return True, 0
         if rid not in self.requests:
             return False, 0
         mo = self._out_rid.get(rid)
         if mo is not None:
             self._forget_out(mo)
+            self._ep.mailbox_remove(mo.migration)
         client, out = _vllm.finish_aborted(self, rid)
         origin = self._forward.pop(rid, None)
         if origin is not None:
