@@ -44,7 +44,8 @@ def idle(inst) -> bool:
 
 
 def test_requests_migrate_both_ways_and_every_stream_is_whole(pair):
-    a, b = pair("a"), pair("b")
+    # vLLM's default prefix caching on: migrated-in blocks are registered under their hashes.
+    a, b = pair("a", enable_prefix_caching=True), pair("b", enable_prefix_caching=True)
     da, db = Driver(a), Driver(b)
     prompts = {}
     for i in range(4):
@@ -121,6 +122,8 @@ def test_status_in_the_cms_is_what_the_vllm_scheduler_shows(redis):
         assert prefilling, "a step's budget is smaller than a prompt: someone is mid-prefill"
         assert s.num_unallocated_tokens_scheduler_running_prefills == sum(
             r.num_tokens - r.num_computed_tokens for r in prefilling)
+        assert s.num_uncomputed_tokens_scheduler_running_prefills == \
+            s.num_unallocated_tokens_scheduler_running_prefills  # taken after the step
         assert s.scheduler_running_to_decode_requests_num == len(running)
         assert s.scheduler_running_to_decode_tokens_num == sum(r.num_tokens for r in running)
         assert s.scheduler_waiting_to_decode_requests_num == len(waiting)

@@ -71,7 +71,7 @@ def output_address(engine_core, client_index: int) -> str | None:
     return outputs[client_index] if 0 <= client_index < len(outputs) else None
 
 
-def drain_outputs(engine_core, timeout_s: float = 0.2) -> bool:
+def drain_outputs(engine_core, timeout_s: float = 0.02) -> bool:
     """Waits until the engine's output thread has taken every output queued so far (a suspended
     request's last tokens leave before its state does); whether it got there in time."""
     q = getattr(engine_core, "output_queue", None)
@@ -92,9 +92,15 @@ def block_hasher(engine_core):
 # ------------------------------------------------------------------------------ scheduler
 
 def is_decoding(req) -> bool:
+    """Running, past its prompt, with the KV of every token but the last sampled one computed
+    (a preempted request recomputing its outputs is past its prompt but not there yet). Under
+    async scheduling the tokens in flight count as computed."""
     from vllm.v1.request import RequestStatus
 
-    return req.status == RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens
+    in_flight = getattr(req, "num_output_placeholders", 0)
+    return (req.status == RequestStatus.RUNNING
+            and req.num_computed_tokens >= req.num_prompt_tokens
+            and req.num_computed_tokens == req.num_tokens + in_flight - 1)
 
 
 def suspend(sched, req) -> int:
@@ -106,28 +112,35 @@ def suspend(sched, req) -> int:
     return i
 
 
-def resume(sched, req, index: int) -> None:
+def resume(sched, req, index: int) -> bool:
     """Puts a suspended request back into the batch: vLLM resends a running request that was not
-    scheduled in the previous step with all its tokens (`_make_cached_request_data`)."""
-    sched.running.insert(min(index, len(sched.running)), req)
+    scheduled in the previous step with all its tokens (`_make_cached_request_data`). If the
+    batch filled up meanwhile (a waiting request took the seat), vLLM's own preemption puts it
+    first in line instead: its blocks are freed and it is recomputed. False then."""
+    if len(sched.running) < sched.max_num_running_reqs:
+        sched.running.insert(min(index, len(sched.running)), req)
+        return True
+    sched._preempt_request(req, time.monotonic())
+    return False
 
 
-def finish_migrated(sched, request_id: str) -> None:
-    """Frees a request that now runs elsewhere: blocks freed, the worker told through
-    `finished_req_ids`, and no output emitted (the frontend keeps waiting for the destination's)."""
+def finish_migrated(finish, request_id: str) -> None:
+    """Frees a request that now runs elsewhere with `finish` (vLLM's `finish_requests`): blocks
+    freed, the worker told through `finished_req_ids`, and no output emitted (the frontend keeps
+    waiting for the destination's)."""
     from vllm.v1.request import RequestStatus
 
-    sched.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
+    finish(request_id, RequestStatus.FINISHED_ABORTED)
 
 
-def finish_aborted(sched, request_id: str):
+def finish_aborted(sched, finish, request_id: str):
     """Aborts a live request on the llumlet's word; the finished output its client must get."""
     from vllm.v1.engine import EngineCoreOutput, FinishReason
     from vllm.v1.request import RequestStatus
 
     req = sched.requests.get(request_id)
     client = req.client_index if req is not None else 0
-    sched.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
+    finish(request_id, RequestStatus.FINISHED_ABORTED)
     return client, EngineCoreOutput(request_id=request_id, new_token_ids=[],
                                     finish_reason=FinishReason.ABORT)
 
@@ -193,6 +206,16 @@ def rewrite_new_requests(sched, scheduler_output, request_ids: set[str]) -> None
         if nr.req_id in request_ids:
             nr.prompt_token_ids = list(sched.requests[nr.req_id].all_token_ids)
             request_ids.discard(nr.req_id)
+
+
+def prefix_hit_tokens(sched, req) -> int:
+    """Tokens of a waiting request already in the prefix cache (what upstream subtracts from a
+    waiting prefill), without the statistics `get_computed_blocks` records."""
+    if not sched.cache_config.enable_prefix_caching or not req.block_hashes:
+        return 0
+    _, hit = sched.kv_cache_manager.coordinator.find_longest_cache_hit(req.block_hashes,
+                                                                       req.num_tokens - 1)
+    return hit
 
 
 def waiting_requests(sched) -> list:

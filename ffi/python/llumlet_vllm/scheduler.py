@@ -16,6 +16,7 @@ import collections
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import llumlet_engine as le
 from llumlet_vllm import _vllm, connector, state
 
 log = logging.getLogger("vllm.llumlet_vllm")
+_HOST = socket.gethostname()
 
 # Migration ids committed in, remembered so that a repeated commit (a restarted llumlet's
 # recovery) answers ok again.
@@ -61,6 +63,8 @@ class _Out:
     suspended: bool = False
     index: int = 0  # its place in `running` when suspended
     preempted: bool = False  # its blocks were taken: the migration must fail
+    aborted: object = None  # vLLM's finish status of an abort that came while it was suspended
+    handed: bool = False  # its state is in the mailbox and the suspend was answered
 
 
 @dataclass
@@ -125,9 +129,11 @@ class LlumletAdapter:
         self._recent: dict[str, float] = {}
         self._t_schedule = time.perf_counter()
         self._last_output = None
+        self._last_step_s = 0.0
         self._zmq = None
         self._sockets: dict[str, object] = {}
         self._skipped_ids: set[str] = set()
+        self._logged_ids: set[str] = set()
         self._regions_key = connector.engine_key(self.vllm_config)
         n = connector.attach_sink(self._regions_key, self._register_region)
         if n == 0:
@@ -175,8 +181,32 @@ class LlumletAdapter:
 
     # ------------------------------------------------------------------ the step
     def has_requests(self) -> bool:
-        return bool(self._commands or self._deferred or self._replies or self._abort_outputs
+        return bool(self._commands or self._deferred or self._abort_outputs
                     or super().has_requests())
+
+    def finish_requests(self, request_ids, finished_status):
+        """vLLM's abort path (a client gone, a stop string the frontend saw, `abort_requests`):
+        a request suspended for migration keeps its blocks, which the llumlet may still be
+        copying, until its migration ends; the abort is applied then (docs/vllm.md)."""
+        if self._out_rid:
+            if request_ids is None:
+                ids = list(self.requests)
+            elif isinstance(request_ids, str):
+                ids = [request_ids]
+            else:
+                ids = list(request_ids)
+            now = []
+            for rid in ids:
+                mo = self._out_rid.get(rid)
+                if mo is not None and mo.suspended:
+                    mo.aborted = finished_status
+                else:
+                    now.append(rid)
+            request_ids = now
+        return super().finish_requests(request_ids, finished_status)
+
+    def _finish_now(self, request_ids, finished_status):
+        return super().finish_requests(request_ids, finished_status)
 
     def schedule(self):
         self._serve_commands()
@@ -207,6 +237,7 @@ class LlumletAdapter:
         self._abort_outputs.clear()
         self._sync_table()
         self._last_output = scheduler_output
+        self._last_step_s = step_s
         if self.step_id % self._update_steps == 0:
             self._publish(scheduler_output, step_s)
         return outs
@@ -223,7 +254,7 @@ class LlumletAdapter:
                 w2d_n += 1
                 w2d_t += r.num_tokens
             if left > 1:
-                wpre += left
+                wpre += left - _vllm.prefix_hit_tokens(self, r)
         r2d_n = r2d_t = rpre = 0
         for r in self.running:
             if r.num_computed_tokens < r.num_prompt_tokens:
@@ -232,10 +263,6 @@ class LlumletAdapter:
                 r2d_n += 1
                 r2d_t += r.num_tokens
         scheduled = so.num_scheduled_tokens if so is not None else {}
-        rpre_uncomputed = rpre + sum(n for rid, n in scheduled.items()
-                                     if n > 1 and rid in self.requests
-                                     and self.requests[rid].num_computed_tokens
-                                     <= self.requests[rid].num_prompt_tokens)
         out_tokens = sum(self.requests[m.request_id].num_tokens for m in self._out.values()
                          if m.request_id in self.requests)
         in_tokens = sum(len(_vllm.block_ids(self, m.request_id)) * bs for m in self._in.values())
@@ -253,7 +280,9 @@ class LlumletAdapter:
             scheduler_running_to_decode_requests_num=r2d_n,
             scheduler_running_to_decode_tokens_num=r2d_t,
             num_unallocated_tokens_scheduler_running_prefills=rpre,
-            num_uncomputed_tokens_scheduler_running_prefills=rpre_uncomputed,
+            # Taken after the step: what it computed is computed (upstream, taking it before the
+            # step, adds the tokens scheduled in it).
+            num_uncomputed_tokens_scheduler_running_prefills=rpre,
             num_migrate_out_reqs=len(self._out), num_migrate_in_reqs=len(self._in),
             num_migrate_out_tokens=out_tokens, num_migrate_in_tokens=in_tokens,
             kv_cache_usage_ratio_migrate_out=round(out_tokens / total, 4),
@@ -323,12 +352,16 @@ class LlumletAdapter:
                     self._ep.request_progress(row.slot, st, r.num_output_tokens, new)
                     row.blocks = len(blocks)
             except le.LlumletError as e:
-                # An id longer than the ring takes, or a full table: the request runs, but the
-                # llumlet cannot see it (so never selects it for migration). Said once.
-                if rid not in self._skipped_ids:
-                    log.warning("llumlet_vllm: request %s is not in the request table: %s", rid, e)
+                # An id longer than the ring takes (for good), or a full table (tried again next
+                # step): the request runs, but the llumlet cannot see it, so never selects or
+                # aborts it. Said once.
+                if e.code != le.ERR_FULL:
                     self._skipped_ids.add(rid)
+                if rid not in self._logged_ids:
+                    log.warning("llumlet_vllm: request %s is not in the request table: %s", rid, e)
+                    self._logged_ids.add(rid)
         self._skipped_ids &= live.keys()
+        self._logged_ids &= live.keys()
 
     def _drop_row(self, rid: str) -> None:
         row = self._rows.pop(rid, None)
@@ -344,7 +377,7 @@ class LlumletAdapter:
         pending, self._deferred = self._deferred, []
         while self._commands:
             pending.append(self._commands.popleft())
-        for cmd in pending:
+        for i, cmd in enumerate(pending):
             kind, _ok, cid, a = cmd
             try:
                 answer = self._handle(kind, cid, a)
@@ -352,8 +385,11 @@ class LlumletAdapter:
                 log.exception("llumlet_vllm: command %d for %d failed", kind, cid)
                 answer = (False, 0)
             if answer is None:
-                self._deferred.append(cmd)
-            elif answer is not _NO_REPLY:
+                # Not yet (a suspend waiting for its token in flight): it and every command
+                # after it wait for the next step, so replies keep the commands' order.
+                self._deferred = pending[i:]
+                break
+            if answer is not _NO_REPLY:
                 self._replies.append((cid, answer[0], answer[1]))
         while self._replies:
             cid, ok, value = self._replies[0]
@@ -369,7 +405,7 @@ class LlumletAdapter:
 
     def _handle(self, kind: int, cid: int, a: int):
         if kind == le.CMD_STATUS_REQUEST:
-            self._publish(self._last_output, 0.0)
+            self._publish(self._last_output, self._last_step_s)
             self._ep.answer_status_request(cid)
             return _NO_REPLY
         if kind == le.CMD_MIGRATE_OUT_BEGIN:
@@ -409,34 +445,58 @@ class LlumletAdapter:
     def _out_suspend(self, migration: int):
         mo = self._out.get(migration)
         r = self.requests.get(mo.request_id) if mo is not None else None
-        if mo is None or r is None or mo.preempted:
+        if mo is None or r is None or r.is_finished():
             return False, 0
-        if mo.suspended:
-            return True, r.num_tokens
+        if mo.handed:
+            return True, r.num_tokens  # a repeated suspend
+        if mo.preempted:
+            return False, 0
+        if not mo.suspended:
+            mo.index = _vllm.suspend(self, r)
+            mo.suspended = True
         if getattr(r, "num_output_placeholders", 0):
-            return None  # async scheduling: a token is in flight; answer after it landed
-        mo.index = _vllm.suspend(self, r)
-        mo.suspended = True
+            # Async scheduling: out of the batch now, but a token is in flight; answer once it
+            # landed (the next update_from_output), when the KV and the outputs are whole.
+            return None
+        if mo.aborted is not None or not _vllm.is_decoding(r):
+            self._unpark(mo, r)
+            return False, 0
         _vllm.drain_outputs(self.engine_core)
         try:
             b = state.encode(r, self._origin(r), self._vllm_version)
             self._ep.mailbox_write(migration, r.request_id, b)
         except (state.StateError, le.LlumletError) as e:
             log.error("llumlet_vllm: cannot hand over %s: %s", r.request_id, e)
-            _vllm.resume(self, r, mo.index)
-            mo.suspended = False
+            self._unpark(mo, r)
             return False, 0
+        mo.handed = True
         row = self._rows.get(r.request_id)
         if row is not None:
             self._ep.request_progress(row.slot, le.REQ_SUSPENDED, r.num_output_tokens)
         return True, r.num_tokens
+
+    def _unpark(self, mo: _Out, r) -> None:
+        """A suspended request whose migration ended without moving it: aborted if its client
+        aborted it meanwhile, else back into the batch (or first in line, preempted, if the
+        batch filled up)."""
+        mo.suspended = mo.handed = False
+        if r is None or r.is_finished():
+            return
+        if mo.aborted is not None:
+            self._finish_now(r.request_id, mo.aborted)
+            return
+        running = _vllm.resume(self, r, mo.index)
+        row = self._rows.get(r.request_id)
+        if row is not None:
+            self._ep.request_progress(row.slot, le.REQ_RUNNING if running else le.REQ_WAITING,
+                                      r.num_output_tokens)
 
     def _origin(self, r) -> state.Origin:
         o = self._forward.get(r.request_id)
         if o is not None:
             return o
         return state.Origin(_vllm.engine_index(self.engine_core), r.client_index,
-                            _vllm.output_address(self.engine_core, r.client_index))
+                            _vllm.output_address(self.engine_core, r.client_index), _HOST)
 
     def _forget_out(self, mo: _Out) -> None:
         self._out.pop(mo.migration, None)
@@ -444,10 +504,10 @@ class LlumletAdapter:
 
     def _out_commit(self, migration: int):
         mo = self._out.get(migration)
-        if mo is None or not mo.suspended:
+        if mo is None or not mo.handed:
             return False, 0
         self._forget_out(mo)
-        _vllm.finish_migrated(self, mo.request_id)
+        _vllm.finish_migrated(self._finish_now, mo.request_id)
         self._forward.pop(mo.request_id, None)
         self._drop_row(mo.request_id)
         self._ep.mailbox_remove(migration)
@@ -459,12 +519,8 @@ class LlumletAdapter:
         if mo is None:
             return False, 0
         self._forget_out(mo)
-        r = self.requests.get(mo.request_id)
-        if mo.suspended and r is not None and not r.is_finished():
-            _vllm.resume(self, r, mo.index)
-            row = self._rows.get(mo.request_id)
-            if row is not None:
-                self._ep.request_progress(row.slot, le.REQ_RUNNING, r.num_output_tokens)
+        if mo.suspended:
+            self._unpark(mo, self.requests.get(mo.request_id))
         return True, 0
 
     # destination ----------------------------------------------------------------------------
@@ -524,9 +580,18 @@ class LlumletAdapter:
         req = Request.from_engine_core_request(st.request, _vllm.block_hasher(self.engine_core))
         req.append_output_token_ids(st.output_token_ids)
         held = len(_vllm.block_ids(self, inc.request_id))
-        if held * self.block_size < req.num_tokens - 1:
-            log.error("llumlet_vllm: migration %d: %d tokens arrived in %d blocks", migration,
-                      req.num_tokens, held)
+        why = None
+        if st.num_computed_tokens != req.num_tokens - 1:
+            why = f"its source computed {st.num_computed_tokens} of {req.num_tokens} tokens"
+        elif held * self.block_size < req.num_tokens - 1:
+            why = f"{req.num_tokens} tokens arrived in {held} blocks"
+        elif req.num_tokens >= self.max_model_len:
+            why = f"{req.num_tokens} tokens reach this engine's max_model_len {self.max_model_len}"
+        elif st.origin.output_address and not st.origin.reachable_from(_HOST):
+            why = (f"its frontend {st.origin.output_address} is on host {st.origin.host!r}, "
+                   "not reachable from here (ipc://)")
+        if why is not None:
+            log.error("llumlet_vllm: migration %d of %s refused: %s", migration, req.request_id, why)
             return False, 0
         # Every token but the last sampled one has its KV in the reserved blocks.
         req.num_computed_tokens = req.num_tokens - 1
@@ -534,20 +599,35 @@ class LlumletAdapter:
         req.num_preemptions = st.num_preemptions
         self._forget_in(inc)
         _vllm.admit_migrated(self, req)
-        self._rewrite.add(req.request_id)
-        mine = (st.origin.engine_index == _vllm.engine_index(self.engine_core)
-                and st.origin.output_address
-                == _vllm.output_address(self.engine_core, st.origin.client_index))
-        if st.origin.output_address and not mine:
-            self._forward[req.request_id] = st.origin
-        # The reservation's table entry becomes the request's.
-        self._drop_row(inc.request_id)
-        self._committed[migration] = True
-        while len(self._committed) > COMMITTED_REMEMBERED:
-            self._committed.popitem(last=False)
-        self._ep.mailbox_remove(migration)
-        self._sync_table()
+        # From here on the request is this engine's: whatever fails below is logged, and the
+        # answer is ok (a refusal would make the source resume it too).
+        self._committed[migration] = req.request_id
+        try:
+            self._rewrite.add(req.request_id)
+            mine = (st.origin.engine_index == _vllm.engine_index(self.engine_core)
+                    and st.origin.output_address
+                    == _vllm.output_address(self.engine_core, st.origin.client_index))
+            if st.origin.output_address and not mine:
+                self._forward[req.request_id] = st.origin
+            # The reservation's table entry becomes the request's.
+            self._drop_row(inc.request_id)
+            self._remember_committed()
+            self._ep.mailbox_remove(migration)
+            self._sync_table()
+        except Exception:
+            log.exception("llumlet_vllm: migration %d committed; then", migration)
         return True, 0
+
+    def _remember_committed(self) -> None:
+        """Keeps the last COMMITTED_REMEMBERED commits, and any whose request still runs here."""
+        while len(self._committed) > COMMITTED_REMEMBERED:
+            migration, rid = next(iter(self._committed.items()))
+            if rid in self.requests:
+                self._committed.move_to_end(migration)
+                if all(r in self.requests for r in self._committed.values()):
+                    break
+                continue
+            self._committed.popitem(last=False)
 
     def _in_abort(self, migration: int):
         self._ep.mailbox_remove(migration)
@@ -577,7 +657,7 @@ class LlumletAdapter:
         if mo is not None:
             self._forget_out(mo)
             self._ep.mailbox_remove(mo.migration)
-        client, out = _vllm.finish_aborted(self, rid)
+        client, out = _vllm.finish_aborted(self, self._finish_now, rid)
         origin = self._forward.pop(rid, None)
         if origin is not None:
             self._send(origin, [out])
@@ -603,6 +683,9 @@ class LlumletAdapter:
             eco.outputs = keep
             if not keep and ci >= local:
                 del outs[ci]
+                if eco.scheduler_stats is not None:
+                    home = outs.setdefault(0, _engine_outputs())
+                    home.scheduler_stats = home.scheduler_stats or eco.scheduler_stats
         for (address, index), items in by_origin.items():
             self._send(state.Origin(index, 0, address), items)
 
@@ -618,10 +701,15 @@ class LlumletAdapter:
         if s is None:
             s = self._zmq.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 4000)
+            s.setsockopt(zmq.SNDHWM, 0)  # queue rather than block the engine thread
             s.connect(origin.output_address)
             self._sockets[origin.output_address] = s
         msg = _engine_outputs(engine_index=origin.engine_index, outputs=items)
-        s.send_multipart(self._encoder.encode(msg))
+        try:
+            s.send_multipart(self._encoder.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.error("llumlet_vllm: outputs for %s could not be sent to %s: %s",
+                      [o.request_id for o in items], origin.output_address, e)
 
 
 _NO_REPLY = object()

@@ -11,12 +11,15 @@ migration's mailbox on `MigrateOutSuspend` and the destination turns back into a
              strings and token ids, max/min tokens, ignore_eos, ...), arrival time, LoRA request,
              priority, cache salt, client index, external request id
     output_token_ids    the tokens generated so far
+    num_computed_tokens the tokens whose KV the source computed (all but the last sampled one)
     num_cached_tokens, num_preemptions    vLLM's counters, carried for its statistics
-    origin   where the request's outputs go: {"engine_index", "client_index", "output_address"}
-             (the ZMQ address of the frontend that owns the request; None = nobody to forward to)
+    origin   where the request's outputs go: {"engine_index", "client_index", "output_address",
+             "host"} (the ZMQ address of the frontend that owns the request, None = nobody to
+             forward to; the host it was seen from, since an ipc:// address is only reachable there)
 
 Not carried: multimodal inputs and prompt embeddings (tensors), structured-output grammar
-state, a seeded sampler's generator state. A request that has them is refused at suspend.
+state, a seeded sampler's generator state. A request that has them, streams its input, or asks
+for prompt logprobs is not migrated (`refusal`).
 """
 from __future__ import annotations
 
@@ -37,10 +40,15 @@ class Origin:
     engine_index: int
     client_index: int
     output_address: str | None
+    host: str = ""
 
     def as_dict(self) -> dict:
         return {"engine_index": self.engine_index, "client_index": self.client_index,
-                "output_address": self.output_address}
+                "output_address": self.output_address, "host": self.host}
+
+    def reachable_from(self, host: str) -> bool:
+        """Whether outputs can be sent to the frontend from `host` (ipc:// is host-local)."""
+        return not (self.output_address or "").startswith("ipc://") or self.host == host
 
 
 @dataclass
@@ -48,6 +56,7 @@ class RequestState:
     request_id: str
     request: object  # vllm.v1.engine.EngineCoreRequest
     output_token_ids: list[int]
+    num_computed_tokens: int
     num_cached_tokens: int
     num_preemptions: int
     origin: Origin
@@ -63,6 +72,11 @@ def refusal(req) -> str | None:
         return "structured output (grammar state) is not carried"
     if getattr(req, "pooling_params", None) is not None:
         return "pooling requests do not decode"
+    if getattr(req, "resumable", False):
+        return "streaming input goes on arriving at the origin"
+    sp = getattr(req, "sampling_params", None)
+    if sp is not None and sp.prompt_logprobs is not None:
+        return "prompt logprobs would be computed again at the destination"
     return None
 
 
@@ -84,6 +98,7 @@ def encode(req, origin: Origin, vllm_version: str) -> bytes:
     return msgspec.msgpack.encode({
         "format": FORMAT, "version": VERSION, "vllm": vllm_version,
         "request": bytes(bufs[0]), "output_token_ids": list(req.output_token_ids),
+        "num_computed_tokens": int(req.num_computed_tokens),
         "num_cached_tokens": int(req.num_cached_tokens), "num_preemptions": int(req.num_preemptions),
         "origin": origin.as_dict(),
     })
@@ -107,9 +122,10 @@ def decode(b: bytes, vllm_version: str) -> RequestState:
     try:
         ecr = MsgpackDecoder(EngineCoreRequest).decode(m["request"])
         o = m["origin"]
-        origin = Origin(int(o["engine_index"]), int(o["client_index"]), o.get("output_address"))
+        origin = Origin(int(o["engine_index"]), int(o["client_index"]), o.get("output_address"),
+                        str(o.get("host", "")))
         outs = [int(t) for t in m["output_token_ids"]]
-        return RequestState(ecr.request_id, ecr, outs, int(m["num_cached_tokens"]),
-                            int(m["num_preemptions"]), origin)
+        return RequestState(ecr.request_id, ecr, outs, int(m["num_computed_tokens"]),
+                            int(m["num_cached_tokens"]), int(m["num_preemptions"]), origin)
     except (KeyError, TypeError, ValueError, msgspec.DecodeError) as e:
         raise StateError(f"request state is malformed: {e}") from None
