@@ -244,6 +244,7 @@ impl Side {
             std::process::id()
         ));
         let cfg = SimConfig {
+            admit_every: 1,
             segment: path.clone(),
             requests,
             max_tokens: 1_000_000,

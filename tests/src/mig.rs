@@ -28,6 +28,8 @@ pub struct SimOpts {
     pub max_prompt: u32,
     /// `LLUMLET_TEST_FAULTS` of the engine.
     pub faults: Option<String>,
+    /// Steps between two admissions (1: one per step).
+    pub admit_every: u32,
     /// The KV cache on the GPU (`--kv gpu`): under the test double of the driver unless
     /// `LLUMLET_TEST_CUDA=real`. `LLUMLET_TEST_KV=gpu` sets it for the whole suite.
     pub gpu: bool,
@@ -43,6 +45,7 @@ impl SimOpts {
             num_blocks: 512,
             max_prompt: 200,
             faults: None,
+            admit_every: 1,
             gpu: std::env::var("LLUMLET_TEST_KV").is_ok_and(|v| v == "gpu"),
         }
     }
@@ -56,6 +59,7 @@ pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
         o.max_tokens.into(),
         o.num_blocks.into(),
         o.max_prompt.into(),
+        o.admit_every.into(),
     ]
     .map(|n| n.to_string());
     let args = [
@@ -78,6 +82,8 @@ pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
         &v[3],
         "--max-prompt",
         &v[4],
+        "--admit-every",
+        &v[5],
         "--kv",
         if o.gpu { "gpu" } else { "host" },
     ];

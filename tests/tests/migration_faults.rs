@@ -382,6 +382,28 @@ impl Rng {
     }
 }
 
+/// What a llumlet's process holds: resident KiB (VmRSS), 0 if it is gone.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The files an instance has in /dev/shm (its segment, mailboxes, migration records).
+fn shm_files(i: &Instance) -> usize {
+    i.segment_files("").len()
+}
+
+/// `LLUMLET_FAULT_ROUNDS` rounds (default 10) of a `Migrate` call in a random direction with a
+/// random fault armed (or none). Beyond 10 rounds it is a soak: the engines admit a request a
+/// second each for as long as the rounds last, and the run prints, as one JSON line, the faults
+/// injected by kind, the calls that moved a request, and what the llumlets hold at the start and
+/// the end (files in /dev/shm, resident memory). docs/RELIABILITY.md has a 1,000-round run.
 #[test]
 fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
     let seed = std::env::var("LLUMLET_FAULT_SEED")
@@ -394,14 +416,32 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
                 .as_nanos() as u64
                 | 1
         });
-    eprintln!("randomized migration run: LLUMLET_FAULT_SEED={seed}");
+    let rounds: usize = std::env::var("LLUMLET_FAULT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    eprintln!("randomized migration run: LLUMLET_FAULT_SEED={seed} LLUMLET_FAULT_ROUNDS={rounds}");
     let mut rng = Rng(seed);
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let opts = |s: u64| SimOpts {
-        max_tokens: 5000,
-        num_blocks: 4096,
-        ..SimOpts::new(s, 6)
+    let soak = rounds > 10;
+    let opts = |s: u64| {
+        if soak {
+            // A request a second (250 steps of 4 ms) for about as long as the rounds last,
+            // each decoding for about 10 s: some ten alive on each engine at any time.
+            SimOpts {
+                max_tokens: 2500,
+                num_blocks: 4096,
+                admit_every: 250,
+                ..SimOpts::new(s, (rounds as u32) * 2 + 10)
+            }
+        } else {
+            SimOpts {
+                max_tokens: 5000,
+                num_blocks: 4096,
+                ..SimOpts::new(s, 6)
+            }
+        }
     };
     let mut inst = [
         Instance::start(&redis, "rnd-a", opts(21), &[]),
@@ -428,10 +468,21 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
         ("d", "dst-after-commit=kill"),
     ];
     let mut moved = 0;
-    for round in 0..10 {
+    let mut injected: std::collections::BTreeMap<&str, u32> = Default::default();
+    let files_start: Vec<usize> = inst.iter().map(shm_files).collect();
+    let rss_start: Vec<u64> = inst.iter().map(|i| rss_kib(i.llumlet.child.id())).collect();
+    let mut rss_max = rss_start.clone();
+    let started = std::time::Instant::now();
+    for round in 0..rounds {
         let from = rng.below(2);
         let to = 1 - from;
         let (side, fault) = faults[rng.below(faults.len())];
+        *injected
+            .entry(if fault.is_empty() { "none" } else { fault })
+            .or_default() += 1;
+        for (m, i) in rss_max.iter_mut().zip(&inst) {
+            *m = (*m).max(rss_kib(i.llumlet.child.id()));
+        }
         eprintln!(
             "round {round}: {} → {} fault {fault:?}",
             inst[from].id, inst[to].id
@@ -456,12 +507,31 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
             }
         }
     }
-    eprintln!("randomized migration run: {moved} of 10 Migrate calls succeeded");
+    eprintln!("randomized migration run: {moved} of {rounds} Migrate calls succeeded");
     if std::env::var_os("LLUMLET_FAULT_LOGS").is_some() {
         eprintln!("{}\n{}", inst[0].logs(), inst[1].logs());
     }
+    let files_end: Vec<usize> = inst.iter().map(shm_files).collect();
+    let rss_end: Vec<u64> = inst.iter().map(|i| rss_kib(i.llumlet.child.id())).collect();
+    let seconds = started.elapsed().as_secs();
+    let requests: u32 = inst.iter().map(|i| i.opts.requests).sum();
     let [a, b] = &mut inst;
-    check_exactly_once(&redis, &mut [a, b], Duration::from_secs(120));
+    // Every request admitted ends exactly once (none lost, none run twice): the check panics
+    // otherwise, so a summary printed below says 0 lost.
+    check_exactly_once(
+        &redis,
+        &mut [a, b],
+        Duration::from_secs(120 + if soak { rounds as u64 } else { 0 }),
+    );
+    eprintln!(
+        "{}",
+        serde_json::json!({
+            "soak": soak, "seed": seed, "rounds": rounds, "seconds": seconds,
+            "faults": injected, "moved": moved, "requests": requests, "lost": 0, "twice": 0,
+            "files_start": files_start, "files_end": files_end,
+            "rss_kib_start": rss_start, "rss_kib_end": rss_end, "rss_kib_max": rss_max,
+        })
+    );
 }
 
 fn abort(

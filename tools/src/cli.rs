@@ -48,9 +48,12 @@ struct SimArgs {
     /// Control segment name or absolute path (default: from the instance id).
     #[arg(long, env = "LLUMLET_ENGINE_SHM")]
     shm: Option<String>,
-    /// Requests admitted over the run, one per step.
+    /// Requests admitted over the run, one per step (see --admit-every).
     #[arg(long, default_value_t = 16)]
     requests: u32,
+    /// Steps between two admissions (a steady arrival rate for long runs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    admit_every: u32,
     /// Output tokens per request.
     #[arg(long, default_value_t = 256)]
     max_tokens: u32,
@@ -150,6 +153,7 @@ fn sim_engine(a: SimArgs) -> ExitCode {
         head_size: a.head_size,
         segment: segment_path(&a.shm.unwrap_or_else(|| segment_name(&a.instance_id))),
         requests: a.requests,
+        admit_every: a.admit_every,
         max_tokens: a.max_tokens,
         step: std::time::Duration::from_millis(a.step_ms),
         seed: a.seed,

@@ -29,6 +29,8 @@ pub struct SimConfig {
     pub segment: PathBuf,
     /// Requests admitted over the run (from a seeded generator).
     pub requests: u32,
+    /// Steps between two admissions (1: one request per step).
+    pub admit_every: u32,
     /// Output tokens per request before it finishes.
     pub max_tokens: u32,
     /// Time per step.
@@ -483,7 +485,9 @@ impl SimEngine {
     pub fn step(&mut self) {
         self.verify_arrivals();
         self.step_id = self.step_id.wrapping_add(1);
-        if self.admitted < self.cfg.requests {
+        if self.admitted < self.cfg.requests
+            && self.step_id.is_multiple_of(self.cfg.admit_every.max(1))
+        {
             let lo = self.cfg.min_prompt.clamp(1, self.cfg.max_prompt.max(1));
             let span = u64::from(self.cfg.max_prompt.max(1) - lo) + 1;
             let prompt = lo + (self.rng.next_u64() % span) as u32;
@@ -1129,6 +1133,7 @@ mod tests {
         SimConfig {
             segment: PathBuf::new(),
             requests: 10,
+            admit_every: 1,
             max_tokens: 50,
             step: Duration::ZERO,
             seed: 7,
