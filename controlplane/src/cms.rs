@@ -8,6 +8,7 @@
 //! through a channel, a response timer, a streaming parser) cost the status path three times the
 //! CPU of the write itself (docs/BENCHMARKS.md).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -187,6 +188,22 @@ struct ConnState {
     backoff: Duration,
     /// Why the last connection attempt failed.
     last_failure: String,
+    /// Spreads the backoff of many llumlets that lost Redis at the same moment.
+    jitter: llumlet_dataplane::rng::SplitMix64,
+}
+
+/// A seed for the backoff jitter, different in every process.
+fn jitter_seed() -> u64 {
+    let mut b = [0u8; 8];
+    match llumlet_dataplane::sys::random_bytes(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            t ^ u64::from(std::process::id()).rotate_left(32)
+        }
+    }
 }
 
 /// Backoff before the second connection attempt after a failure.
@@ -203,6 +220,7 @@ pub struct Cms {
     backoff_max: Duration,
     state: Mutex<ConnState>,
     recovered: Notify,
+    connected: [AtomicBool; 2],
     metrics: Arc<Metrics>,
 }
 
@@ -222,9 +240,21 @@ impl Cms {
                 next_attempt: Instant::now(),
                 backoff: BACKOFF_START,
                 last_failure: String::new(),
+                jitter: llumlet_dataplane::rng::SplitMix64(jitter_seed()),
             }),
             recovered: Notify::new(),
+            connected: [AtomicBool::new(false), AtomicBool::new(false)],
             metrics,
+        }
+    }
+
+    /// A connection (0: the async one, 1: the status thread's) was made. Made again after an
+    /// earlier one was lost, Redis may have restarted empty: wake the metadata loop so that the
+    /// instance is registered again now, not at its next heartbeat. (Retries can make a new
+    /// connection inside one write, so no failed write has to be seen for this.)
+    fn connected(&self, which: usize) {
+        if self.connected[which].swap(true, Ordering::Relaxed) {
+            self.recovered.notify_one();
         }
     }
 
@@ -264,7 +294,9 @@ impl Cms {
                 let made = tokio::time::timeout(timeout, Conn::connect(&self.cfg))
                     .await
                     .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")));
-                made.map_err(|why| self.connect_failed(why))?
+                let c = made.map_err(|why| self.connect_failed(why))?;
+                self.connected(0);
+                c
             }
         };
         let r = tokio::time::timeout(timeout, c.command(args))
@@ -289,10 +321,13 @@ impl Cms {
         Ok(())
     }
 
-    /// Records a failed connection attempt (the backoff doubles) and says why it failed.
+    /// Records a failed connection attempt (the backoff doubles) and says why it failed. The
+    /// wait is the backoff times a random factor in [0.5, 1.5): llumlets that lost Redis together
+    /// do not come back together.
     fn connect_failed(&self, why: String) -> CmsError {
         let mut st = self.lock();
-        st.next_attempt = Instant::now() + st.backoff;
+        let factor = 0.5 + (st.jitter.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        st.next_attempt = Instant::now() + st.backoff.mul_f64(factor);
         st.backoff = (st.backoff * 2).min(self.backoff_max);
         st.last_failure = why.clone();
         CmsError::Redis {
@@ -314,7 +349,9 @@ impl Cms {
             Some(c) => c,
             None => {
                 self.may_connect()?;
-                BlockingConn::connect(&self.cfg).map_err(|why| self.connect_failed(why))?
+                let c = BlockingConn::connect(&self.cfg).map_err(|why| self.connect_failed(why))?;
+                self.connected(1);
+                c
             }
         };
         let r = c.command(args);

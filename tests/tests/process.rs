@@ -200,6 +200,31 @@ async fn survives_redis_restart_and_re_registers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_at_once_gets_the_instance_registered_at_once() {
+    // Redis restarts empty before any write fails for long (a retry inside one write makes the
+    // new connection): the llumlet registers again at once, not at its next heartbeat (60 s
+    // here; the Llumnix scheduler sees no instance without its metadata).
+    let mut redis = RedisServer::start();
+    let port = free_port();
+    let mut env = base_env(&redis, "inst-q", port);
+    env.insert("LLUMNIX_METADATA_PUSH_INTERVAL".into(), "60".into());
+    env.insert("LLUMNIX_CMS_EXPIRED_TIME".into(), "120".into());
+    let mut p = LlumletProcess::spawn(&env);
+    let meta_key = format!("{META}inst-q");
+    let status_key = format!("{STATUS}inst-q");
+    redis.wait_for(&meta_key, Duration::from_secs(10), |b| b.map(|_| ()));
+    let mut client = grpc_client(port, Duration::from_secs(10)).await;
+    client.push_instance_status(engine_status(1)).await.unwrap();
+    redis.wait_for(&status_key, Duration::from_secs(5), |b| b.map(|_| ()));
+    redis.restart();
+    let back = Instant::now();
+    redis.wait_for(&status_key, Duration::from_secs(3), |b| b.map(|_| ()));
+    redis.wait_for(&meta_key, Duration::from_secs(3), |b| b.map(|_| ()));
+    eprintln!("metadata back {:?} after Redis restarted", back.elapsed());
+    assert!(p.running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticates_with_an_acl_user() {
     let redis = RedisServer::start_with(
         [

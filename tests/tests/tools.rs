@@ -441,3 +441,35 @@ fn bench_status_reports_ring_costs_and_cpu_per_push_against_redis_benchmark() {
     assert!(lines[3]["pushes"].as_f64().unwrap() > 100.0, "{}", lines[3]);
     assert!(lines[3]["cpu_us_per_push"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_fleet_reads_many_llumlets_as_the_scheduler_does_and_survives_a_redis_restart() {
+    let o = llumlet(
+        &[
+            "bench",
+            "fleet",
+            "--instances",
+            "4",
+            "--seconds",
+            "4",
+            "--restart-redis-at",
+            "1",
+        ],
+        &[],
+    );
+    assert_ok(&o);
+    let l = &json_lines(&o)[0];
+    assert_eq!(l["bench"], "fleet", "{l}");
+    assert_eq!(l["llumlets_alive_at_end"], 4, "{l}");
+    // The reader took statuses (how fresh they were is a figure, docs/BENCHMARKS.md).
+    assert!(l["statuses_taken"].as_u64().unwrap() > 4, "{l}");
+    assert!(l["staleness_ms_p99"].as_f64().is_some(), "{l}");
+    assert!(l["llumlet_rss_mib_mean"].as_f64().unwrap() > 1.0, "{l}");
+    assert!(
+        l["baseline_redis_benchmark_us_per_set"].as_f64().unwrap() > 0.0,
+        "{l}"
+    );
+    // Redis came back empty, and every instance's metadata and status came back (a fast
+    // re-registration is tested in process.rs).
+    assert!(l["redis_restart"]["all_back_s"].as_f64().is_some(), "{l}");
+}

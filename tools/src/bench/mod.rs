@@ -10,8 +10,11 @@
 //! - `migration`: downtime and total time of live migrations by sequence length, with real
 //!   simulated engines and llumlets (see [`migration`]);
 //! - `status`: engine publish and llumlet read of the status ring, and the llumlet's CPU per
-//!   status push to a Redis (see [`status`]).
+//!   status push to a Redis (see [`status`]);
+//! - `fleet`: many llumlets on one Redis, read as the Llumnix scheduler reads them (see
+//!   [`fleet`]).
 
+pub mod fleet;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod migration;
@@ -42,6 +45,9 @@ pub enum BenchCmd {
     /// Status path costs: engine publish and llumlet read of the status ring, and the llumlet's
     /// CPU per status push to a Redis.
     Status(status::StatusArgs),
+    /// Many llumlet processes on one Redis, read as the Llumnix scheduler reads them: status
+    /// staleness, Redis and llumlet costs, and (--restart-redis-at) a Redis restart.
+    Fleet(fleet::FleetArgs),
     /// The receiving side of `transfer` (prints its port, then serves until killed).
     Receive {
         /// Address to listen on.
@@ -285,6 +291,7 @@ pub fn run(cmd: BenchCmd) -> ExitCode {
         BenchCmd::Baseline(a) => run_baseline(&a),
         BenchCmd::Migration(a) => migration::run(&a),
         BenchCmd::Status(a) => status::run(&a),
+        BenchCmd::Fleet(a) => fleet::run(&a),
         BenchCmd::Receive { listen } => transfer::receive(&listen),
         BenchCmd::GpuSource {
             layers,
