@@ -142,6 +142,7 @@ pub fn run() -> ExitCode {
                 naming_dir.clone(),
                 ucx,
                 key,
+                usize::try_from(config.migration.max_req_out).unwrap_or(1),
             )
         });
         let migrator: Arc<dyn crate::migration::rpc::Migrator> = match &live {

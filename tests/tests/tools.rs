@@ -473,3 +473,49 @@ fn bench_fleet_reads_many_llumlets_as_the_scheduler_does_and_survives_a_redis_re
     // re-registration is tested in process.rs).
     assert!(l["redis_restart"]["all_back_s"].as_f64().is_some(), "{l}");
 }
+
+#[test]
+fn bench_migration_measures_concurrent_migrations_and_a_drain_with_every_arrival_verified() {
+    let o = llumlet(
+        &[
+            "bench",
+            "migration",
+            "--tokens",
+            "128",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "4",
+            "--drain",
+        ],
+        &[],
+    );
+    assert_ok(&o);
+    let lines = json_lines(&o);
+    let what: Vec<&str> = lines.iter().map(|l| l["what"].as_str().unwrap()).collect();
+    assert_eq!(
+        what,
+        [
+            "concurrent",
+            "concurrent",
+            "drain",
+            "drain",
+            "baseline: the transport's own copy of one migration's bytes"
+        ],
+        "{lines:?}"
+    );
+    for l in &lines[..4] {
+        assert_eq!(l["verified"], true, "{l}");
+        assert!(l["aggregate_gb_per_s"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    assert_eq!(lines[0]["migrations"], 4, "{}", lines[0]);
+    // The drain moved all four, first one at a time, then with eight out-slots.
+    assert_eq!(
+        (
+            lines[2]["out_slots"].as_u64(),
+            lines[3]["out_slots"].as_u64()
+        ),
+        (Some(1), Some(8))
+    );
+    assert!(lines[4]["gb_per_s"].as_f64().unwrap() > 0.0);
+}

@@ -48,6 +48,8 @@ pub struct LiveMigrator {
     active: Mutex<HashSet<u32>>,
     naming_dir: Option<std::path::PathBuf>,
     counts: OnceLock<Arc<MigrationCounts>>,
+    /// How many of one `Migrate` call's requests move at once.
+    parallel: usize,
 }
 
 impl LiveMigrator {
@@ -61,6 +63,7 @@ impl LiveMigrator {
         naming_dir: Option<std::path::PathBuf>,
         ucx: Option<Arc<UcxSide>>,
         key: TransferKey,
+        parallel: usize,
     ) -> Arc<LiveMigrator> {
         Arc::new(LiveMigrator {
             link,
@@ -74,6 +77,7 @@ impl LiveMigrator {
             active: Mutex::new(HashSet::new()),
             naming_dir,
             counts: OnceLock::new(),
+            parallel: parallel.max(1),
         })
     }
 
@@ -169,23 +173,41 @@ impl Migrator for LiveMigrator {
                 return Err(MigrateError::Failed(Reason::BadDestination(e)));
             }
         };
+        // The chosen requests move `parallel` at a time (the out-slot limit): each migration
+        // is a blocking conversation with the engine and the destination, and a drain of many
+        // requests one after another would take as many round trips of engine steps.
         let mut moved = 0;
         let mut last_err = None;
-        for slot in &chosen {
-            let req = OutRequest {
-                slot: *slot,
-                id: ids.get(slot).cloned().unwrap_or_default(),
+        let mut pending = chosen.iter().copied();
+        let mut running = tokio::task::JoinSet::new();
+        let mut slots = HashMap::new();
+        loop {
+            while running.len() < self.parallel {
+                let Some(slot) = pending.next() else { break };
+                let req = OutRequest {
+                    slot,
+                    id: ids.get(&slot).cloned().unwrap_or_default(),
+                };
+                let link = Arc::clone(&self.link);
+                let (me, opts) = (self.instance_id.clone(), self.source.clone());
+                let task = running.spawn_blocking(move || {
+                    let report = run_source(&link, &me, dst, &req, &opts);
+                    (req, report)
+                });
+                slots.insert(task.id(), slot);
+            }
+            let Some(r) = running.join_next_with_id().await else {
+                break;
             };
-            let link = Arc::clone(&self.link);
-            let (me, opts) = (self.instance_id.clone(), self.source.clone());
-            let r = tokio::task::spawn_blocking(move || {
-                let report = run_source(&link, &me, dst, &req, &opts);
-                (req, report)
-            })
-            .await;
-            release(&[*slot]);
+            let task = match &r {
+                Ok((id, _)) => *id,
+                Err(e) => e.id(),
+            };
+            if let Some(slot) = slots.remove(&task) {
+                release(&[slot]);
+            }
             match r {
-                Ok((req, rep)) => {
+                Ok((_, (req, rep))) => {
                     tracing::info!(request = %req.id, outcome = %rep.outcome, stages = rep.stages,
                         downtime_us = rep.downtime.map(|d| d.as_micros() as u64), transport = rep.transport_name(), bytes = rep.bytes, %dst,
                         reason = rep.outcome.reason().map(|r| r.to_string()), "migration out finished");

@@ -42,6 +42,18 @@ pub struct MigrationArgs {
     /// Where to keep the processes' logs (default: a new directory under the system temp dir).
     #[arg(long)]
     pub logs: Option<PathBuf>,
+    /// Throughput instead: for each value, that many `Migrate` calls in flight at once (one
+    /// request each; the llumlets' LLUMNIX_MAX_REQ_MIG_OUT/_IN are 8) until every one of the
+    /// source's --requests requests moved. Requests of the first --tokens value.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<u32>,
+    /// Requests the source engine holds, decoding, for --concurrency and --drain.
+    #[arg(long, default_value_t = 16)]
+    pub requests: u32,
+    /// A drain: one pre-stop `Migrate` (NUM_REQ -1) moves every request of the source, with
+    /// LLUMNIX_MAX_REQ_MIG_OUT 1 (one at a time) and 8; time until the source is empty.
+    #[arg(long)]
+    pub drain: bool,
 }
 
 /// Output tokens the request may still produce: it must keep decoding through every migration.
@@ -53,6 +65,9 @@ pub fn run(a: &MigrationArgs) -> Result<(), String> {
         return Err("--tokens must be positive, --repeat and --layers at least 1".into());
     }
     llumlet::migration::cuda_side::check_kv(&a.kv)?;
+    if a.concurrency.contains(&0) || ((a.drain || !a.concurrency.is_empty()) && a.requests == 0) {
+        return Err("--concurrency values and --requests must be at least 1".into());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -68,9 +83,13 @@ pub fn run(a: &MigrationArgs) -> Result<(), String> {
         };
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let progress = Progress::new();
+        let cms = Cms::local(cms.addr().port());
+        if !a.concurrency.is_empty() || a.drain {
+            return throughput(a, &cms, &dir, &progress).await;
+        }
         let mut first: Option<f64> = None;
         for &tokens in &a.tokens {
-            let r = one_length(a, &Cms::local(cms.addr().port()), &dir, tokens, &progress).await?;
+            let r = one_length(a, &cms, &dir, tokens, &progress).await?;
             progress.done();
             let p50 = r["downtime_p50_us"].as_f64().unwrap_or(0.0);
             super::out(&r.to_string());
@@ -262,4 +281,223 @@ async fn one_length(
             .into();
     }
     Ok(out)
+}
+
+/// Two instances for the throughput runs: the source's engine holding `requests` decoding
+/// requests of `tokens` prompt tokens, the destination's none; both llumlets with `env`.
+async fn pair(
+    a: &MigrationArgs,
+    cms: &Cms,
+    dir: &std::path::Path,
+    tag: &str,
+    env: &[(&str, String)],
+) -> Result<(Vec<Instance>, Vec<llumlet_proto::cms::InstanceMetadata>), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let tokens = a.tokens[0];
+    const OUTPUT: u32 = 4096;
+    let blocks = a.requests * (tokens + OUTPUT).div_ceil(16) + 64;
+    let engine = |requests: u32| {
+        vec![
+            ("--requests", requests.to_string()),
+            ("--min-prompt", tokens.to_string()),
+            ("--max-prompt", tokens.to_string()),
+            ("--max-tokens", OUTPUT.to_string()),
+            ("--num-blocks", blocks.to_string()),
+            ("--block-size", "16".to_string()),
+            ("--layers", a.layers.to_string()),
+            ("--kv-heads", "8".to_string()),
+            ("--head-size", "128".to_string()),
+            ("--step-ms", a.step_ms.to_string()),
+            ("--kv", a.kv.clone()),
+        ]
+    };
+    let mut instances = Vec::new();
+    for (i, requests) in [a.requests, 0].into_iter().enumerate() {
+        let id = format!("bench-{tag}-{i}");
+        instances.push(
+            Instance::spawn(&exe, dir, cms, id, &engine(requests), env)
+                .map_err(|e| format!("cannot start an instance: {e}"))?,
+        );
+    }
+    let client = redis::Client::open(cms.url()).map_err(|e| format!("CMS: {e}"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("CMS: {e}"))?;
+    let metas = wait_registered(&mut conn, &instances, Duration::from_secs(30)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let src = status(&mut conn, &instances[0].id).await?;
+        let dst = status(&mut conn, &instances[1].id).await?;
+        if src.is_some_and(|s| s.num_running_requests as u32 >= a.requests)
+            && dst.is_some_and(|s| s.num_total_gpu_tokens > 0)
+        {
+            return Ok((instances, metas));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the {} requests never all ran at {}",
+                a.requests, instances[0].id
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the source llumlet logged of its migrations, and how many arrived verified.
+struct Moved {
+    downtimes: Vec<f64>,
+    bytes: f64,
+    migrated: usize,
+    verified: usize,
+    transports: Vec<String>,
+}
+
+fn moved(instances: &mut [Instance]) -> Moved {
+    for i in instances.iter_mut() {
+        i.llumlet.terminate(Duration::from_secs(5));
+    }
+    for i in instances.iter_mut() {
+        i.engine.terminate(Duration::from_secs(5));
+    }
+    let mut m = Moved {
+        downtimes: Vec::new(),
+        bytes: 0.0,
+        migrated: 0,
+        verified: 0,
+        transports: Vec::new(),
+    };
+    for l in instances[0].llumlet.output().lines() {
+        if l.contains("migration out finished") && field(l, "outcome") == Some("Migrated") {
+            m.migrated += 1;
+            m.downtimes
+                .extend(field(l, "downtime_us").and_then(|v| v.parse::<f64>().ok()));
+            m.bytes += field(l, "bytes")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if let Some(t) = field(l, "transport").map(str::to_string) {
+                if !m.transports.contains(&t) {
+                    m.transports.push(t);
+                }
+            }
+        }
+    }
+    m.verified = instances[1]
+        .engine
+        .output()
+        .lines()
+        .filter(|l| l.starts_with("sim-engine: migrated-in ") && l.contains("kv=ok tokens=ok"))
+        .count();
+    m
+}
+
+/// `--concurrency` and `--drain`.
+async fn throughput(
+    a: &MigrationArgs,
+    cms: &Cms,
+    dir: &std::path::Path,
+    progress: &Progress,
+) -> Result<(), String> {
+    let mut env = vec![("LLUMLET_TRANSPORT", a.transport.clone())];
+    env.push(("LLUMNIX_MAX_REQ_MIG_IN", "8".to_string()));
+    let mut per_migration_bytes = 0.0;
+    for &c in &a.concurrency {
+        let mut env = env.clone();
+        env.push(("LLUMNIX_MAX_REQ_MIG_OUT", "8".to_string()));
+        let (mut instances, metas) = pair(a, cms, dir, &format!("c{c}"), &env).await?;
+        let t0 = Instant::now();
+        let mut failures = Vec::new();
+        let mut ok = 0u32;
+        while ok < a.requests && failures.len() < 4 * a.requests as usize {
+            progress.tick(&format!("concurrency {c}: {ok}/{} moved", a.requests));
+            let batch = c.min(a.requests - ok);
+            let calls: Vec<_> = (0..batch)
+                .map(|_| {
+                    let (s, d) = (metas[0].clone(), metas[1].clone());
+                    tokio::spawn(async move { migrate(&s, &d).await })
+                })
+                .collect();
+            for h in calls {
+                match h.await {
+                    Ok((true, _)) => ok += 1,
+                    Ok((false, m)) => failures.push(m),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let m = moved(&mut instances);
+        if m.migrated == 0 || m.verified != m.migrated {
+            return Err(format!(
+                "concurrency {c}: {} migrated, {} arrived verified ({} failures: {:?}; logs in {})",
+                m.migrated,
+                m.verified,
+                failures.len(),
+                failures.first(),
+                dir.display()
+            ));
+        }
+        per_migration_bytes = m.bytes / m.migrated as f64;
+        super::out(&json!({
+            "bench": "migration", "what": "concurrent", "concurrency": c, "transport": m.transports.join(","),
+            "tokens": a.tokens[0], "step_ms": a.step_ms, "migrations": m.migrated,
+            "failed_calls": failures.len(), "seconds": round(wall, 3),
+            "migrations_per_s": round(m.migrated as f64 / wall, 2),
+            "aggregate_gb_per_s": round(m.bytes / wall / 1e9, 3),
+            "downtime_p50_us": percentile(&m.downtimes, 0.5), "downtime_p99_us": percentile(&m.downtimes, 0.99),
+            "kv_bytes_per_migration": per_migration_bytes.round(), "verified": true,
+        }).to_string());
+    }
+    if a.drain {
+        for out_slots in [1u32, 8] {
+            let mut env = env.clone();
+            env.push(("LLUMNIX_MAX_REQ_MIG_OUT", out_slots.to_string()));
+            let (mut instances, metas) =
+                pair(a, cms, dir, &format!("drain{out_slots}"), &env).await?;
+            progress.tick(&format!(
+                "drain of {} requests, {out_slots} at a time",
+                a.requests
+            ));
+            let t0 = Instant::now();
+            let (ok, message) = tokio::time::timeout(
+                Duration::from_secs(300),
+                crate::demo::migrate_num(&metas[0], &metas[1], -1),
+            )
+            .await
+            .unwrap_or((false, "no answer within 300 s".into()));
+            let wall = t0.elapsed().as_secs_f64();
+            let m = moved(&mut instances);
+            if !ok || m.migrated as u32 != a.requests || m.verified != m.migrated {
+                return Err(format!(
+                    "drain ({out_slots} at a time): ({ok}, {message}); {} of {} migrated, {} arrived verified (logs in {})",
+                    m.migrated, a.requests, m.verified, dir.display()
+                ));
+            }
+            per_migration_bytes = m.bytes / m.migrated as f64;
+            super::out(&json!({
+                "bench": "migration", "what": "drain", "out_slots": out_slots, "requests": a.requests,
+                "transport": m.transports.join(","), "tokens": a.tokens[0], "step_ms": a.step_ms,
+                "seconds_until_empty": round(wall, 3),
+                "aggregate_gb_per_s": round(m.bytes / wall / 1e9, 3),
+                "downtime_p50_us": percentile(&m.downtimes, 0.5), "downtime_p99_us": percentile(&m.downtimes, 0.99),
+                "verified": true,
+            }).to_string());
+        }
+    }
+    // The transport's own throughput for one migration's bytes, in the same run.
+    if per_migration_bytes > 0.0 && a.kv == "host" {
+        let bytes = per_migration_bytes as u64;
+        let src = super::ShmBuf::new("from", bytes)?;
+        let b = if a.transport == "tcp" {
+            super::tcp_loopback(&src, 20)?
+        } else {
+            super::memcpy(&src, 20)?
+        };
+        super::out(&json!({
+            "bench": "migration", "what": "baseline: the transport's own copy of one migration's bytes",
+            "baseline": b.transport, "bytes": bytes, "gb_per_s": round(b.gb_per_s(), 3),
+        }).to_string());
+    }
+    progress.done();
+    Ok(())
 }

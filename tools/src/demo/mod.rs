@@ -736,6 +736,15 @@ fn decide(statuses: &[Option<InstanceStatus>], busy: &[bool]) -> Option<(usize, 
 
 /// One `Migrate` call to `src`'s llumlet: one request (policy SR) to `dst`.
 pub(crate) async fn migrate(src: &InstanceMetadata, dst: &InstanceMetadata) -> (bool, String) {
+    migrate_num(src, dst, 1).await
+}
+
+/// One `Migrate` call to `src`'s llumlet: `n` requests (policy SR; -1: all, pre-stop) to `dst`.
+pub(crate) async fn migrate_num(
+    src: &InstanceMetadata,
+    dst: &InstanceMetadata,
+    n: i64,
+) -> (bool, String) {
     let url = format!("http://{}:{}", src.ip, src.llumlet_port);
     let mut c = match LlumletClient::connect(url).await {
         Ok(c) => c,
@@ -755,7 +764,7 @@ pub(crate) async fn migrate(src: &InstanceMetadata, dst: &InstanceMetadata) -> (
             migration_type: "NUM_REQ".into(),
             migration_req_policy: "SR".into(),
             trigger_policy: "demo-rebalancer".into(),
-            migration_value: Some(MigrationValue::NumReqs(1)),
+            migration_value: Some(MigrationValue::NumReqs(n)),
         })
         .await;
     match r {
