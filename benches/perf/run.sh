@@ -16,3 +16,8 @@ UCX_TLS=posix,cma $L bench transfer --transport ucx --size 1M,16M,64M,256M --wit
 $L bench migration --tokens 1024,4096,16384,65536 --step-ms 5
 $L bench migration --tokens 1024,4096,16384,65536 --step-ms 1
 $L bench status --seconds 10
+$L bench migration --tokens 1024 --step-ms 5 --requests 32 --concurrency 1,2,4,8 --drain
+$L bench migration --tokens 1024 --step-ms 5 --requests 32 --concurrency 1,2,4,8 --transport tcp
+$L bench fleet --instances 50 --seconds 20
+$L bench fleet --instances 200 --seconds 20
+$L bench fleet --instances 200 --seconds 30 --restart-redis-at 10
