@@ -466,6 +466,22 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // Every destination's record of a commit is retired by its source, on the migration's
+    // connection or, after settling through `Resolve`, on one of its own: none is left to
+    // expire by age (what a soak would otherwise pile up).
+    for i in instances.iter() {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !i.segment_files("-mig-in-").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: migration-in records left {:?}\n{}",
+                i.id,
+                i.segment_files("-mig-in-"),
+                logs(instances)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     for i in instances.iter_mut() {
         let summary = i.stop_engine();
         let want = format!(

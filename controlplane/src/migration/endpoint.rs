@@ -263,6 +263,7 @@ impl TransferServer {
         match first {
             Msg::Resolve(r) => self.answer_resolve(&mut stream, &mut session, r),
             Msg::Begin(b) => self.migrate_in(stream, session, b, buf),
+            Msg::Retire(r) => self.retire_record(&r),
             other => tracing::warn!(
                 message = message_kind(&other),
                 "transfer connection opened with an unexpected message"
@@ -317,6 +318,19 @@ impl TransferServer {
     /// commit (aborted); "committed": committed; "committing" (the previous llumlet died
     /// waiting for the engine): the engine decides now. Engines answer a repeated commit with
     /// its first answer and refuse a commit of a reservation that is gone.
+    /// A source that settled a migration through `Resolve` (its live connection was lost after
+    /// the commit) and removed its journal retires our record of the commit on a connection of
+    /// its own: no `Resolve` can come for it any more. Only a committed record goes.
+    fn retire_record(&self, r: &llumlet_proto::migration::Retire) {
+        if let Some((path, e)) = journal::find_in(self.link.path(), r.migration_id, &r.request_id) {
+            if e.committed {
+                if let Err(err) = std::fs::remove_file(&path) {
+                    tracing::warn!(error = %err, "cannot remove a retired migration-in record");
+                }
+            }
+        }
+    }
+
     fn resolve_from_record(&self, migration: u64, request_id: &str) -> Res {
         let Some((path, e)) = journal::find_in(self.link.path(), migration, request_id) else {
             return Res::Aborted;

@@ -245,8 +245,8 @@ fn files(segment: &Path, suffix: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Settles one journal entry; `true` when it is settled (the file can go).
-fn settle(link: &Arc<EngineLink>, key: &TransferKey, e: &Entry) -> bool {
+/// Settles one journal entry: whether it committed, once it is settled (the file can go).
+fn settle(link: &Arc<EngineLink>, key: &TransferKey, e: &Entry) -> Option<bool> {
     let verdict = match e.phase {
         Phase::Open => false,
         Phase::Committing | Phase::InDoubt => {
@@ -259,7 +259,7 @@ fn settle(link: &Arc<EngineLink>, key: &TransferKey, e: &Entry) -> bool {
                 other => {
                     tracing::warn!(migration = e.migration, request = %e.request_id, answer = ?other,
                         "cannot resolve a journaled migration yet; will retry");
-                    return false;
+                    return None;
                 }
             }
         }
@@ -283,11 +283,11 @@ fn settle(link: &Arc<EngineLink>, key: &TransferKey, e: &Entry) -> bool {
             tracing::info!(migration = e.migration, request = %e.request_id,
                 committed = verdict, "settled a journaled migration");
             mailbox::remove(&mailbox::path(link.path(), e.migration));
-            true
+            Some(verdict)
         }
         Err(err) => {
             tracing::warn!(migration = e.migration, error = %err, "cannot settle a journaled migration yet; will retry");
-            false
+            None
         }
     }
 }
@@ -300,8 +300,9 @@ pub fn recover_once(link: &Arc<EngineLink>, key: &TransferKey, open_only: bool) 
     if link.segment().is_none() {
         return;
     }
-    // Records are retired by their sources; the few left (a source that died after the commit
-    // and settled through `Resolve`) expire by age, looked for once a minute.
+    // Records are retired by their sources (on the migration's connection, or on one of their
+    // own after settling through `Resolve`); the few left (a source that died for good) expire
+    // by age, looked for once a minute.
     static EXPIRED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     {
         let mut at = crate::sync::lock(&EXPIRED_AT);
@@ -323,8 +324,15 @@ pub fn recover_once(link: &Arc<EngineLink>, key: &TransferKey, open_only: bool) 
         if (e.phase != Phase::InDoubt && owner_alive) || (open_only && e.phase != Phase::Open) {
             continue;
         }
-        if settle(link, key, &e) {
+        if let Some(committed) = settle(link, key, &e) {
             let _ = std::fs::remove_file(&p);
+            if committed && e.phase != Phase::Open {
+                // Nothing will ask the destination about it again: its record of the commit
+                // can go now (it expires by age otherwise).
+                if let Err(err) = super::wire::retire(e.dst, key, e.migration, &e.request_id) {
+                    tracing::debug!(migration = e.migration, error = %err, "cannot retire the destination's record");
+                }
+            }
         }
     }
 }

@@ -380,14 +380,21 @@ impl SourceRun<'_> {
     /// Tells the destination, once this engine has committed, that its record of the commit can
     /// go (best effort: without it the record expires by age).
     fn retire(&mut self) {
-        if let (Some(s), Some(session)) = (self.stream.as_mut(), self.session.as_mut()) {
-            let retire = Msg::Retire(Retire {
-                migration_id: self.migration_id,
-                request_id: self.req.id.clone(),
-            });
-            if let Err(e) = wire::send(s, session, retire) {
-                tracing::debug!(error = %e, "cannot retire the destination's record");
+        let sent = match (self.stream.as_mut(), self.session.as_mut()) {
+            (Some(s), Some(session)) => {
+                let retire = Msg::Retire(Retire {
+                    migration_id: self.migration_id,
+                    request_id: self.req.id.clone(),
+                });
+                wire::send(s, session, retire).map_err(|e| e.to_string())
             }
+            _ => Err("the migration's connection is gone".to_string()),
+        };
+        // Settled through `Resolve` (the connection was lost after the commit): on a
+        // connection of its own.
+        let r = sent.or_else(|_| wire::retire(self.dst, self.key, self.migration_id, &self.req.id));
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cannot retire the destination's record");
         }
     }
 

@@ -136,6 +136,26 @@ pub fn connect(dst: SocketAddr, key: &TransferKey) -> Result<(TcpStream, Session
     Ok((s, session))
 }
 
+/// Retires the destination's record of committed migration `migration_id` (the source settled
+/// it and removed its journal), on a connection of its own.
+pub fn retire(
+    dst: SocketAddr,
+    key: &TransferKey,
+    migration_id: u64,
+    request_id: &str,
+) -> Result<(), String> {
+    let (mut s, mut session) = connect(dst, key)?;
+    send(
+        &mut s,
+        &mut session,
+        Msg::Retire(llumlet_proto::migration::Retire {
+            migration_id,
+            request_id: request_id.into(),
+        }),
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// Asks the destination at `dst` how migration `migration_id` ended (`Resolve`, on a connection
 /// of its own); the destination fences a migration it has not committed, so the answer is final.
 pub fn resolve(
