@@ -427,13 +427,13 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
     let soak = rounds > 10;
     let opts = |s: u64| {
         if soak {
-            // A request a second (250 steps of 4 ms) for about as long as the rounds last,
+            // A request a second (250 steps of 4 ms) for about as long as the rounds last
             // each decoding for about 10 s: some ten alive on each engine at any time.
             SimOpts {
                 max_tokens: 2500,
                 num_blocks: 4096,
                 admit_every: 250,
-                ..SimOpts::new(s, (rounds as u32) * 2 + 10)
+                ..SimOpts::new(s, (rounds as u32) * 3 / 2 + 10)
             }
         } else {
             SimOpts {
