@@ -37,8 +37,13 @@ struct State {
     /// The outstanding status request: its sequence and when it was sent.
     pending: Option<(u64, Instant)>,
     next_request: u64,
-    /// When the engine's liveness (segment replaced, writer pid alive) was last checked.
+    /// When the engine's liveness (segment replaced, writer alive, header intact) was last
+    /// checked.
     last_liveness: Option<Instant>,
+    /// Whether the attached segment's locator was seen gone or changed (logged once).
+    locator_lost: bool,
+    /// Whether a record the status ring gave was refused (logged once until a good one).
+    refused: bool,
 }
 
 /// How often a tick without a new status checks that the engine is still there. Each check
@@ -75,6 +80,8 @@ impl RingSource {
                 pending: None,
                 next_request: 1,
                 last_liveness: None,
+                locator_lost: false,
+                refused: false,
             }),
         }
     }
@@ -135,11 +142,15 @@ impl RingSource {
                 map_kv_regions(&seg);
                 st.last_seq = 0;
                 st.pending = None;
+                st.locator_lost = false;
                 st.last_new = Instant::now();
                 let seg = Arc::new(seg);
                 self.link.set_segment(Some(Arc::clone(&seg)));
                 st.segment = Some(seg);
             }
+            Ok(Attach::Stale { pid }) => self.note(st, Seen::WriterGone, || {
+                tracing::warn!(engine_pid = pid, path = %self.path.display(), "the engine that created the control segment is gone; waiting for a new engine")
+            }),
             Ok(Attach::NotThere) => self.note(st, Seen::Waiting, || {
                 tracing::info!(path = %self.path.display(), "waiting for the engine's control segment (PushInstanceStatus works meanwhile)")
             }),
@@ -163,6 +174,15 @@ impl StatusSource for RingSource {
         }
         // Taken out while in use, put back unless the engine is gone.
         let seg = st.segment.take()?;
+        // A header no longer as attached means the memory was overwritten: nothing read from
+        // it can be trusted (a few atomic loads, every tick).
+        if let Err(why) = seg.intact() {
+            tracing::warn!(%why, "the engine's control segment was overwritten; reporting schedulable=false until a new segment is created");
+            st.seen = Seen::Incompatible;
+            st.failed = true;
+            self.link.set_segment(None);
+            return None;
+        }
         let newest = match read_newest(seg.status()) {
             Ok(Some(r)) if r.publish_seq > st.last_seq => Some(r),
             Ok(_) => None,
@@ -174,14 +194,27 @@ impl StatusSource for RingSource {
         let now = Instant::now();
         if let Some(r) = newest {
             st.last_seq = r.publish_seq;
-            st.last_new = now;
-            st.failed = false;
-            if self.mode == StatusMode::Pull {
-                // Ask for the next one now, so it is there at the next tick.
-                self.exchange(st, &seg, now);
+            let status = to_instance_status(&r);
+            // A record no engine could have written (the segment overwritten, or an engine bug)
+            // is not a sign of life: the instance goes unschedulable at the engine timeout.
+            match crate::status::check_pushed(&status) {
+                Ok(()) => {
+                    st.refused = false;
+                    st.last_new = now;
+                    st.failed = false;
+                    if self.mode == StatusMode::Pull {
+                        // Ask for the next one now, so it is there at the next tick.
+                        self.exchange(st, &seg, now);
+                    }
+                    st.segment = Some(seg);
+                    return Some(status);
+                }
+                Err(why) if !st.refused => {
+                    st.refused = true;
+                    tracing::warn!(%why, "the engine's status ring holds an impossible status; ignoring it");
+                }
+                Err(_) => {}
             }
-            st.segment = Some(seg);
-            return Some(to_instance_status(&r));
         }
         self.exchange(st, &seg, now);
         // Nothing new: is the engine still there?
@@ -194,12 +227,26 @@ impl StatusSource for RingSource {
         }
         st.last_liveness = Some(now);
         if seg.replaced() {
-            tracing::info!("the engine's control segment was replaced or removed (engine restarted); re-attaching");
-            drop(seg);
-            self.link.set_segment(None);
-            st.seen = Seen::Nothing;
-            self.try_attach(st);
-        } else if !seg.writer_alive() {
+            // A new locator at the path: a restarted engine's segment takes over; anything else
+            // (the locator removed, truncated or overwritten) leaves the engine's own segment in
+            // use, since nothing done to the locator can reach the sealed memory.
+            if let Ok(Attach::Ready(new)) = ControlSegment::attach(&self.path) {
+                if new.writer_alive() && new.generation() != seg.generation() {
+                    tracing::info!("the engine's control segment was replaced (engine restarted); re-attaching");
+                    drop(new);
+                    drop(seg);
+                    self.link.set_segment(None);
+                    st.seen = Seen::Nothing;
+                    self.try_attach(st);
+                    return None;
+                }
+            }
+            if !st.locator_lost {
+                st.locator_lost = true;
+                tracing::warn!(path = %self.path.display(), "the control segment's locator was removed or changed, not by a new engine; the engine's segment stays in use");
+            }
+        }
+        if !seg.writer_alive() {
             let pid = seg.writer_pid();
             tracing::warn!(
                 engine_pid = pid,

@@ -224,7 +224,9 @@ pub struct MappedRegion {
 }
 
 impl MappedRegion {
-    /// Maps a host region, checking that it fits in its segment.
+    /// Maps a host region, checking that it fits in its segment. A segment published through a
+    /// locator is its sealed memory file (which no truncation can take from under the mapping); a
+    /// plain file is mapped as it is, and stays exposed to truncation by its owner's user.
     pub fn map(region: &KvRegion) -> Result<MappedRegion, KvError> {
         if region.memory != MemoryKind::HostShm {
             return Err(KvError::NotHost(region.layer));
@@ -238,12 +240,28 @@ impl MappedRegion {
             let path = path.to_path_buf();
             move |source| KvError::Io { op, path, source }
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        let meta = file.metadata().map_err(io("stat", &path))?;
+        // A sealed memory file behind a locator cannot be truncated under the mapping; a plain
+        // file (another allocator's shared memory, such as PyTorch's) is mapped as it is.
+        let (file, meta) = match crate::sealed::Locator::find(&path).map_err(io("read", &path))? {
+            crate::sealed::Found::Locator(l, _) => {
+                let (file, _) = l.open().map_err(|e| KvError::Io {
+                    op: "open the memory file of",
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let meta = file.metadata().map_err(io("stat", &path))?;
+                (file, meta)
+            }
+            _ => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io("open", &path))?;
+                let meta = file.metadata().map_err(io("stat", &path))?;
+                (file, meta)
+            }
+        };
         let size = meta.len();
         let len = region.len().unwrap_or(u64::MAX);
         let end = region.offset.saturating_add(len);
@@ -365,17 +383,20 @@ impl CacheShape {
     }
 }
 
-/// A paged KV cache in one host shared-memory segment (see [`CacheShape`]). The engine side of
-/// the simulated engine (and of any engine that keeps its KV cache in host memory). Removes its
-/// segment when dropped.
+/// A paged KV cache in one host shared-memory segment (see [`CacheShape`]): a sealed memory file
+/// with its locator at the segment's path ([`crate::sealed`]), so a llumlet copying blocks can
+/// never fault on a truncated file. The engine side of the simulated engine (and of any engine
+/// that keeps its KV cache in host memory through this library). Removes its locator when
+/// dropped.
 pub struct HostKvCache {
     map: MmapRaw,
     path: PathBuf,
     shape: CacheShape,
+    published: crate::sealed::Published,
 }
 
 impl HostKvCache {
-    /// Creates the segment at `path` (mode 0600, replacing a file of ours left there).
+    /// Creates the segment, its locator at `path` (mode 0600, replacing a file left there).
     pub fn create(
         path: &Path,
         layers: u32,
@@ -383,7 +404,6 @@ impl HostKvCache {
         block_size_bytes: u64,
         token_size_bytes: u64,
     ) -> Result<HostKvCache, KvError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let io = |op: &'static str| {
             let path = path.to_path_buf();
             move |source| KvError::Io { op, path, source }
@@ -399,19 +419,21 @@ impl HostKvCache {
             why: "empty or overflowing KV cache shape".into(),
         })?;
         let _ = std::fs::remove_file(path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io("create"))?;
-        file.set_len(total).map_err(io("size"))?;
-        let map = MmapRaw::map_raw(&file).map_err(io("map"))?;
+        let name = path
+            .file_name()
+            .map_or_else(|| "llumlet-kv".into(), |n| n.to_string_lossy());
+        let mut mapped = None;
+        let published = crate::sealed::Published::create(path, &name, total, |file| {
+            mapped = Some(MmapRaw::map_raw(file)?);
+            Ok(0)
+        })
+        .map_err(io("create"))?;
+        let map = mapped.ok_or_else(|| io("map")(std::io::ErrorKind::Other.into()))?;
         Ok(HostKvCache {
             map,
             path: path.to_path_buf(),
             shape,
+            published,
         })
     }
 
@@ -464,7 +486,7 @@ impl HostKvCache {
 
 impl Drop for HostKvCache {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.published.unpublish(&self.path);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The llumlet data plane: the shared-memory interface between an engine and its llumlet.
 //!
 //! - [`segment`]: the per-instance control segment (naming, header, create and attach states);
+//! - [`sealed`]: shared memory that cannot be truncated under a mapping, found through a locator;
 //! - [`status_ring`]: the single-writer, many-reader status ring with a seqlock per slot;
 //! - [`kv`]: the KV region registry and mapping of host regions;
 //! - [`request_table`]: one seqlocked slot per live request with its block table;
@@ -30,6 +31,7 @@ pub mod mailbox;
 pub mod request_table;
 pub mod rng;
 pub mod runs;
+pub mod sealed;
 pub mod segment;
 mod seqlock;
 pub mod status_ring;

@@ -1,8 +1,11 @@
 //! The control segment: one shared-memory file per engine instance, created by the engine,
-//! attached by the llumlet.
+//! attached by the llumlet. It is a sealed memory file (see [`crate::sealed`]): its size can
+//! never change, so no truncation by anyone can make a mapping of it fault. At the segment's
+//! path the engine publishes the locator that leads to it.
 //!
 //! ```text
-//!  /dev/shm/llumlet-ctl-<escaped instance id>   (mode 0600, created exclusively)
+//!  /dev/shm/llumlet-ctl-<escaped instance id>   the locator (mode 0600, created exclusively)
+//!  memfd "llumlet-ctl-<escaped instance id>"    sealed, held open by the engine:
 //!  +---------------------------------------------+ 0
 //!  | Header (64-byte aligned, all atomics)       |  magic, layout version, sizes, layout hash,
 //!  |                                             |  generation, writer pid, heartbeat, ready
@@ -20,15 +23,15 @@
 //!
 //! The creator fills the header and stores `ready` last (Release); an attacher loads `ready`
 //! first (Acquire) and then checks every other field, so it gets a precise state: not there yet,
-//! not ready, incompatible (which field), or ready. Every field is an atomic, so any bytes another
+//! not ready, incompatible (which field), stale (its engine is gone), or ready. Every field is an atomic, so any bytes another
 //! process left in the file are a valid value to look at. Integers are native-endian: the
 //! segment is shared between processes of one host only.
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapRaw;
@@ -36,15 +39,16 @@ use memmap2::MmapRaw;
 use crate::command::{QueueMem, MESSAGE_WORDS, QUEUE_CAPACITY};
 use crate::kv::{KvRegistryMem, HANDLE_BYTES, MAX_KV_REGIONS};
 use crate::request_table::{RequestTableMem, MAX_BLOCKS_PER_REQUEST, MAX_REQUESTS};
+use crate::sealed::{Found, Locator, Published, Unusable};
 use crate::status_ring::{
     StatusCounters, StatusRecord, StatusRingMem, MAX_REQUEST_IDS, REQUEST_ID_BYTES, STATUS_SLOTS,
 };
-use crate::sys::{monotonic_ns, pid_alive};
+use crate::sys::monotonic_ns;
 
 /// `LLUMLETC`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"LLUMLETC");
 /// Bumped whenever the layout changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// The value of `ready` once the header is complete.
 pub const READY: u32 = 0x5244_5921;
 /// Directory of the segments.
@@ -174,6 +178,12 @@ pub fn segment_path(name_or_path: &str) -> PathBuf {
 /// A header field that does not match this build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Incompatible {
+    /// The file at the segment's path is not a locator (the reason).
+    #[error("not a segment locator: {0}")]
+    Locator(&'static str),
+    /// The memory file the locator names is not sealed against truncation.
+    #[error("the segment's memory file is not sealed against truncation")]
+    NotSealed,
     /// The file is shorter than its header or its layout.
     #[error("segment is truncated: {found} bytes, expected {expected}")]
     Truncated {
@@ -232,8 +242,14 @@ pub enum Attach {
     NotThere,
     /// The segment exists but its header is not complete yet.
     NotReady,
-    /// The segment is from another layout, truncated, or garbage.
+    /// The segment is from another layout, truncated, unsealed, or garbage.
     Incompatible(Incompatible),
+    /// The locator names a process that no longer holds the segment (an engine that died
+    /// without removing it): wait for its successor.
+    Stale {
+        /// The pid the locator names.
+        pid: u32,
+    },
     /// Attached.
     Ready(ControlSegment),
 }
@@ -244,17 +260,24 @@ impl std::fmt::Debug for Attach {
             Attach::NotThere => f.write_str("NotThere"),
             Attach::NotReady => f.write_str("NotReady"),
             Attach::Incompatible(i) => write!(f, "Incompatible({i})"),
+            Attach::Stale { pid } => write!(f, "Stale(pid {pid})"),
             Attach::Ready(s) => write!(f, "Ready(generation {:#x})", s.generation()),
         }
     }
 }
 
-/// A mapped control segment.
+/// A mapped control segment: a sealed memory file (see [`crate::sealed`]), so no truncation by
+/// anyone can make the mapping fault.
 pub struct ControlSegment {
     map: MmapRaw,
     path: PathBuf,
-    ino: u64,
-    owner: bool,
+    locator: Locator,
+    /// The locator file's (device, inode).
+    locator_id: (u64, u64),
+    /// The memory file's (device, inode).
+    memory_id: (u64, u64),
+    /// The creator's: the memory file, kept open under the descriptor the locator names.
+    published: Option<Published>,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SegmentError + 'a {
@@ -266,93 +289,98 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Seg
 }
 
 impl ControlSegment {
-    /// Creates the segment at `path` exclusively (mode 0600), fills the header and marks it
-    /// ready. A segment left there by a process proven dead is removed first.
+    /// Creates the segment: a sealed memory file with its header filled and marked ready, and
+    /// its locator at `path` (mode 0600, created exclusively). A locator left there by a process
+    /// that no longer holds its segment is removed first.
     pub fn create(path: &Path) -> Result<ControlSegment, SegmentError> {
-        let file = match open_new(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                remove_if_stale(path)?;
-                open_new(path).map_err(io_err("create", path))?
-            }
-            Err(e) => return Err(io_err("create", path)(e)),
-        };
-        let created = (|| {
-            file.set_len(SEGMENT_SIZE as u64)
-                .map_err(io_err("size", path))?;
-            let map = MmapRaw::map_raw(&file).map_err(io_err("map", path))?;
-            let ino = file.metadata().map_err(io_err("stat", path))?.ino();
-            Ok(ControlSegment {
-                map,
-                path: path.to_path_buf(),
-                ino,
-                owner: true,
-            })
-        })();
-        let seg = match created {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                return Err(e);
-            }
-        };
-        let h = seg.header();
+        let name = path
+            .file_name()
+            .map_or_else(|| "llumlet-ctl".into(), |n| n.to_string_lossy());
         let pid = std::process::id();
-        h.writer_pid.store(pid, Ordering::Relaxed);
-        h.magic.store(MAGIC, Ordering::Relaxed);
-        h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
-        h.header_size
-            .store(size_of::<Header>() as u32, Ordering::Relaxed);
-        h.status_record_size
-            .store(size_of::<StatusRecord>() as u32, Ordering::Relaxed);
-        h.status_slots.store(STATUS_SLOTS as u32, Ordering::Relaxed);
-        h.layout_hash.store(LAYOUT_HASH, Ordering::Relaxed);
-        h.total_size.store(SEGMENT_SIZE as u64, Ordering::Relaxed);
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        h.generation
-            .store(wall ^ (u64::from(pid) << 40) | 1, Ordering::Relaxed);
-        h.heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
-        // Pairs with the Acquire load in `attach`: everything above is visible once ready is.
-        h.ready.store(READY, Ordering::Release);
-        Ok(seg)
+        let generation = wall ^ (u64::from(pid) << 40) | 1;
+        let mut mapped = None;
+        let mut init = |file: &File| -> io::Result<u64> {
+            mapped = Some(init_header(file, pid, generation)?);
+            Ok(generation)
+        };
+        let published = match Published::create(path, &name, SEGMENT_SIZE as u64, &mut init) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                remove_if_stale(path)?;
+                Published::create(path, &name, SEGMENT_SIZE as u64, &mut init)
+                    .map_err(io_err("create", path))?
+            }
+            Err(e) => return Err(io_err("create", path)(e)),
+        };
+        let map = mapped.ok_or_else(|| io_err("map", path)(io::ErrorKind::Other.into()))?;
+        Ok(ControlSegment {
+            map,
+            path: path.to_path_buf(),
+            locator: published.locator,
+            locator_id: published.locator_id,
+            memory_id: published.memory_id,
+            published: Some(published),
+        })
     }
 
-    /// Attaches to the segment at `path`.
+    /// Attaches to the segment whose locator is at `path`. Nothing is mapped before the memory
+    /// file is proven sealed and whole.
     pub fn attach(path: &Path) -> Result<Attach, SegmentError> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attach::NotThere),
-            Err(e) => return Err(io_err("open", path)(e)),
+        let (locator, locator_id) = match Locator::find(path).map_err(io_err("read", path))? {
+            Found::NotThere => return Ok(Attach::NotThere),
+            Found::Locator(l, id) => (l, id),
+            Found::Other(_, _, false) if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) => {
+                return Ok(Attach::NotReady)
+            }
+            Found::Other(why, _, _) => return Ok(Attach::Incompatible(Incompatible::Locator(why))),
         };
-        let meta = file.metadata().map_err(io_err("stat", path))?;
-        let len = meta.len();
-        if len == 0 {
-            return Ok(Attach::NotReady);
-        }
-        if len < size_of::<Header>() as u64 {
-            return Ok(Attach::Incompatible(Incompatible::Truncated {
+        if locator.size != SEGMENT_SIZE as u64 {
+            return Ok(Attach::Incompatible(Incompatible::Field {
+                field: "size",
                 expected: SEGMENT_SIZE as u64,
-                found: len,
+                found: locator.size,
             }));
         }
+        let (file, memory_id) = match locator.open() {
+            Ok(x) => x,
+            Err(Unusable::HolderGone) => return Ok(Attach::Stale { pid: locator.pid }),
+            Err(Unusable::Open(e)) => return Err(io_err("open the engine's memory file", path)(e)),
+            Err(Unusable::NotSealed) => return Ok(Attach::Incompatible(Incompatible::NotSealed)),
+            Err(Unusable::Size { expected, found }) => {
+                return Ok(Attach::Incompatible(Incompatible::Truncated {
+                    expected,
+                    found,
+                }))
+            }
+        };
         let map = MmapRaw::map_raw(&file).map_err(io_err("map", path))?;
         let seg = ControlSegment {
             map,
             path: path.to_path_buf(),
-            ino: meta.ino(),
-            owner: false,
+            locator,
+            locator_id,
+            memory_id,
+            published: None,
         };
-        // SAFETY: the mapping holds at least a whole header (checked above), is page-aligned, and
-        // every header field is an atomic, for which any bytes are a valid value.
-        let h = unsafe { &*(seg.map.as_ptr() as *const Header) };
+        let h = seg.header();
         // Pairs with the Release store at the end of `create`.
         if h.ready.load(Ordering::Acquire) != READY {
             return Ok(Attach::NotReady);
         }
-        let checks: [(&'static str, u64, u64); 7] = [
+        if let Some(i) = seg.header_mismatch() {
+            return Ok(Attach::Incompatible(i));
+        }
+        Ok(Attach::Ready(seg))
+    }
+
+    /// The first header field that is not what this build wrote and the locator promised.
+    fn header_mismatch(&self) -> Option<Incompatible> {
+        let h = self.header();
+        let checks: [(&'static str, u64, u64); 9] = [
             ("magic", MAGIC, h.magic.load(Ordering::Relaxed)),
             (
                 "layout_version",
@@ -384,29 +412,43 @@ impl ControlSegment {
                 SEGMENT_SIZE as u64,
                 h.total_size.load(Ordering::Relaxed),
             ),
+            (
+                "generation",
+                self.locator.tag,
+                h.generation.load(Ordering::Relaxed),
+            ),
+            (
+                "writer_pid",
+                u64::from(self.locator.pid),
+                u64::from(h.writer_pid.load(Ordering::Relaxed)),
+            ),
         ];
-        for (field, expected, found) in checks {
-            if expected != found {
-                return Ok(Attach::Incompatible(Incompatible::Field {
-                    field,
-                    expected,
-                    found,
-                }));
-            }
+        checks
+            .into_iter()
+            .find(|(_, expected, found)| expected != found)
+            .map(|(field, expected, found)| Incompatible::Field {
+                field,
+                expected,
+                found,
+            })
+    }
+
+    /// Whether the header still says what it said at attach (no one overwrote it).
+    pub fn intact(&self) -> Result<(), Incompatible> {
+        if self.header().ready.load(Ordering::Acquire) != READY {
+            return Err(Incompatible::Field {
+                field: "ready",
+                expected: u64::from(READY),
+                found: u64::from(self.header().ready.load(Ordering::Relaxed)),
+            });
         }
-        if len < SEGMENT_SIZE as u64 {
-            return Ok(Attach::Incompatible(Incompatible::Truncated {
-                expected: SEGMENT_SIZE as u64,
-                found: len,
-            }));
-        }
-        Ok(Attach::Ready(seg))
+        self.header_mismatch().map_or(Ok(()), Err)
     }
 
     fn header(&self) -> &Header {
-        // SAFETY: `create` sized the file to SEGMENT_SIZE and `attach` returns a segment only
-        // after checking the length; the mapping is page-aligned (≥ 64) and every field is an
-        // atomic, valid for any bytes another process may write.
+        // SAFETY: the mapping is of a memory file sealed against shrinking and proven (or made)
+        // SEGMENT_SIZE bytes long, so every page stays backed; it is page-aligned (≥ 64) and
+        // every field is an atomic, valid for any bytes another process may write.
         unsafe { &*(self.map.as_ptr() as *const Header) }
     }
 
@@ -416,8 +458,8 @@ impl ControlSegment {
     }
 
     fn layout(&self) -> &ControlLayout {
-        // SAFETY: as in `header`: the mapping holds a whole `ControlLayout`, which is made of
-        // atomics only (valid for any bytes) and is page-aligned.
+        // SAFETY: as in `header`: the mapping holds a whole `ControlLayout` that no truncation
+        // can take away, made of atomics only (valid for any bytes), page-aligned.
         unsafe { &*(self.map.as_ptr() as *const ControlLayout) }
     }
 
@@ -441,19 +483,21 @@ impl ControlSegment {
         &self.layout().to_llumlet
     }
 
-    /// The generation: a new value for every segment created.
+    /// The generation: a new value for every segment created (as the locator promised; the
+    /// header's copy is checked by [`ControlSegment::intact`]).
     pub fn generation(&self) -> u64 {
-        self.header().generation.load(Ordering::Relaxed)
+        self.locator.tag
     }
 
-    /// The pid of the process that created the segment.
+    /// The pid of the process that created the segment (as its locator says).
     pub fn writer_pid(&self) -> u32 {
-        self.header().writer_pid.load(Ordering::Relaxed)
+        self.locator.pid
     }
 
-    /// Whether the writer process is still alive.
+    /// Whether the writer process is still alive and holding this segment: `/proc/<pid>/fd/<fd>`
+    /// still leads to it (a zombie holds no descriptors, and a reused pid holds another file).
     pub fn writer_alive(&self) -> bool {
-        pid_alive(self.writer_pid())
+        self.published.is_some() || self.locator.holds(self.memory_id)
     }
 
     /// Records a sign of life of the writer.
@@ -468,50 +512,58 @@ impl ControlSegment {
         monotonic_ns().saturating_sub(self.header().heartbeat_ns.load(Ordering::Relaxed))
     }
 
-    /// Whether the file at the segment's path is no longer this segment (the engine restarted
-    /// and created a new one, or removed it).
+    /// Whether the locator at the segment's path is no longer this segment's (the engine
+    /// restarted and created a new one, or someone removed or replaced it).
     pub fn replaced(&self) -> bool {
-        std::fs::metadata(&self.path).map_or(true, |m| m.ino() != self.ino)
+        std::fs::metadata(&self.path).map_or(true, |m| (m.dev(), m.ino()) != self.locator_id)
     }
 
-    /// Where the segment lives.
+    /// Where the segment's locator lives.
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
+/// Maps a fresh segment's memory file and fills its header, `ready` last.
+fn init_header(file: &File, pid: u32, generation: u64) -> io::Result<MmapRaw> {
+    let map = MmapRaw::map_raw(file)?;
+    // SAFETY: the file was sized to SEGMENT_SIZE and sealed (it stays so); the mapping is
+    // page-aligned and every header field is an atomic.
+    let h = unsafe { &*(map.as_ptr() as *const Header) };
+    h.writer_pid.store(pid, Ordering::Relaxed);
+    h.magic.store(MAGIC, Ordering::Relaxed);
+    h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+    h.header_size
+        .store(size_of::<Header>() as u32, Ordering::Relaxed);
+    h.status_record_size
+        .store(size_of::<StatusRecord>() as u32, Ordering::Relaxed);
+    h.status_slots.store(STATUS_SLOTS as u32, Ordering::Relaxed);
+    h.layout_hash.store(LAYOUT_HASH, Ordering::Relaxed);
+    h.total_size.store(SEGMENT_SIZE as u64, Ordering::Relaxed);
+    h.generation.store(generation, Ordering::Relaxed);
+    h.heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
+    // Pairs with the Acquire load in `attach`: everything above is visible once ready is.
+    h.ready.store(READY, Ordering::Release);
+    Ok(map)
+}
+
 impl Drop for ControlSegment {
     fn drop(&mut self) {
-        // The creator removes its segment when it stops, unless a new one replaced it.
-        if self.owner && !self.replaced() {
-            let _ = std::fs::remove_file(&self.path);
+        // The creator removes its locator when it stops, unless a new one replaced it.
+        if let Some(p) = &self.published {
+            p.unpublish(&self.path);
         }
     }
 }
 
-fn open_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-/// Removes the segment at `path` only if its writer is proven dead.
+/// Removes the locator at `path` only if its writer is proven gone.
 fn remove_if_stale(path: &Path) -> Result<(), SegmentError> {
     match ControlSegment::attach(path)? {
-        Attach::Ready(seg) => {
-            let pid = seg.writer_pid();
-            if pid_alive(pid) {
-                return Err(SegmentError::InUse {
-                    path: path.to_path_buf(),
-                    pid,
-                });
-            }
-            drop(seg);
-            std::fs::remove_file(path).map_err(io_err("remove stale", path))
-        }
+        Attach::Ready(seg) => Err(SegmentError::InUse {
+            path: path.to_path_buf(),
+            pid: seg.writer_pid(),
+        }),
+        Attach::Stale { .. } => std::fs::remove_file(path).map_err(io_err("remove stale", path)),
         Attach::NotThere => Ok(()),
         Attach::NotReady => Err(SegmentError::Exists {
             path: path.to_path_buf(),
@@ -530,6 +582,7 @@ mod tests {
 
     use crate::status_ring::{read_newest, StatusWriter};
     use bytemuck::Zeroable;
+    use std::fs::OpenOptions;
     use std::io::{Seek, SeekFrom, Write};
 
     fn tmp(tag: &str) -> PathBuf {
@@ -605,16 +658,40 @@ mod tests {
         std::fs::write(&p, b"garbage").unwrap();
         assert!(matches!(
             ControlSegment::attach(&p).unwrap(),
-            Attach::Incompatible(Incompatible::Truncated { .. })
+            Attach::Incompatible(Incompatible::Locator(_))
         ));
+        // A segment file of an older build (the memory itself at the path).
         std::fs::write(&p, vec![0xAB; SEGMENT_SIZE]).unwrap();
-        assert!(
-            matches!(ControlSegment::attach(&p).unwrap(), Attach::NotReady),
-            "ready word is garbage"
-        );
+        assert!(matches!(
+            ControlSegment::attach(&p).unwrap(),
+            Attach::Incompatible(Incompatible::Locator(_))
+        ));
+        // A locator that leads to a file that is not sealed.
+        std::fs::remove_file(&p).unwrap();
+        let plain = tmp("bad-plain");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&plain)
+            .unwrap();
+        f.set_len(SEGMENT_SIZE as u64).unwrap();
+        let l = Locator {
+            pid: std::process::id(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&f),
+            size: SEGMENT_SIZE as u64,
+            tag: 1,
+        };
+        std::fs::write(&p, l.encode()).unwrap();
+        assert!(matches!(
+            ControlSegment::attach(&p).unwrap(),
+            Attach::Incompatible(Incompatible::NotSealed)
+        ));
+        std::fs::remove_file(&plain).unwrap();
+        std::fs::remove_file(&p).unwrap();
 
         // A segment of another layout version.
-        std::fs::remove_file(&p).unwrap();
         let seg = ControlSegment::create(&p).unwrap();
         let other = LAYOUT_VERSION + 1;
         seg.header().layout_version.store(other, Ordering::Relaxed);
@@ -638,30 +715,77 @@ mod tests {
         seg.header()
             .layout_version
             .store(LAYOUT_VERSION, Ordering::Relaxed);
-        // Truncated after the header.
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.set_len(size_of::<Header>() as u64 + 8).unwrap();
+        // The memory cannot be truncated through any path to it.
+        let (mem, _) = seg.locator.open().unwrap();
+        assert_eq!(
+            mem.set_len(size_of::<Header>() as u64 + 8)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EPERM)
+        );
+        // Truncating or overwriting the locator leaves the memory and its readers alone.
+        let Attach::Ready(reader) = ControlSegment::attach(&p).unwrap() else {
+            panic!("not ready")
+        };
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+        assert!(reader.intact().is_ok() && reader.writer_alive());
         assert!(matches!(
             ControlSegment::attach(&p).unwrap(),
-            Attach::Incompatible(Incompatible::Truncated { .. })
+            Attach::Incompatible(Incompatible::Locator(_))
+        ));
+        // An overwritten header is seen.
+        seg.header().magic.store(7, Ordering::Relaxed);
+        assert!(matches!(
+            reader.intact(),
+            Err(Incompatible::Field { field: "magic", .. })
         ));
         drop(seg);
+        assert!(!p.exists(), "its own locator, damaged or not, is removed");
     }
 
     #[test]
     #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
     fn stale_segment_of_a_dead_writer_is_replaced() {
         let p = tmp("stale");
-        let seg = ControlSegment::create(&p).unwrap();
-        let old_gen = seg.generation();
-        // Pretend the writer was a process that has exited.
+        // The locator of an engine that died without removing it: its pid no longer holds
+        // the descriptor.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
         child.wait().unwrap();
-        seg.header().writer_pid.store(dead, Ordering::Relaxed);
-        std::mem::forget(seg);
+        let l = Locator {
+            pid: dead,
+            fd: 3,
+            size: SEGMENT_SIZE as u64,
+            tag: 9,
+        };
+        std::fs::write(&p, l.encode()).unwrap();
+        assert!(matches!(
+            ControlSegment::attach(&p).unwrap(),
+            Attach::Stale { pid } if pid == dead
+        ));
         let fresh = ControlSegment::create(&p).unwrap();
-        assert_ne!(fresh.generation(), old_gen);
+        assert_ne!(fresh.generation(), 9);
+        // A live holder whose descriptor is now some other file (a reused pid, say) is stale
+        // too, and never mistaken for the segment.
+        let other = std::fs::File::open("/proc/self/stat").unwrap();
+        let l = Locator {
+            pid: std::process::id(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&other),
+            size: SEGMENT_SIZE as u64,
+            tag: 9,
+        };
+        let p2 = tmp("stale2");
+        std::fs::write(&p2, l.encode()).unwrap();
+        assert!(!matches!(
+            ControlSegment::attach(&p2).unwrap(),
+            Attach::Ready(_)
+        ));
+        std::fs::remove_file(&p2).unwrap();
         // Garbage whose writer is unknown is left alone.
         drop(fresh);
         let mut f = std::fs::File::create(&p).unwrap();
@@ -697,28 +821,21 @@ mod garbage_tests {
                 "case {i}: {state:?}"
             );
         }
-        // A real segment with one header word scrambled at a time.
+        // A real segment with one header word scrambled at a time (through the engine's own
+        // mapping: nothing else reaches the memory).
         std::fs::remove_file(&p).unwrap();
         let seg = ControlSegment::create(&p).unwrap();
         let words = size_of::<Header>() / 8;
         for w in 0..words {
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&p)
-                .unwrap();
-            use std::io::{Read, Seek, SeekFrom, Write};
-            let mut old = [0u8; 8];
-            f.seek(SeekFrom::Start((w * 8) as u64)).unwrap();
-            f.read_exact(&mut old).unwrap();
-            f.seek(SeekFrom::Start((w * 8) as u64)).unwrap();
-            f.write_all(&rng.next_u64().to_le_bytes()).unwrap();
+            // SAFETY: word `w` is inside the header of a live mapping; atomics only.
+            let word = unsafe { &*(seg.map.as_ptr().add(w * 8) as *const AtomicU64) };
+            let old = word.swap(rng.next_u64(), Ordering::Relaxed);
             if let Attach::Ready(s) = ControlSegment::attach(&p).unwrap() {
-                // Only the generation, pid and heartbeat words may change and still attach.
+                // Only the heartbeat word may change and still attach.
+                assert!(s.intact().is_ok());
                 let _ = crate::status_ring::read_newest(s.status());
             }
-            f.seek(SeekFrom::Start((w * 8) as u64)).unwrap();
-            f.write_all(&old).unwrap();
+            word.store(old, Ordering::Relaxed);
         }
         assert!(matches!(
             ControlSegment::attach(&p).unwrap(),

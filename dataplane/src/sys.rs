@@ -76,6 +76,122 @@ pub fn parent_pid() -> u32 {
     u32::try_from(p).unwrap_or(0)
 }
 
+/// A memory file of `size` bytes that can never shrink or grow: `memfd_create` (close-on-exec),
+/// mode 0600, sized, then sealed with `F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`. A mapping of
+/// it cannot fault for lack of backing file, whoever holds it.
+pub fn sealed_memory_file(name: &str, size: u64) -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let name: Vec<u8> = name
+        .bytes()
+        .filter(|b| *b != 0)
+        .take(240)
+        .chain(std::iter::once(0))
+        .collect();
+    // SAFETY: `name` is NUL-terminated and outlives the call; the flags are valid.
+    let fd = unsafe {
+        libc::memfd_create(
+            name.as_ptr().cast(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.set_len(size)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Whether `file` is sealed against shrinking (so a mapping of its current length can never
+/// lose its backing pages).
+pub fn cannot_shrink(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor `file` keeps open; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
+/// Creates `path` with `bytes` as its whole content (mode 0600) atomically and exclusively: an
+/// anonymous file in its directory is written and then linked at `path`, so a reader sees the
+/// whole content or no file, a process killed on the way leaves nothing, and an existing file is
+/// an `AlreadyExists` error. Where the file system has no anonymous files, a temporary name
+/// beside it is linked instead.
+pub fn publish_exclusive(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+    {
+        Ok(mut f) => {
+            f.write_all(bytes)?;
+            let from = format!("/proc/self/fd/{}\0", f.as_raw_fd());
+            let to: Vec<u8> = path
+                .as_os_str()
+                .as_bytes()
+                .iter()
+                .copied()
+                .chain(std::iter::once(0))
+                .collect();
+            if to[..to.len() - 1].contains(&0) {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            // SAFETY: both paths are NUL-terminated and outlive the call; AT_FDCWD with absolute
+            // or cwd-relative paths.
+            let r = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr().cast(),
+                    libc::AT_FDCWD,
+                    to.as_ptr().cast(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) =>
+        {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(format!(".{}.tmp", std::process::id()));
+            let tmp = std::path::PathBuf::from(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(bytes))
+                .and_then(|()| std::fs::hard_link(&tmp, path));
+            let _ = std::fs::remove_file(&tmp);
+            written
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

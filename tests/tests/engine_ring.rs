@@ -301,3 +301,122 @@ fn request_table_is_visible_across_processes() {
     );
     drop(eng);
 }
+
+/// Whatever is done to the engine's files in /dev/shm, the llumlet neither crashes nor hangs,
+/// reports the instance unschedulable when the engine is gone or its segment overwritten (here
+/// with an engine timeout of 30 s, so only the llumlet's own checks can do it within the
+/// waits), and attaches to the next healthy engine. The attacks of issue 14, against the real
+/// binaries.
+#[test]
+fn a_damaged_segment_never_crashes_the_llumlet() {
+    use llumlet_dataplane::sealed::{Found, Locator};
+    use std::os::unix::fs::FileExt;
+    let redis = RedisServer::start();
+    let shm = format!("llumlet-ctl-test-damage-{}", std::process::id());
+    let _cleanup = ShmCleanup(shm.clone());
+    let path = std::path::Path::new("/dev/shm").join(&shm);
+    let mut env = base_env(&redis, "ring", free_port());
+    env.insert("LLUMLET_ENGINE_SHM".into(), shm.clone());
+    env.insert("LLUMNIX_ENGINE_GET_STATUS_TIMEOUT".into(), "30".into());
+    let key = "llumnix:instance_status:ring";
+    let mut eng = engine(&shm, 1, 6);
+    let mut llumlet = LlumletProcess::spawn(&env);
+    let progressing = |from: i64| {
+        redis.wait_for(key, Duration::from_secs(10), |b| {
+            status(b).filter(|s| s.schedulable && i64::from(s.step_id) > from + 20)
+        })
+    };
+    let unschedulable = || {
+        redis.wait_for(key, Duration::from_secs(5), |b| {
+            status(b).filter(|s| !s.schedulable)
+        })
+    };
+    let s = progressing(-1);
+    let Found::Locator(loc, _) = Locator::find(&path).unwrap() else {
+        panic!("no locator at {}", path.display())
+    };
+    assert_eq!(loc.pid, eng.pid());
+
+    // The segment's memory cannot be truncated, through any path to it.
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(loc.proc_path())
+        .unwrap();
+    for len in [0, 4096, 1 << 30] {
+        let e = mem.set_len(len).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "set_len({len})");
+    }
+    // `truncate -s 4096`, `truncate -s 0`, then the file replaced by 1 MiB of random bytes: the
+    // engine and its llumlet go on as if nothing happened.
+    let locator = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    locator.set_len(4096).unwrap();
+    locator.set_len(0).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mut junk = vec![0u8; 1 << 20];
+    llumlet_dataplane::sys::random_bytes(&mut junk).unwrap();
+    std::fs::write(&path, &junk).unwrap();
+    let s = progressing(i64::from(s.step_id));
+    assert!(llumlet.running());
+
+    // The engine killed after that: gone is seen at once, not at the 30 s timeout.
+    eng.signal(libc::SIGKILL);
+    eng.wait(Duration::from_secs(5));
+    unschedulable();
+    assert!(llumlet.stderr().contains("the engine process is gone"));
+    assert!(llumlet.running());
+
+    // The junk is not a locator, so a new engine refuses to guess and says so; once an operator
+    // removes it, the new engine starts and the llumlet attaches to it.
+    let mut refused = engine(&shm, 2, 6);
+    assert_ne!(refused.wait(Duration::from_secs(10)).code(), Some(0));
+    assert!(
+        refused.stderr().contains("cannot be proven dead"),
+        "{}",
+        refused.stderr()
+    );
+    std::fs::remove_file(&path).unwrap();
+    let mut eng2 = engine(&shm, 2, 6);
+    let _ = s;
+    let s = progressing(-1);
+
+    // Random bytes over the live segment (the header first: what a stray writer with the
+    // engine's rights would hit): unschedulable, and the llumlet lives.
+    let Found::Locator(loc2, _) = Locator::find(&path).unwrap() else {
+        panic!("no locator")
+    };
+    let mem2 = std::fs::OpenOptions::new()
+        .write(true)
+        .open(loc2.proc_path())
+        .unwrap();
+    let mut noise = vec![0u8; 64 << 10];
+    llumlet_dataplane::sys::random_bytes(&mut noise).unwrap();
+    mem2.write_all_at(&noise, 0).unwrap();
+    unschedulable();
+    let log = llumlet.stderr();
+    assert!(log.contains("control segment was overwritten"), "{log}");
+    assert!(llumlet.running());
+    let _ = s;
+
+    // That engine killed (its locator left behind, naming a dead holder): the next engine
+    // replaces the stale locator and the llumlet attaches to it.
+    eng2.signal(libc::SIGKILL);
+    eng2.wait(Duration::from_secs(5));
+    drop(mem2);
+    let mut eng3 = engine(&shm, 3, 6);
+    let s = progressing(-1);
+
+    // Its locator deleted while it runs: nothing changes for the instance; the engine then
+    // stopping is seen at once.
+    std::fs::remove_file(&path).unwrap();
+    progressing(i64::from(s.step_id));
+    eng3.signal(libc::SIGTERM);
+    assert_eq!(eng3.wait(Duration::from_secs(5)).code(), Some(0));
+    unschedulable();
+    assert!(llumlet.running());
+    let log = llumlet.stderr();
+    assert!(
+        !log.contains("panicked") && !log.contains("SIGBUS"),
+        "{log}"
+    );
+    drop(mem);
+}

@@ -132,7 +132,7 @@ impl EngineLink {
             {
                 return Ok(r);
             }
-            if !seg.writer_alive() || seg.replaced() {
+            if !seg.writer_alive() {
                 return Err(CallError::EngineGone);
             }
             if Instant::now() >= deadline {
