@@ -1,5 +1,7 @@
-//! Any file where a control segment is expected attaches as a precise state (not ready,
-//! incompatible, or ready), never a panic; a ready one can be read.
+//! Any file where a control segment's locator is expected attaches as a precise state (not
+//! ready, incompatible, stale, or ready), never a panic; a ready one can be read. The file is
+//! read as a locator (dataplane/src/sealed.rs), so this fuzzes its parser and the checks of
+//! whatever process and descriptor a parsed one names.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
