@@ -210,6 +210,16 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// The files in /dev/shm beside the control segment other than its own and its KV cache's.
+    pub fn leftover_files(&self) -> Vec<String> {
+        let shm = &self.env["LLUMLET_ENGINE_SHM"];
+        let own = [shm.clone(), format!("{shm}-kv")];
+        self.segment_files("")
+            .into_iter()
+            .filter(|n| !own.contains(n))
+            .collect()
+    }
+
     /// The transfer port (published as `kvt_port`).
     pub fn transfer_port(&self) -> i32 {
         self.env["LLUMLET_TRANSFER_PORT"].parse().unwrap()
@@ -477,6 +487,24 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
                 "{}: migration-in records left {:?}\n{}",
                 i.id,
                 i.segment_files("-mig-in-"),
+                logs(instances)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Nor anything else: once every migration has ended, an instance's files in /dev/shm are its
+    // control segment's and its KV cache's locators (no mailbox, journal or temporary file).
+    for i in instances.iter() {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = i.leftover_files();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: files left {left:?}\n{}",
+                i.id,
                 logs(instances)
             );
             std::thread::sleep(Duration::from_millis(100));

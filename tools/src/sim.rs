@@ -771,6 +771,13 @@ impl SimEngine {
             }
             Command::Abort { id, slot } => match self.find_any(slot) {
                 Some(mut r) => {
+                    // A suspended request's state, handed over for its migration, goes with it.
+                    if let Some(m) = r.migration {
+                        llumlet_dataplane::mailbox::remove(&llumlet_dataplane::mailbox::path(
+                            &self.segment,
+                            m,
+                        ));
+                    }
                     self.free.append(&mut r.blocks);
                     let _ = endpoint.remove_request(slot);
                     self.events.push(format!("aborted {}", r.id));
@@ -780,6 +787,13 @@ impl SimEngine {
                     // A request migrating in: drop the reservation; its source keeps it.
                     Some(i) => {
                         let mut inc = self.incoming.remove(i);
+                        // And its mailbox (the request id the reservation was made for): the
+                        // llumlet that wrote it may be gone (the orphan sweep of its successor
+                        // aborts by slot, not knowing the migration).
+                        llumlet_dataplane::mailbox::remove(&llumlet_dataplane::mailbox::path(
+                            &self.segment,
+                            inc.migration,
+                        ));
                         self.free.append(&mut inc.blocks);
                         let _ = endpoint.remove_request(slot);
                         self.events.push(format!("aborted-in {}", inc.id));
