@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that sets up a fresh machine and runs every check: installs what the tests need
-# (redis-server, a C compiler, UCX and openssl from Debian, grpcio-tools for the Python client
+# (redis-server, a C compiler, UCX, openssl, and nftables and iproute2 for the two-host network
+# tests from Debian, grpcio-tools for the Python client
 # test, vLLM 0.18 in a cached environment for the adapter's tests: scripts/vllm-env.sh), then fmt,
 # clippy with -D warnings, and the whole test suite (the migration fault suite again over tcp and UCX).
 set -euo pipefail
@@ -16,6 +17,8 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists ucx 2>/dev/null || missing+=(libucx-dev)
 command -v ucx_perftest >/dev/null || missing+=(ucx-utils)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v nft >/dev/null || missing+=(nftables)
+command -v ip >/dev/null || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   as_root apt-get update -qq

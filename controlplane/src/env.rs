@@ -77,7 +77,7 @@ vars! {
     TRANSPORT = "LLUMLET_TRANSPORT", Some("auto"), Llumlet,
         "KV transport of outgoing migrations: `auto` (shm when the destination is on this host and can map our regions, else ucx where both ends have it, else tcp), `shm`, `tcp`, `ucx` (needs the `ucx` feature; UCX's own `UCX_TLS`, `UCX_NET_DEVICES` apply).";
     TEST_FAULTS = "LLUMLET_TEST_FAULTS", None, Llumlet,
-        "Testing only: inject faults at migration steps, `point=action[@n],...` (actions `kill`, `hang`, `cut`, `refuse`; points in docs/migration.md). Unset: none.";
+        "Testing only: inject faults at migration steps, `point=action[@n],...` (actions `kill`, `hang`, `pause`, `cut`, `refuse`; points in docs/migration.md). Unset: none.";
     METRICS_PORT = "LLUMLET_METRICS_PORT", None, Llumlet,
         "Port of the Prometheus `/metrics` endpoint: 1-65535, 0 for a free port; unset: no endpoint.";
     PARENT_PID = "LLUMLET_PARENT_PID", None, Llumlet,

@@ -86,6 +86,9 @@ pub enum Action {
     Kill,
     /// The thread stalls for [`HANG`] (longer than any protocol step may wait).
     Hang,
+    /// The thread stalls for [`PAUSE`] (less than a protocol step may wait): time for a test to
+    /// cut the network at this point, after which the step goes on into the cut.
+    Pause,
     /// The transfer connection is shut down.
     Cut,
     /// The engine answers "not ok".
@@ -94,6 +97,8 @@ pub enum Action {
 
 /// How long [`Action::Hang`] stalls.
 pub const HANG: Duration = Duration::from_secs(12);
+/// How long [`Action::Pause`] stalls.
+pub const PAUSE: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct Fault {
@@ -135,11 +140,12 @@ fn parse(s: &str) -> Result<Vec<Fault>, String> {
         let action = match action {
             "kill" => Action::Kill,
             "hang" => Action::Hang,
+            "pause" => Action::Pause,
             "cut" => Action::Cut,
             "refuse" => Action::Refuse,
             other => {
                 return Err(format!(
-                    "{other:?} is not a fault action (kill, hang, cut, refuse)"
+                    "{other:?} is not a fault action (kill, hang, pause, cut, refuse)"
                 ))
             }
         };
@@ -169,7 +175,7 @@ pub fn init() -> Result<(), String> {
     Ok(())
 }
 
-/// The fault armed at `point` for this pass, if any. `Kill` and `Hang` are carried out here;
+/// The fault armed at `point` for this pass, if any. `Kill`, `Hang` and `Pause` are carried out here;
 /// the caller carries out `Cut` and `Refuse`.
 pub fn at(point: Point) -> Option<Action> {
     let f = FAULTS
@@ -181,6 +187,10 @@ pub fn at(point: Point) -> Option<Action> {
         Action::Kill => std::process::abort(),
         Action::Hang => {
             std::thread::sleep(HANG);
+            None
+        }
+        Action::Pause => {
+            std::thread::sleep(PAUSE);
             None
         }
         a => Some(a),

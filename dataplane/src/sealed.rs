@@ -105,15 +105,32 @@ impl Locator {
         Ok(Locator { pid, fd, size, tag })
     }
 
-    /// Reads what is at `path` (at most [`LOCATOR_MAX`] bytes are read; nothing is mapped).
+    /// Reads what is at `path` (at most [`LOCATOR_MAX`] bytes are read; nothing is mapped). A
+    /// symbolic link, a FIFO or anything else that is not a regular file, or a file another user
+    /// owns, is not a locator (and opening it neither follows the link nor blocks).
     pub fn find(path: &Path) -> io::Result<Found> {
-        let file = match File::open(path) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::NotThere),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                let id = std::fs::symlink_metadata(path).map_or((0, 0), |m| (m.dev(), m.ino()));
+                return Ok(Found::Other("a symbolic link", id, false));
+            }
             Err(e) => return Err(e),
         };
         let meta = file.metadata()?;
         let id = (meta.dev(), meta.ino());
+        if !meta.file_type().is_file() {
+            return Ok(Found::Other("not a regular file", id, false));
+        }
+        if meta.uid() != crate::sys::euid() {
+            return Ok(Found::Other("owned by another user", id, false));
+        }
         let small = meta.len() <= LOCATOR_MAX as u64;
         let mut buf = Vec::with_capacity(LOCATOR_MAX + 1);
         file.take(LOCATOR_MAX as u64 + 1).read_to_end(&mut buf)?;
@@ -144,7 +161,7 @@ impl Locator {
             Err(e) => return Err(Unusable::Open(e)),
         };
         let meta = file.metadata().map_err(Unusable::Open)?;
-        if !meta.file_type().is_file() {
+        if !meta.file_type().is_file() || meta.uid() != crate::sys::euid() {
             return Err(Unusable::NotSealed);
         }
         if !crate::sys::cannot_shrink(&file) {
@@ -174,8 +191,8 @@ pub enum Unusable {
     /// Opening it failed (another user's process, say).
     #[error("cannot open it: {0}")]
     Open(io::Error),
-    /// It is not a memory file sealed against shrinking.
-    #[error("it is not sealed against truncation")]
+    /// It is not a memory file of this user sealed against shrinking.
+    #[error("it is not a memory file of this user sealed against truncation")]
     NotSealed,
     /// Sealed, but not the size the locator says.
     #[error("it is {found} bytes, the locator says {expected}")]
@@ -302,6 +319,37 @@ mod tests {
         drop(p);
         assert!(!l.holds(mid));
         assert!(matches!(l.open(), Err(Unusable::HolderGone)));
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "files and mmap are outside Miri")]
+    fn links_and_fifos_are_not_locators_and_never_block() {
+        let dir = std::env::temp_dir().join(format!("llumlet-sealed-odd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("target");
+        let l = Locator {
+            pid: 1,
+            fd: 1,
+            size: 1,
+            tag: 1,
+        };
+        std::fs::write(&target, l.encode()).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            Locator::find(&link).unwrap(),
+            Found::Other("a symbolic link", _, _)
+        ));
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            Locator::find(&fifo).unwrap(),
+            Found::Other("not a regular file", _, _)
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// This process's effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Fills `out` with bytes from the kernel's random generator (`/dev/urandom`).
 pub fn random_bytes(out: &mut [u8]) -> io::Result<()> {
     use std::io::Read;

@@ -2,6 +2,7 @@
 //! binary as a child process, and polling with deadlines (never timing assertions).
 
 pub mod mig;
+pub mod netns;
 
 use std::collections::HashMap;
 use std::fs;
@@ -302,9 +303,27 @@ impl LlumletProcess {
 
     /// Spawns `llumlet ARGS...` with exactly `env` (plus PATH).
     pub fn spawn_args(args: &[&str], env: &HashMap<String, String>) -> LlumletProcess {
+        LlumletProcess::spawn_in(&[], args, env)
+    }
+
+    /// Spawns `WRAP... llumlet ARGS...` (`wrap`: a command that runs the rest elsewhere, such as
+    /// `nsenter` into another host's namespaces, and execs it: the child is the llumlet).
+    pub fn spawn_in(
+        wrap: &[String],
+        args: &[&str],
+        env: &HashMap<String, String>,
+    ) -> LlumletProcess {
         let dir = TempDir::new("llumlet");
         let log = dir.0.join("stderr.log");
-        let child = Command::new(llumlet_bin())
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(llumlet_bin());
+                c
+            }
+            None => Command::new(llumlet_bin()),
+        };
+        let child = cmd
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -377,10 +396,19 @@ pub async fn grpc_client(
     port: u16,
     within: Duration,
 ) -> llumlet_proto::llumlet::llumlet_client::LlumletClient<tonic::transport::Channel> {
+    grpc_client_at("127.0.0.1", port, within).await
+}
+
+/// A gRPC client of the llumlet at `host:port`, retrying the connection for up to `within`.
+pub async fn grpc_client_at(
+    host: &str,
+    port: u16,
+    within: Duration,
+) -> llumlet_proto::llumlet::llumlet_client::LlumletClient<tonic::transport::Channel> {
     let deadline = Instant::now() + within;
     loop {
         match llumlet_proto::llumlet::llumlet_client::LlumletClient::connect(format!(
-            "http://127.0.0.1:{port}"
+            "http://{host}:{port}"
         ))
         .await
         {

@@ -2,6 +2,7 @@
 //! engines' event lines, `Migrate` calls, and the end-of-run invariants.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
@@ -11,7 +12,7 @@ use llumlet_proto::llumlet::migrate_request::MigrationValue;
 use llumlet_proto::llumlet::MigrateRequest;
 use prost::Message;
 
-use crate::{base_env, free_port, grpc_client, LlumletProcess, RedisServer};
+use crate::{base_env, free_port, grpc_client_at, LlumletProcess, RedisServer};
 
 /// How a simulated engine runs.
 #[derive(Debug, Clone)]
@@ -53,6 +54,11 @@ impl SimOpts {
 
 /// Spawns `llumlet sim-engine` publishing to segment `shm`.
 pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
+    engine_in(&[], shm, o)
+}
+
+/// [`engine`], run through `wrap` (on another host: [`crate::netns::TwoHosts::wrap`]).
+pub fn engine_in(wrap: &[String], shm: &str, o: &SimOpts) -> LlumletProcess {
     let v = [
         o.seed,
         o.requests.into(),
@@ -94,7 +100,7 @@ pub fn engine(shm: &str, o: &SimOpts) -> LlumletProcess {
     if o.gpu {
         env.extend(crate::cuda_env());
     }
-    LlumletProcess::spawn_args(&args, &env)
+    LlumletProcess::spawn_in(wrap, &args, &env)
 }
 
 /// A simulated engine with its llumlet.
@@ -112,15 +118,67 @@ pub struct Instance {
     env: HashMap<String, String>,
     /// Stdout of engines and stderr of llumlets this instance had before a restart.
     pub earlier_logs: String,
+    /// Where the instance runs (empty: here).
+    wrap: Vec<String>,
+    /// Its /dev/shm, as this process sees it.
+    shm_dir: PathBuf,
+    /// The address its gRPC service is reached at.
+    pub rpc_host: String,
+    /// The address its transfer endpoint is reached at by other instances.
+    pub transfer_ip: String,
+}
+
+/// Where an instance runs when not on this host's namespaces: a host of
+/// [`crate::netns::TwoHosts`].
+pub struct Placement {
+    /// The command prefix that runs a program there.
+    pub wrap: Vec<String>,
+    /// Its /dev/shm as the test sees it.
+    pub shm_dir: PathBuf,
+    /// Its management address (gRPC).
+    pub mgmt_ip: String,
+    /// Its data-link address (transfer connections).
+    pub data_ip: String,
+    /// Where it reaches Redis.
+    pub redis_ip: String,
+}
+
+impl Placement {
+    /// Host `h` of `hosts`.
+    pub fn on(hosts: &crate::netns::TwoHosts, h: usize) -> Placement {
+        Placement {
+            wrap: hosts.wrap(h),
+            shm_dir: hosts.shm_dir(h),
+            mgmt_ip: hosts.mgmt[h].clone(),
+            data_ip: hosts.data[h].clone(),
+            redis_ip: hosts.bridge_ip.clone(),
+        }
+    }
 }
 
 impl Instance {
     /// Starts an engine and its llumlet (`extra`: more llumlet environment).
     pub fn start(redis: &RedisServer, id: &str, opts: SimOpts, extra: &[(&str, &str)]) -> Instance {
+        Instance::start_on(redis, id, opts, extra, None)
+    }
+
+    /// [`Instance::start`] on another host (`None`: this one).
+    pub fn start_on(
+        redis: &RedisServer,
+        id: &str,
+        opts: SimOpts,
+        extra: &[(&str, &str)],
+        at: Option<Placement>,
+    ) -> Instance {
         let shm = format!("llumlet-ctl-test-{id}-{}", std::process::id());
-        let engine = engine(&shm, &opts);
+        let wrap = at.as_ref().map(|p| p.wrap.clone()).unwrap_or_default();
+        let engine = engine_in(&wrap, &shm, &opts);
         let rpc = free_port();
         let mut env = base_env(redis, id, rpc);
+        if let Some(p) = &at {
+            env.insert("LLUMNIX_CMS_REDIS_ADDRESS".into(), p.redis_ip.clone());
+            env.insert("LLUMLET_HOST_IP".into(), p.data_ip.clone());
+        }
         env.insert("LLUMLET_ENGINE_SHM".into(), shm);
         env.insert("LLUMNIX_MAX_REQ_MIG_OUT".into(), "4".into());
         env.insert("LLUMNIX_MAX_REQ_MIG_IN".into(), "4".into());
@@ -140,7 +198,7 @@ impl Instance {
         if opts.gpu {
             env.extend(crate::cuda_env());
         }
-        let llumlet = LlumletProcess::spawn(&env);
+        let llumlet = LlumletProcess::spawn_in(&wrap, &[], &env);
         Instance {
             id: id.into(),
             engine,
@@ -149,6 +207,14 @@ impl Instance {
             opts,
             env,
             earlier_logs: String::new(),
+            wrap,
+            shm_dir: at
+                .as_ref()
+                .map_or_else(|| PathBuf::from("/dev/shm"), |p| p.shm_dir.clone()),
+            rpc_host: at
+                .as_ref()
+                .map_or_else(|| "127.0.0.1".into(), |p| p.mgmt_ip.clone()),
+            transfer_ip: at.map_or_else(|| "127.0.0.1".into(), |p| p.data_ip),
         }
     }
 
@@ -159,7 +225,7 @@ impl Instance {
 
     /// The ids of the requests in state `state` in the engine's request table.
     pub fn ids_in_state(&self, state: RequestState) -> Vec<String> {
-        let path = std::path::Path::new("/dev/shm").join(&self.env["LLUMLET_ENGINE_SHM"]);
+        let path = self.shm_dir.join(&self.env["LLUMLET_ENGINE_SHM"]);
         let Ok(Attach::Ready(seg)) = ControlSegment::attach(&path) else {
             return Vec::new();
         };
@@ -200,7 +266,7 @@ impl Instance {
     /// (`-mig-in-`: the destination's records of committed migrations in).
     pub fn segment_files(&self, rest: &str) -> Vec<String> {
         let prefix = format!("{}{rest}", self.env["LLUMLET_ENGINE_SHM"]);
-        std::fs::read_dir("/dev/shm")
+        std::fs::read_dir(&self.shm_dir)
             .map(|rd| {
                 rd.filter_map(Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -240,7 +306,7 @@ impl Instance {
             Some(f) => self.env.insert("LLUMLET_TEST_FAULTS".into(), f.into()),
             None => self.env.remove("LLUMLET_TEST_FAULTS"),
         };
-        self.llumlet = LlumletProcess::spawn(&self.env);
+        self.llumlet = LlumletProcess::spawn_in(&self.wrap, &[], &self.env);
     }
 
     /// The engine's event lines `prefix <id> ...`: the ids.
@@ -326,13 +392,24 @@ pub fn migrate(
     dst_id: &str,
     port: i32,
 ) -> (bool, String) {
+    migrate_via(rt, src, dst_id, "127.0.0.1", port)
+}
+
+/// [`migrate`] to the destination's transfer endpoint at `ip:port`.
+pub fn migrate_via(
+    rt: &tokio::runtime::Runtime,
+    src: &Instance,
+    dst_id: &str,
+    ip: &str,
+    port: i32,
+) -> (bool, String) {
     rt.block_on(async {
-        let mut c = grpc_client(src.rpc, Duration::from_secs(10)).await;
+        let mut c = grpc_client_at(&src.rpc_host, src.rpc, Duration::from_secs(10)).await;
         let r = c
             .migrate(MigrateRequest {
                 src_engine_id: src.id.clone(),
                 dst_engine_id: dst_id.to_string(),
-                dst_engine_ip: "127.0.0.1".into(),
+                dst_engine_ip: ip.into(),
                 dst_engine_port: port,
                 migration_type: "NUM_REQ".into(),
                 migration_req_policy: "SR".into(),
@@ -458,9 +535,8 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
     for i in instances.iter() {
         let seg = format!("{}-mig-", i.env["LLUMLET_ENGINE_SHM"]);
         let pending = || -> Vec<String> {
-            std::fs::read_dir("/dev/shm")
-                .unwrap()
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            i.segment_files("-mig-")
+                .into_iter()
                 .filter(|n| n.starts_with(&seg) && n.ends_with(".out"))
                 .collect()
         };

@@ -472,6 +472,7 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
     let files_start: Vec<usize> = inst.iter().map(shm_files).collect();
     let rss_start: Vec<u64> = inst.iter().map(|i| rss_kib(i.llumlet.child.id())).collect();
     let mut rss_max = rss_start.clone();
+    let mut files_max = files_start.clone();
     let started = std::time::Instant::now();
     for round in 0..rounds {
         let from = rng.below(2);
@@ -482,6 +483,9 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
             .or_default() += 1;
         for (m, i) in rss_max.iter_mut().zip(&inst) {
             *m = (*m).max(rss_kib(i.llumlet.child.id()));
+        }
+        for (m, i) in files_max.iter_mut().zip(&inst) {
+            *m = (*m).max(shm_files(i));
         }
         eprintln!(
             "round {round}: {} → {} fault {fault:?}",
@@ -516,8 +520,9 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
     let seconds = started.elapsed().as_secs();
     let requests: u32 = inst.iter().map(|i| i.opts.requests).sum();
     let [a, b] = &mut inst;
-    // Every request admitted ends exactly once (none lost, none run twice): the check panics
-    // otherwise, so a summary printed below says 0 lost.
+    // Every request admitted ends exactly once (none lost, none run twice), and once every
+    // migration has ended each instance holds only its own two files: the check panics
+    // otherwise, so a summary printed below says 0 lost and 0 files left.
     check_exactly_once(
         &redis,
         &mut [a, b],
@@ -528,7 +533,8 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
         serde_json::json!({
             "soak": soak, "seed": seed, "rounds": rounds, "seconds": seconds,
             "faults": injected, "moved": moved, "requests": requests, "lost": 0, "twice": 0,
-            "files_start": files_start, "files_end": files_end,
+            "files_start": files_start, "files_max": files_max, "files_end": files_end,
+            "files_left_after_settling": 0,
             "rss_kib_start": rss_start, "rss_kib_end": rss_end, "rss_kib_max": rss_max,
         })
     );

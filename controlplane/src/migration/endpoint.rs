@@ -30,7 +30,7 @@ use super::machine::{DestAction, DestEngineOp, DestEvent, DestMachine, Outcome};
 use super::negotiate::{self, Ask, Transport};
 use super::reason::Refusal;
 use super::ucx_side::UcxSide;
-use super::wire::{self, host_identity, layout_of, map_all, region_msg, regions_of, wire_layout};
+use super::wire::{self, layout_of, map_all, region_msg, regions_of, wire_layout};
 use super::STEP_TIMEOUT;
 use crate::metrics::{MigrationCounts, Side};
 use crate::migration::rpc::SlotLedger;
@@ -366,7 +366,7 @@ impl TransferServer {
         let seg = seg.ok_or(Refusal::NoEngine)?;
         let (regions, maps) = if Transport::from_wire(&b.transport) == Transport::Cuda {
             // The source opens this engine's GPU regions itself: same host only.
-            if !same_host(b) {
+            if !wire::same_machine(&b.host) {
                 return Err(Refusal::GpuAcrossHosts);
             }
             let gpu = regions_of(seg, MemoryKind::CudaIpc).map_err(Refusal::Cache)?;
@@ -418,7 +418,7 @@ impl TransferServer {
             transport: Transport::from_wire(&b.transport),
             ucx_welcome: b.ucx,
         };
-        let same = same_host(&b);
+        let same = wire::same_shm(&b.host);
         // UCX: this worker's address and the regions registered, offered in `Reserved`.
         let ucx_offer = match self.ucx.get() {
             Some(side) if negotiate::wants_ucx(ask, same) && verdict.is_none() => {
@@ -514,11 +514,6 @@ fn message_kind(m: &Msg) -> &'static str {
         Msg::Resolution(_) => "Resolution",
         Msg::Retire(_) => "Retire",
     }
-}
-
-/// Whether the source that sent `b` runs on this host.
-fn same_host(b: &Begin) -> bool {
-    !b.host.is_empty() && b.host == host_identity()
 }
 
 /// One migration in progress at the destination.

@@ -13,10 +13,26 @@ use prost::Message;
 use super::auth::{self, Session, TransferKey};
 use super::STEP_TIMEOUT;
 
-/// This host's identity for `shm` and `cuda`: the kernel's boot id (the destination also checks
-/// it can map the regions).
+/// This host's identity, as a source sends it in `Begin`: the kernel's boot id (the machine: for
+/// `cuda`), then `/` and the device of this process's /dev/shm (the shared-memory namespace: for
+/// `shm`; two containers of one machine usually have a /dev/shm each, and two llumlets can use
+/// `shm` only if they see the same one).
 pub fn host_identity() -> String {
-    llumlet_dataplane::sys::boot_id()
+    use std::os::unix::fs::MetadataExt;
+    let shm = std::fs::metadata(llumlet_dataplane::segment::SHM_DIR).map_or(0, |m| m.dev());
+    format!("{}/{shm:x}", llumlet_dataplane::sys::boot_id())
+}
+
+/// Whether a source that sent `host` in its `Begin` shares this machine (its boot id).
+pub fn same_machine(host: &str) -> bool {
+    let mine = host_identity();
+    let machine = |h: &str| h.split('/').next().unwrap_or_default().to_string();
+    !host.is_empty() && machine(host) == machine(&mine)
+}
+
+/// Whether a source that sent `host` in its `Begin` shares this machine and this /dev/shm.
+pub fn same_shm(host: &str) -> bool {
+    !host.is_empty() && host == host_identity()
 }
 
 /// Sends one control message, tagged for the session.
