@@ -91,7 +91,14 @@ impl TwoHosts {
         let br = format!("lb{k}");
         self.teardown_links();
         run(&["ip", "link", "add", &br, "type", "bridge"])?;
-        run(&["ip", "addr", "add", &format!("{}/24", self.bridge_ip), "dev", &br])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", self.bridge_ip),
+            "dev",
+            &br,
+        ])?;
         run(&["ip", "link", "set", &br, "up"])?;
         for h in 0..2 {
             let ns = self.ns(h);
@@ -106,14 +113,18 @@ impl TwoHosts {
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
         let (da, db) = (self.data_dev(0), self.data_dev(1));
-        run(&["ip", "link", "add", &da, "type", "veth", "peer", "name", &db])?;
+        run(&[
+            "ip", "link", "add", &da, "type", "veth", "peer", "name", &db,
+        ])?;
         for h in 0..2 {
             let (ns, dev) = (self.ns(h), self.data_dev(h));
             run(&["ip", "link", "set", &dev, "netns", &ns])?;
             let addr = format!("{}/24", self.data[h]);
             run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", &dev])?;
             run(&["ip", "-n", &ns, "link", "set", &dev, "up"])?;
-            run(&["ip", "netns", "exec", &ns, "nft", "add", "table", "inet", "llt"])?;
+            run(&[
+                "ip", "netns", "exec", &ns, "nft", "add", "table", "inet", "llt",
+            ])?;
             for (chain, hook) in [("in", "input"), ("out", "output")] {
                 let spec = format!("{{ type filter hook {hook} priority 0; }}");
                 run(&[
@@ -137,7 +148,10 @@ impl TwoHosts {
             let _ = BufReader::new(anchor.stdout.take().unwrap()).read_line(&mut line);
             if line.trim() != "up" {
                 let _ = anchor.kill();
-                let out = anchor.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+                let out = anchor
+                    .wait_with_output()
+                    .map(|o| o.stderr)
+                    .unwrap_or_default();
                 return Err(format!(
                     "cannot give the host its own /dev/shm: {}",
                     String::from_utf8_lossy(&out).trim()
@@ -168,7 +182,9 @@ impl TwoHosts {
         for h in 0..2 {
             let (ns, dev) = (self.ns(h), self.data_dev(h));
             for (chain, dir) in [("in", "iifname"), ("out", "oifname")] {
-                run(&["ip", "netns", "exec", &ns, "nft", "flush", "chain", "inet", "llt", chain])?;
+                run(&[
+                    "ip", "netns", "exec", &ns, "nft", "flush", "chain", "inet", "llt", chain,
+                ])?;
                 if let Some(r) = &rule {
                     let on = if all {
                         format!("{dir} != lo")
@@ -207,11 +223,6 @@ impl TwoHosts {
             ])?;
         }
         Ok(())
-    }
-
-    /// Deletes the data link for good (the peer host is gone from the network).
-    pub fn cut_for_good(&self) {
-        let _ = run(&["ip", "-n", &self.ns(0), "link", "del", &self.data_dev(0)]);
     }
 
     fn teardown_links(&self) {

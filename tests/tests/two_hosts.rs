@@ -248,7 +248,7 @@ fn a_peer_host_that_disappears_for_good() {
     let (bid, bip, bport) = (b.id.clone(), b.transfer_ip.clone(), b.transfer_port());
     let started = Instant::now();
     let (ok, msg) = std::thread::scope(|s| {
-        let b = &mut b;
+        let (b, hosts) = (&mut b, &hosts);
         let gone = s.spawn(move || {
             let seen = "injected fault Pause at dst-after-reserve";
             until(
@@ -257,11 +257,12 @@ fn a_peer_host_that_disappears_for_good() {
                 || b.llumlet.stderr().contains(seen),
                 || b.logs(),
             );
+            // Silence first (a host that loses power sends nothing more), then the processes.
+            hosts.partition(true);
             for p in [&mut b.llumlet, &mut b.engine] {
                 let _ = p.child.kill();
                 let _ = p.child.wait();
             }
-            hosts.cut_for_good();
         });
         let r = migrate_via(&rt, &a, &bid, &bip, bport);
         gone.join().unwrap();
