@@ -20,7 +20,7 @@ use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS}
 use llumlet_dataplane::segment::ControlSegment;
 use llumlet_dataplane::transport::{check_layouts, receive_frame, DataSink, Frame, ReservedBlocks};
 use llumlet_proto::migration::{
-    envelope::Msg, resolution::Outcome as Res, Begin, Resolution, Resolve, UcxRegion,
+    envelope::Msg, resolution::Outcome as Res, Begin, Resolution, Resolve, Retired, UcxRegion,
 };
 
 use super::auth::{self, Session, TransferKey};
@@ -263,7 +263,16 @@ impl TransferServer {
         match first {
             Msg::Resolve(r) => self.answer_resolve(&mut stream, &mut session, r),
             Msg::Begin(b) => self.migrate_in(stream, session, b, buf),
-            Msg::Retire(r) => self.retire_record(&r),
+            Msg::Retire(r) => {
+                self.retire_record(&r);
+                let _ = wire::send(
+                    &mut stream,
+                    &mut session,
+                    Msg::Retired(Retired {
+                        migration_id: r.migration_id,
+                    }),
+                );
+            }
             other => tracing::warn!(
                 message = message_kind(&other),
                 "transfer connection opened with an unexpected message"
@@ -487,6 +496,13 @@ impl Retiring {
                 if let Err(e) = std::fs::remove_file(&self.record) {
                     tracing::warn!(error = %e, "cannot remove a retired migration-in record");
                 }
+                let _ = wire::send(
+                    &mut self.stream,
+                    &mut self.session,
+                    Msg::Retired(Retired {
+                        migration_id: r.migration_id,
+                    }),
+                );
             }
             Ok(other) => tracing::debug!(
                 message = message_kind(&other),
@@ -513,6 +529,7 @@ fn message_kind(m: &Msg) -> &'static str {
         Msg::Resolve(_) => "Resolve",
         Msg::Resolution(_) => "Resolution",
         Msg::Retire(_) => "Retire",
+        Msg::Retired(_) => "Retired",
     }
 }
 

@@ -378,7 +378,7 @@ impl SourceRun<'_> {
     }
 
     /// Tells the destination, once this engine has committed, that its record of the commit can
-    /// go (best effort: without it the record expires by age).
+    /// go, and waits for its `Retired` (best effort: without it the record expires by age).
     fn retire(&mut self) {
         let sent = match (self.stream.as_mut(), self.session.as_mut()) {
             (Some(s), Some(session)) => {
@@ -386,12 +386,14 @@ impl SourceRun<'_> {
                     migration_id: self.migration_id,
                     request_id: self.req.id.clone(),
                 });
-                wire::send(s, session, retire).map_err(|e| e.to_string())
+                wire::send(s, session, retire)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| wire::await_retired(s, session, self.migration_id))
             }
             _ => Err("the migration's connection is gone".to_string()),
         };
-        // Settled through `Resolve` (the connection was lost after the commit): on a
-        // connection of its own.
+        // Settled through `Resolve` (the connection was lost after the commit), or no `Retired`
+        // came back (the destination had stopped waiting): on a connection of its own.
         let r = sent.or_else(|_| wire::retire(self.dst, self.key, self.migration_id, &self.req.id));
         if let Err(e) = r {
             tracing::debug!(error = %e, "cannot retire the destination's record");

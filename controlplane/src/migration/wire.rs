@@ -169,7 +169,25 @@ pub fn retire(
             request_id: request_id.into(),
         }),
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    await_retired(&mut s, &mut session, migration_id)
+}
+
+/// Waits a step for the destination's `Retired` answering our `Retire` of `migration_id`: only
+/// then is its record known to be gone (a `Retire` written into a connection the destination
+/// had already closed, say after a partition outlasted its wait, is lost without an error).
+pub fn await_retired(
+    s: &mut TcpStream,
+    session: &mut Session,
+    migration_id: u64,
+) -> Result<(), String> {
+    s.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    match recv_control(s, session, &mut buf)? {
+        Msg::Retired(r) if r.migration_id == migration_id => Ok(()),
+        _ => Err("expected Retired".into()),
+    }
 }
 
 /// Asks the destination at `dst` how migration `migration_id` ended (`Resolve`, on a connection
