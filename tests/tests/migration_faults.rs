@@ -382,18 +382,6 @@ impl Rng {
     }
 }
 
-/// What a llumlet's process holds: resident KiB (VmRSS), 0 if it is gone.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The files an instance has in /dev/shm (its segment, mailboxes, migration records).
 fn shm_files(i: &Instance) -> usize {
     i.segment_files("").len()
@@ -470,7 +458,10 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
     let mut moved = 0;
     let mut injected: std::collections::BTreeMap<&str, u32> = Default::default();
     let files_start: Vec<usize> = inst.iter().map(shm_files).collect();
-    let rss_start: Vec<u64> = inst.iter().map(|i| rss_kib(i.llumlet.child.id())).collect();
+    let rss_start: Vec<u64> = inst
+        .iter()
+        .map(|i| llumlet_dataplane::sys::rss_kib(i.llumlet.child.id()))
+        .collect();
     let mut rss_max = rss_start.clone();
     let mut files_max = files_start.clone();
     let started = std::time::Instant::now();
@@ -482,7 +473,7 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
             .entry(if fault.is_empty() { "none" } else { fault })
             .or_default() += 1;
         for (m, i) in rss_max.iter_mut().zip(&inst) {
-            *m = (*m).max(rss_kib(i.llumlet.child.id()));
+            *m = (*m).max(llumlet_dataplane::sys::rss_kib(i.llumlet.child.id()));
         }
         for (m, i) in files_max.iter_mut().zip(&inst) {
             *m = (*m).max(shm_files(i));
@@ -516,7 +507,10 @@ fn many_migrations_with_random_faults_keep_every_request_exactly_once() {
         eprintln!("{}\n{}", inst[0].logs(), inst[1].logs());
     }
     let files_end: Vec<usize> = inst.iter().map(shm_files).collect();
-    let rss_end: Vec<u64> = inst.iter().map(|i| rss_kib(i.llumlet.child.id())).collect();
+    let rss_end: Vec<u64> = inst
+        .iter()
+        .map(|i| llumlet_dataplane::sys::rss_kib(i.llumlet.child.id()))
+        .collect();
     let seconds = started.elapsed().as_secs();
     let requests: u32 = inst.iter().map(|i| i.opts.requests).sum();
     let [a, b] = &mut inst;

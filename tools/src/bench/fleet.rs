@@ -111,18 +111,6 @@ impl Drop for Redis {
     }
 }
 
-/// Resident KiB of `pid` (0 if it is gone).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -425,7 +413,10 @@ async fn fleet(a: &FleetArgs) -> Result<(), String> {
         .iter()
         .map(|p| cpu_seconds(*p).unwrap_or(0.0))
         .collect();
-    let rss: Vec<f64> = pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
+    let rss: Vec<f64> = pids
+        .iter()
+        .map(|p| llumlet_dataplane::sys::rss_kib(*p) as f64 / 1024.0)
+        .collect();
     let (redis_cpu, cmds) = if storm.is_some() {
         // Redis restarted: its counters began again.
         (
