@@ -163,6 +163,8 @@ pub struct Config {
     pub transport: TransportChoice,
     /// The cluster's transfer secret (`None`: this host's key).
     pub transfer_secret_file: Option<std::path::PathBuf>,
+    /// `LLUMLET_TRANSFER_ENCRYPT`: every transfer connection is encrypted.
+    pub transfer_encrypt: bool,
     /// How long a migration in waits for its source.
     pub transfer_idle_timeout: Duration,
     /// Transfer connections served at once.
@@ -655,6 +657,7 @@ impl Config {
             }
             None => None,
         };
+        let transfer_encrypt = r.boolean(env::TRANSFER_ENCRYPT)?;
         let transfer_idle_timeout =
             Duration::from_secs(r.int_in(env::TRANSFER_IDLE_TIMEOUT, 1, 3600)? as u64);
         let transfer_max_connections = r.int_in(env::TRANSFER_MAX_CONNECTIONS, 1, 4096)? as usize;
@@ -662,6 +665,7 @@ impl Config {
             rpc_bind,
             rpc_tls,
             transfer_secret_file,
+            transfer_encrypt,
             transfer_idle_timeout,
             transfer_max_connections,
             transfer_port,

@@ -70,6 +70,8 @@ vars! {
         "Port of the migration transfer endpoint, published as `kvt_port`: 1-65535, 0 for a free port; unset: HybridConnector's `rpc_port`, else a free port.";
     TRANSFER_SECRET_FILE = "LLUMLET_TRANSFER_SECRET_FILE", None, Llumlet,
         "File holding the cluster's transfer secret (at least 32 random bytes, mode 0600 or 0400), the same on every llumlet that migrates to or from this one: transfer connections are mutually authenticated with it before any message, and every control message is tagged. Unset: this host's key (`/dev/shm/llumlet-transfer-key-<uid>`, made by the first llumlet), so only llumlets of this user on this host can connect.";
+    TRANSFER_ENCRYPT = "LLUMLET_TRANSFER_ENCRYPT", Some("0"), Llumlet,
+        "Encrypt every transfer connection (AES-256-GCM, keys from an X25519 exchange authenticated by the transfer secret): control messages, request states and `tcp`'s KV bytes. A llumlet with it accepts no unencrypted connection (set it on every llumlet of the cluster) and does not use UCX, which would move KV bytes unencrypted: between hosts KV moves over encrypted `tcp`; `shm` and `cuda` (one machine) are unchanged.";
     TRANSFER_IDLE_TIMEOUT = "LLUMLET_TRANSFER_IDLE_TIMEOUT", Some("30"), Llumlet,
         "Seconds a migration in may wait for its source before it is aborted and its reservation freed (longer than the longest stage copy): 1-3600.";
     TRANSFER_MAX_CONNECTIONS = "LLUMLET_TRANSFER_MAX_CONNECTIONS", Some("64"), Llumlet,

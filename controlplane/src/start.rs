@@ -65,14 +65,18 @@ pub fn run() -> ExitCode {
             config.engine_get_status_timeout,
         ));
         let key = match TransferKey::load(config.transfer_secret_file.as_deref()) {
-            Ok(k) => k,
+            Ok(k) => k.encrypting(config.transfer_encrypt),
             Err(e) => {
                 tracing::error!("cannot load the transfer key: {e}");
                 eprintln!("llumlet: cannot load the transfer key: {e}");
                 return ExitCode::from(EXIT_START);
             }
         };
-        tracing::info!(key = %key.describe(), "transfer connections are authenticated");
+        if key.encrypts() {
+            tracing::info!(key = %key.describe(), "transfer connections are authenticated and encrypted");
+        } else {
+            tracing::info!(key = %key.describe(), "transfer connections are authenticated");
+        }
         let endpoint = EndpointConfig {
             key: key.clone(),
             idle_timeout: config.transfer_idle_timeout,
@@ -96,7 +100,10 @@ pub fn run() -> ExitCode {
         }
         // UCX, when built in: one context and worker for migrations in and out (a destination
         // offers it to sources that ask, whatever this llumlet's own outgoing choice).
-        let ucx = if cfg!(feature = "ucx") {
+        let ucx = if cfg!(feature = "ucx") && key.encrypts() {
+            tracing::info!("UCX not used: it would move KV bytes unencrypted (LLUMLET_TRANSFER_ENCRYPT); migrations use shm or encrypted tcp");
+            None
+        } else if cfg!(feature = "ucx") {
             match crate::migration::ucx_side::UcxSide::start() {
                 Ok(side) => {
                     tracing::info!(ucx = %side.describe(), "UCX transport ready");

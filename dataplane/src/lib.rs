@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod aead;
 pub mod command;
 #[cfg(feature = "cuda")]
 pub mod cuda;

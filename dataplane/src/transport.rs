@@ -10,10 +10,16 @@
 //! Frames on a transfer connection: `u32 length (LE) | u8 kind | payload`, kind
 //! [`FRAME_CONTROL`] (a protobuf message of the migration protocol) or [`FRAME_DATA`]:
 //! `u32 region | u32 first destination block | u32 blocks | u32 0 | bytes`.
+//!
+//! On an encrypted connection (`LLUMLET_TRANSFER_ENCRYPT`) a data frame's bytes are AES-256-GCM
+//! ciphertext followed by their 16-byte tag, bound to the frame's head and data header (which
+//! stay readable: the receiver checks them against the reservation before it reads the bytes);
+//! control frames are sealed by the control plane's session.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
+use crate::aead::{AeadError, FrameKey, TAG};
 use crate::kv::MappedRegion;
 use crate::runs::BlockRun;
 
@@ -104,6 +110,9 @@ pub enum TransportError {
     /// The transport's library failed (UCX, CUDA).
     #[error("{0}")]
     Backend(String),
+    /// An encrypted frame that does not authenticate (the connection must end).
+    #[error("{0}")]
+    Aead(#[from] AeadError),
 }
 
 /// The blocks a destination reserved for one migration (the only blocks a run may write).
@@ -257,12 +266,62 @@ pub fn layout(regions: &[MappedRegion]) -> Vec<(u64, u64)> {
 /// Any two hosts: data frames on the transfer connection.
 pub struct TcpTransport {
     stream: TcpStream,
+    /// On an encrypted connection: the key of this direction's data frames, and the frame being
+    /// sealed (head, payload, tag; the blocks must be copied out of the engine's memory to be
+    /// encrypted, so they are copied once, into this buffer, allocated at the first frame).
+    sealing: Option<(FrameKey, Vec<u8>)>,
 }
 
 impl TcpTransport {
     /// A transport writing to `stream` (a clone of the migration's transfer connection).
     pub fn new(stream: TcpStream) -> TcpTransport {
-        TcpTransport { stream }
+        TcpTransport {
+            stream,
+            sealing: None,
+        }
+    }
+
+    /// A transport writing data frames encrypted with `key` (the session's data key for this
+    /// direction) to `stream`.
+    pub fn encrypted(stream: TcpStream, key: FrameKey) -> TcpTransport {
+        TcpTransport {
+            stream,
+            sealing: Some((key, Vec::new())),
+        }
+    }
+
+    /// Sends the blocks at `data` (`len` bytes) as one data frame whose head is `head`: straight
+    /// from the engine's memory to the socket, or through the sealing buffer, encrypted.
+    ///
+    /// # Safety
+    /// `data .. data + len` must lie inside a live mapping for the whole call.
+    unsafe fn send_frame(
+        &mut self,
+        head: &mut [u8; 5 + DATA_HEADER],
+        data: *const u8,
+        len: usize,
+    ) -> Result<(), TransportError> {
+        let Some((key, frame)) = self.sealing.as_mut() else {
+            // SAFETY: the caller's range is live for the call.
+            return unsafe { write_head_and_blocks(&self.stream, head, data, len) }
+                .map_err(Into::into);
+        };
+        let payload = (DATA_HEADER + len + TAG) as u32;
+        head[..4].copy_from_slice(&payload.to_le_bytes());
+        frame.clear();
+        frame.extend_from_slice(head);
+        let start = frame.len();
+        frame.resize(start + len, 0);
+        // SAFETY: the caller's range is readable for `len` bytes; the destination is this
+        // buffer's own `len` bytes after the head. The engine may be writing those blocks while
+        // a stage copies them (the next stage resends what changed): the copy goes through raw
+        // pointers, never a reference to the engine's memory.
+        unsafe { std::ptr::copy_nonoverlapping(data, frame[start..].as_mut_ptr(), len) };
+        let (aad, body) = frame.split_at_mut(start);
+        let tag = key.seal(aad, body)?;
+        frame.extend_from_slice(&tag);
+        (&self.stream).write_all(frame)?;
+        Ok(())
     }
 }
 
@@ -353,7 +412,7 @@ impl Transport for TcpTransport {
                     )?;
                     // SAFETY: blocks src+done .. src+done+n lie inside the mapping
                     // (`check_src`), which `src` keeps alive for the whole call.
-                    unsafe { write_head_and_blocks(&self.stream, &head, sp, len) }?;
+                    unsafe { self.send_frame(&mut head, sp, len) }?;
                     bytes += len as u64;
                     done += n;
                 }
@@ -432,8 +491,21 @@ pub fn receive_frame(
     buf: &mut Vec<u8>,
     sink: &DataSink,
 ) -> Result<Frame, TransportError> {
-    let mut head = [0u8; 5];
-    r.read_exact(&mut head).map_err(eof_is_closed)?;
+    receive_frame_keyed(r, buf, sink, None)
+}
+
+/// [`receive_frame`] on a connection whose data frames are encrypted with `data_key` (when
+/// given): the bytes are read straight into the reserved blocks and decrypted there; a frame
+/// that does not authenticate is an error that ends the connection (its blocks hold bytes no
+/// one uses: they stay reserved until the migration aborts).
+pub fn receive_frame_keyed(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    sink: &DataSink,
+    mut data_key: Option<&mut FrameKey>,
+) -> Result<Frame, TransportError> {
+    let mut head = [0u8; 5 + DATA_HEADER];
+    r.read_exact(&mut head[..5]).map_err(eof_is_closed)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     check_len(head[4], len)?;
     match head[4] {
@@ -442,16 +514,16 @@ pub fn receive_frame(
             Ok(Frame::Control)
         }
         FRAME_DATA => {
-            let mut dh = [0u8; DATA_HEADER];
-            if len < DATA_HEADER {
+            let tag = if data_key.is_some() { TAG } else { 0 };
+            if len < DATA_HEADER + tag {
                 discard(r, len)?;
                 return Ok(Frame::Data(Err(TransportError::Malformed(
                     "data frame shorter than its header".into(),
                 ))));
             }
-            r.read_exact(&mut dh).map_err(eof_is_closed)?;
-            let body = len - DATA_HEADER;
-            match sink.target(&dh, body) {
+            r.read_exact(&mut head[5..]).map_err(eof_is_closed)?;
+            let body = len - DATA_HEADER - tag;
+            match sink.target(&head[5..], body) {
                 Ok(dp) => {
                     // SAFETY: `target` checked that `body` bytes from `dp` are reserved blocks
                     // inside the mapping (bounds checked against the region, which `map` checked
@@ -459,10 +531,19 @@ pub fn receive_frame(
                     // commit and this thread is their only writer, so the slice is not aliased.
                     let dst = unsafe { std::slice::from_raw_parts_mut(dp, body) };
                     r.read_exact(dst).map_err(eof_is_closed)?;
+                    if let Some(key) = data_key.as_mut() {
+                        let mut t = [0u8; TAG];
+                        r.read_exact(&mut t).map_err(eof_is_closed)?;
+                        key.open(&head, dst, &t)?;
+                    }
                     Ok(Frame::Data(Ok(body as u64)))
                 }
                 Err(e) => {
-                    discard(r, body)?;
+                    discard(r, body + tag)?;
+                    if let Some(key) = data_key.as_mut() {
+                        // The frame's nonce is used up unread: the next frame is counted on.
+                        key.skip();
+                    }
                     Ok(Frame::Data(Err(e)))
                 }
             }

@@ -4,12 +4,13 @@
 
 use std::net::{TcpListener, TcpStream};
 
+use llumlet_dataplane::aead::FrameKey;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{blocks, coalesce, BlockRun};
 use llumlet_dataplane::transport::{
-    read_frame, receive_frame, write_frame, DataSink, Frame, ReservedBlocks, ShmTransport,
-    TcpTransport, Transport, TransportError, FRAME_CONTROL,
+    read_frame, receive_frame, receive_frame_keyed, write_frame, DataSink, Frame, ReservedBlocks,
+    ShmTransport, TcpTransport, Transport, TransportError, FRAME_CONTROL,
 };
 
 const LAYERS: u32 = 3;
@@ -60,6 +61,8 @@ impl Cache {
 enum Kind {
     Shm,
     Tcp,
+    /// `tcp` with encrypted data frames (`LLUMLET_TRANSFER_ENCRYPT`).
+    TcpEncrypted,
     /// UCX with `UCX_TLS` set to this.
     #[cfg(feature = "ucx")]
     #[allow(dead_code)]
@@ -71,6 +74,7 @@ impl Kind {
         match self {
             Kind::Shm => 0,
             Kind::Tcp => 1,
+            Kind::TcpEncrypted => 20,
             #[cfg(feature = "ucx")]
             Kind::Ucx(tls) => 2 + tls.len() as u64,
         }
@@ -174,7 +178,9 @@ fn copy(
             assert_eq!(t.name(), "shm");
             t.copy(&src_maps, runs).map_err(|e| e.to_string())
         }
-        Kind::Tcp => {
+        Kind::Tcp | Kind::TcpEncrypted => {
+            let encrypted = matches!(kind, Kind::TcpEncrypted);
+            let key = [0x5au8; llumlet_dataplane::aead::KEY];
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             let sink = DataSink::new(dst.maps(), ReservedBlocks::new(reserved));
@@ -182,8 +188,9 @@ fn copy(
                 let (mut s, _) = listener.accept().unwrap();
                 let mut buf = Vec::new();
                 let mut err = None;
+                let mut opener = encrypted.then(|| FrameKey::new(&key));
                 loop {
-                    match receive_frame(&mut s, &mut buf, &sink) {
+                    match receive_frame_keyed(&mut s, &mut buf, &sink, opener.as_mut()) {
                         Ok(Frame::Data(r)) => {
                             if let Err(e) = r {
                                 err.get_or_insert(e.to_string());
@@ -199,7 +206,12 @@ fn copy(
                 }
             });
             let mut stream = TcpStream::connect(addr).unwrap();
-            let mut t = TcpTransport::new(stream.try_clone().unwrap());
+            let clone = stream.try_clone().unwrap();
+            let mut t = if encrypted {
+                TcpTransport::encrypted(clone, FrameKey::new(&key))
+            } else {
+                TcpTransport::new(clone)
+            };
             assert_eq!(t.name(), "tcp");
             let r = t.copy(&src_maps, runs);
             write_frame(&mut stream, FRAME_CONTROL, b"end").unwrap();
@@ -323,6 +335,12 @@ fn tcp_conforms() {
     refuses_runs_outside_the_reservation(Kind::Tcp);
 }
 
+#[test]
+fn encrypted_tcp_conforms() {
+    conformance(Kind::TcpEncrypted);
+    refuses_runs_outside_the_reservation(Kind::TcpEncrypted);
+}
+
 /// UCX over its TCP transport (software RMA: the destination's worker thread applies the puts).
 #[cfg(feature = "ucx")]
 #[test]
@@ -360,5 +378,101 @@ fn tcp_sink_rejects_malformed_data_frames() {
     assert!(matches!(
         sink.apply(&f),
         Err(TransportError::OutOfReservation { region: 7, .. })
+    ));
+}
+
+/// Encrypted data frames as the sender writes them: on the wire the blocks do not appear; any
+/// byte altered on the path (head, data header, ciphertext or tag), a frame dropped or one sent
+/// twice makes the receiver refuse it with an error that ends the connection.
+#[test]
+fn encrypted_tcp_frames_hide_the_blocks_and_refuse_any_change() {
+    let key = [0x33u8; llumlet_dataplane::aead::KEY];
+    let mut rng = SplitMix64(77);
+    let mut src = Cache::new("enc-src");
+    src.fill(&mut rng);
+    let dst = Cache::new("enc-dst");
+    let reserved = [4u32, 5, 9, 10];
+    let runs = [BlockRun {
+        src: 1,
+        dst: 4,
+        len: 2,
+    }];
+    // What the sender writes, as the wire carries it.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut all).unwrap();
+        all
+    });
+    let stream = TcpStream::connect(addr).unwrap();
+    let mut t = TcpTransport::encrypted(stream.try_clone().unwrap(), FrameKey::new(&key));
+    t.copy(&src.maps(), &runs).unwrap();
+    drop(t);
+    drop(stream);
+    let wire = reader.join().unwrap();
+    // One frame per layer: head, data header, 2 blocks, tag.
+    let frame = 5 + 16 + 2 * BLOCK_BYTES as usize + 16;
+    assert_eq!(wire.len(), LAYERS as usize * frame);
+    let block = src.block(0, 1);
+    assert!(
+        !wire.windows(64).any(|w| w == &block[..64]),
+        "a source block's bytes appear on the wire"
+    );
+
+    let mut dst = dst;
+    let receive_all = |dst: &Cache, wire: &[u8]| -> Result<(), TransportError> {
+        let sink = DataSink::new(dst.maps(), ReservedBlocks::new(&reserved));
+        let mut opener = FrameKey::new(&key);
+        let mut r = wire;
+        let mut buf = Vec::new();
+        while !r.is_empty() {
+            match receive_frame_keyed(&mut r, &mut buf, &sink, Some(&mut opener))? {
+                Frame::Data(Ok(_)) => {}
+                Frame::Data(Err(e)) => return Err(e),
+                Frame::Control => panic!("a control frame"),
+            }
+        }
+        Ok(())
+    };
+    receive_all(&dst, &wire).unwrap();
+    for l in 0..LAYERS {
+        assert_eq!(dst.block(l, 4), src.block(l, 1));
+        assert_eq!(dst.block(l, 5), src.block(l, 2));
+    }
+    // A changed byte: a head that no longer makes sense is refused as it is, the rest fails
+    // authentication.
+    for at in [0, 4, 5, 13, 21, 21 + 4096, frame - 1, frame + 30] {
+        let mut bad = wire.clone();
+        bad[at] ^= 0x10;
+        assert!(
+            receive_all(&dst, &bad).is_err(),
+            "a change at byte {at} went unnoticed"
+        );
+        if at >= 21 {
+            assert!(matches!(
+                receive_all(&dst, &bad),
+                Err(TransportError::Aead(_))
+            ));
+        }
+    }
+    // The header is bound too: moved to other reserved blocks (4 -> 9), the frame fails.
+    let mut moved = wire.clone();
+    moved[9] ^= 4 ^ 9;
+    assert!(matches!(
+        receive_all(&dst, &moved),
+        Err(TransportError::Aead(_))
+    ));
+    // A frame dropped, or replayed.
+    assert!(matches!(
+        receive_all(&dst, &wire[frame..]),
+        Err(TransportError::Aead(_))
+    ));
+    let mut twice = wire[..frame].to_vec();
+    twice.extend_from_slice(&wire);
+    assert!(matches!(
+        receive_all(&dst, &twice),
+        Err(TransportError::Aead(_))
     ));
 }

@@ -24,6 +24,15 @@
 //! reorder or replay one. Data frames (the `tcp` transport's KV bytes) are not tagged: an
 //! attacker on the path can read or alter KV bytes, never a `Begin`, `Reserved` or `Commit`
 //! (docs/security.md).
+//!
+//! Version 2, encrypted (`LLUMLET_TRANSFER_ENCRYPT`), is the same exchange with an ephemeral
+//! X25519 public key after each nonce (`pc`, `ps`), the proofs over the whole transcript
+//! `nc ‖ ns ‖ pc ‖ ps` with labels of their own, and keys from the secret, the transcript and the
+//! X25519 shared secret: AES-256-GCM for control messages and for data frames, one key per
+//! direction and kind, each frame's nonce its sequence number. Every byte after the handshake is
+//! then encrypted and authenticated, and traffic recorded today stays unreadable to whoever
+//! learns the secret later. A client asks for it with its version; a server with encryption on
+//! answers a version-1 hello with its own version 2 header and closes (the client says why).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -31,10 +40,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
+use llumlet_dataplane::aead::{self, AeadError, FrameKey};
+use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+use ring::rand::SystemRandom;
 use sha2::Sha256;
 
 const MAGIC: &[u8; 4] = b"LLKT";
+/// Authenticated connections.
 const VERSION: u8 = 1;
+/// Authenticated and encrypted connections.
+const VERSION_SEALED: u8 = 2;
+/// Bytes of an X25519 public key.
+const PUBLIC: usize = 32;
 const NONCE: usize = 32;
 const MAC: usize = 32;
 const HELLO: usize = 4 + 1 + NONCE;
@@ -60,6 +77,12 @@ pub enum AuthError {
     /// The server closed after the client's proof: it did not accept this llumlet's key.
     #[error("the destination refused this llumlet's transfer credential (set the same LLUMLET_TRANSFER_SECRET_FILE on both)")]
     Refused,
+    /// The server accepts only encrypted connections; this side did not ask for one.
+    #[error("the destination accepts only encrypted transfer connections (set LLUMLET_TRANSFER_ENCRYPT=1 on this llumlet too)")]
+    EncryptionRequired,
+    /// A client that does not encrypt, refused by a server that requires it.
+    #[error("a peer that does not encrypt its transfer connection was refused (LLUMLET_TRANSFER_ENCRYPT=1 here requires it of every peer)")]
+    PlainPeer,
 }
 
 /// Where a key came from.
@@ -76,6 +99,9 @@ enum KeySource {
 pub struct TransferKey {
     key: Arc<[u8]>,
     source: KeySource,
+    /// Every connection is encrypted (`LLUMLET_TRANSFER_ENCRYPT`): this side opens only
+    /// encrypted connections and accepts no other.
+    encrypt: bool,
 }
 
 impl std::fmt::Debug for TransferKey {
@@ -98,6 +124,7 @@ impl TransferKey {
         TransferKey {
             key: Arc::from(key),
             source: KeySource::File(PathBuf::from("(given)")),
+            encrypt: false,
         }
     }
 
@@ -136,6 +163,7 @@ impl TransferKey {
         Ok(TransferKey {
             key: Arc::from(key),
             source: KeySource::File(path.to_path_buf()),
+            encrypt: false,
         })
     }
 
@@ -193,7 +221,19 @@ impl TransferKey {
         Ok(TransferKey {
             key: Arc::from(key),
             source: KeySource::Host(path.to_path_buf()),
+            encrypt: false,
         })
+    }
+
+    /// This key, with every connection encrypted (`on`) or only authenticated.
+    pub fn encrypting(mut self, on: bool) -> TransferKey {
+        self.encrypt = on;
+        self
+    }
+
+    /// Whether connections made or accepted with this key are encrypted.
+    pub fn encrypts(&self) -> bool {
+        self.encrypt
     }
 
     /// For the logs: where the key came from, never the key.
@@ -221,26 +261,49 @@ const SERVER: &[u8] = b"llumlet-kvt server";
 const CLIENT: &[u8] = b"llumlet-kvt client";
 const CLIENT_TO_SERVER: &[u8] = b"llumlet-kvt c2s";
 const SERVER_TO_CLIENT: &[u8] = b"llumlet-kvt s2c";
+// Version 2 (encrypted): other labels, so no proof or key of one version serves the other.
+const SERVER2: &[u8] = b"llumlet-kvt2 server";
+const CLIENT2: &[u8] = b"llumlet-kvt2 client";
+const C2S_CONTROL: &[u8] = b"llumlet-kvt2 c2s control";
+const S2C_CONTROL: &[u8] = b"llumlet-kvt2 s2c control";
+const C2S_DATA: &[u8] = b"llumlet-kvt2 c2s data";
+const S2C_DATA: &[u8] = b"llumlet-kvt2 s2c data";
 
-/// Bytes of the tag a control message carries after the handshake.
+/// Bytes of the tag a control message carries after the handshake (either version).
 pub const TAG: usize = 16;
 
 /// One authenticated connection's message keys: one per direction, derived from the key and the
-/// handshake's two nonces, with a sequence number each way.
+/// handshake (version 1: HMAC tags; version 2: AES-256-GCM, control and data frames apart),
+/// each counting its messages.
 pub struct Session {
-    send: Hmac<Sha256>,
-    recv: Hmac<Sha256>,
-    send_seq: u64,
-    recv_seq: u64,
+    mode: Mode,
+}
+
+enum Mode {
+    Tagged {
+        send: Hmac<Sha256>,
+        recv: Hmac<Sha256>,
+        send_seq: u64,
+        recv_seq: u64,
+    },
+    Sealed {
+        send: FrameKey,
+        recv: FrameKey,
+        data_send: Option<FrameKey>,
+        data_recv: FrameKey,
+    },
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Session(sent {}, received {})",
-            self.send_seq, self.recv_seq
-        )
+        match &self.mode {
+            Mode::Tagged {
+                send_seq, recv_seq, ..
+            } => write!(f, "Session(tagged, sent {send_seq}, received {recv_seq})"),
+            Mode::Sealed { send, recv, .. } => {
+                write!(f, "Session(encrypted, {send:?} sent, {recv:?} received)")
+            }
+        }
     }
 }
 
@@ -253,10 +316,37 @@ impl Session {
         let (c2s, s2c) = (keyed(CLIENT_TO_SERVER), keyed(SERVER_TO_CLIENT));
         let (send, recv) = if client { (c2s, s2c) } else { (s2c, c2s) };
         Session {
-            send,
-            recv,
-            send_seq: 0,
-            recv_seq: 0,
+            mode: Mode::Tagged {
+                send,
+                recv,
+                send_seq: 0,
+                recv_seq: 0,
+            },
+        }
+    }
+
+    /// Version 2's keys: from the secret, the whole transcript (both nonces and both ephemeral
+    /// public keys) and the ephemeral exchange's shared secret (so recorded traffic stays
+    /// unreadable to whoever later learns the secret).
+    fn derive_sealed(key: &TransferKey, transcript: &[u8], shared: &[u8], client: bool) -> Session {
+        let keyed = |label: &[u8]| {
+            let k: [u8; aead::KEY] = key.proof(label, transcript, shared).finalize().into_bytes().into();
+            FrameKey::new(&k)
+        };
+        let (c2s, s2c) = (keyed(C2S_CONTROL), keyed(S2C_CONTROL));
+        let (c2s_data, s2c_data) = (keyed(C2S_DATA), keyed(S2C_DATA));
+        let (send, recv, data_send, data_recv) = if client {
+            (c2s, s2c, c2s_data, s2c_data)
+        } else {
+            (s2c, c2s, s2c_data, c2s_data)
+        };
+        Session {
+            mode: Mode::Sealed {
+                send,
+                recv,
+                data_send: Some(data_send),
+                data_recv,
+            },
         }
     }
 
@@ -267,25 +357,61 @@ impl Session {
         m
     }
 
-    /// The tag of the next message this side sends.
-    pub fn seal(&mut self, bytes: &[u8]) -> [u8; TAG] {
-        let full = Session::tag(&self.send, self.send_seq, bytes)
-            .finalize()
-            .into_bytes();
-        self.send_seq += 1;
-        let mut t = [0u8; TAG];
-        t.copy_from_slice(&full[..TAG]);
-        t
+    /// Whether this connection is encrypted.
+    pub fn encrypted(&self) -> bool {
+        matches!(self.mode, Mode::Sealed { .. })
     }
 
-    /// Whether `tag` is the peer's tag of its next message `bytes` (compared in constant time).
-    pub fn open(&mut self, bytes: &[u8], tag: &[u8]) -> bool {
-        let ok = Session::tag(&self.recv, self.recv_seq, bytes)
-            .verify_truncated_left(tag)
-            .is_ok()
-            && tag.len() == TAG;
-        self.recv_seq += 1;
-        ok
+    /// Seals the next message this side sends: appends its tag to `bytes` (encrypted first,
+    /// in place, on an encrypted connection).
+    pub fn seal(&mut self, bytes: &mut Vec<u8>) -> Result<(), AeadError> {
+        let tag = match &mut self.mode {
+            Mode::Tagged { send, send_seq, .. } => {
+                let full = Session::tag(send, *send_seq, bytes).finalize().into_bytes();
+                *send_seq += 1;
+                let mut t = [0u8; TAG];
+                t.copy_from_slice(&full[..TAG]);
+                t
+            }
+            Mode::Sealed { send, .. } => send.seal(&[], bytes)?,
+        };
+        bytes.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// The peer's next message in `frame` (its bytes and tag), if the tag is right (compared in
+    /// constant time); decrypted in place on an encrypted connection.
+    pub fn open<'a>(&mut self, frame: &'a mut [u8]) -> Option<&'a [u8]> {
+        let split = frame.len().checked_sub(TAG)?;
+        let (bytes, tag) = frame.split_at_mut(split);
+        match &mut self.mode {
+            Mode::Tagged { recv, recv_seq, .. } => {
+                let ok = Session::tag(recv, *recv_seq, bytes)
+                    .verify_truncated_left(tag)
+                    .is_ok();
+                *recv_seq += 1;
+                ok.then_some(&*bytes)
+            }
+            Mode::Sealed { recv, .. } => recv.open(&[], bytes, tag).ok().map(|_| &*bytes),
+        }
+    }
+
+    /// The key this side's data frames are encrypted with (a `tcp` transport's), once; none on
+    /// a connection that is not encrypted.
+    pub fn take_data_sealer(&mut self) -> Option<FrameKey> {
+        match &mut self.mode {
+            Mode::Sealed { data_send, .. } => data_send.take(),
+            Mode::Tagged { .. } => None,
+        }
+    }
+
+    /// The key the peer's data frames are decrypted with; none on a connection that is not
+    /// encrypted.
+    pub fn data_opener(&mut self) -> Option<&mut FrameKey> {
+        match &mut self.mode {
+            Mode::Sealed { data_recv, .. } => Some(data_recv),
+            Mode::Tagged { .. } => None,
+        }
     }
 }
 
@@ -295,28 +421,95 @@ fn nonce() -> std::io::Result<[u8; NONCE]> {
     Ok(n)
 }
 
-/// The connecting side's handshake (a source, a resolver, the bench's sender).
-pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session, AuthError> {
-    let nc = nonce()?;
-    let mut hello = [0u8; HELLO];
-    hello[..4].copy_from_slice(MAGIC);
-    hello[4] = VERSION;
-    hello[5..].copy_from_slice(&nc);
-    s.write_all(&hello)?;
-    let mut ch = [0u8; CHALLENGE];
-    s.read_exact(&mut ch)?;
-    if &ch[..4] != MAGIC || ch[4] != VERSION {
+/// An ephemeral X25519 key pair, for one handshake.
+fn ephemeral() -> std::io::Result<(EphemeralPrivateKey, [u8; PUBLIC])> {
+    let failed = |_| std::io::Error::other("cannot make an ephemeral key");
+    let private = EphemeralPrivateKey::generate(&X25519, &SystemRandom::new()).map_err(failed)?;
+    let public = private.compute_public_key().map_err(failed)?;
+    let mut p = [0u8; PUBLIC];
+    p.copy_from_slice(public.as_ref());
+    Ok((private, p))
+}
+
+/// The encrypted session both ends of a version-2 handshake derive.
+fn sealed_session(
+    key: &TransferKey,
+    private: EphemeralPrivateKey,
+    theirs: &[u8],
+    transcript: &[u8],
+    client: bool,
+) -> Result<Session, AuthError> {
+    agreement::agree_ephemeral(private, &UnparsedPublicKey::new(&X25519, theirs), |shared| {
+        Session::derive_sealed(key, transcript, shared, client)
+    })
+    // A public key that is not a curve point: only a forger sends one.
+    .map_err(|_| AuthError::WrongKey)
+}
+
+/// Reads the first 5 bytes of a handshake message: `LLKT` and its version.
+fn read_version(s: &mut impl Read) -> Result<u8, AuthError> {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head)?;
+    if &head[..4] != MAGIC || !(head[4] == VERSION || head[4] == VERSION_SEALED) {
         return Err(AuthError::NotALlumlet);
     }
-    let ns = &ch[5..5 + NONCE];
-    key.proof(SERVER, &nc, ns)
-        .verify_slice(&ch[5 + NONCE..])
+    Ok(head[4])
+}
+
+/// The connecting side's handshake (a source, a resolver, the bench's sender): version 2
+/// (encrypted) when `key` encrypts, else version 1.
+pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session, AuthError> {
+    let nc = nonce()?;
+    let eph = if key.encrypt { Some(ephemeral()?) } else { None };
+    let version = if eph.is_some() { VERSION_SEALED } else { VERSION };
+    let mut hello = [0u8; HELLO + PUBLIC];
+    hello[..4].copy_from_slice(MAGIC);
+    hello[4] = version;
+    hello[5..HELLO].copy_from_slice(&nc);
+    if let Some((_, pc)) = &eph {
+        hello[HELLO..].copy_from_slice(pc);
+    }
+    s.write_all(&hello[..if eph.is_some() { HELLO + PUBLIC } else { HELLO }])?;
+    match read_version(s) {
+        Ok(v) if v == version => {}
+        // A server that accepts only encrypted connections answers a plain hello this way.
+        Ok(VERSION_SEALED) => return Err(AuthError::EncryptionRequired),
+        Ok(_) => return Err(AuthError::NotALlumlet),
+        Err(AuthError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(AuthError::NotALlumlet)
+        }
+        Err(e) => return Err(e),
+    }
+    let Some((private, pc)) = eph else {
+        let mut ch = [0u8; NONCE + MAC];
+        s.read_exact(&mut ch)?;
+        let ns = &ch[..NONCE];
+        key.proof(SERVER, &nc, ns)
+            .verify_slice(&ch[NONCE..])
+            .map_err(|_| AuthError::WrongKey)?;
+        let mine = key.proof(CLIENT, &nc, ns).finalize().into_bytes();
+        s.write_all(&mine)?;
+        accepted(s)?;
+        return Ok(Session::derive(key, &nc, ns, true));
+    };
+    let mut ch = [0u8; NONCE + PUBLIC + MAC];
+    s.read_exact(&mut ch)?;
+    let (ns, ps) = (&ch[..NONCE], &ch[NONCE..NONCE + PUBLIC]);
+    let transcript = [&nc[..], ns, &pc, ps].concat();
+    key.proof(SERVER2, &transcript, &[])
+        .verify_slice(&ch[NONCE + PUBLIC..])
         .map_err(|_| AuthError::WrongKey)?;
-    let mine = key.proof(CLIENT, &nc, ns).finalize().into_bytes();
+    let mine = key.proof(CLIENT2, &transcript, &[]).finalize().into_bytes();
     s.write_all(&mine)?;
+    accepted(s)?;
+    sealed_session(key, private, ps, &transcript, true)
+}
+
+/// The server's one byte that ends a handshake it accepts.
+fn accepted(s: &mut impl Read) -> Result<(), AuthError> {
     let mut ok = [0u8; 1];
     match s.read_exact(&mut ok) {
-        Ok(()) if ok[0] == 1 => Ok(Session::derive(key, &nc, ns, true)),
+        Ok(()) if ok[0] == 1 => Ok(()),
         Ok(()) => Err(AuthError::Refused),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(AuthError::Refused),
         Err(e) => Err(e.into()),
@@ -361,30 +554,59 @@ impl Write for Deadline<'_> {
     }
 }
 
-/// The accepting side's handshake (the transfer endpoint, the bench's receiver). On an error
-/// the caller closes the connection: a peer without the key gets the challenge (so it learns
-/// that a llumlet listens here) and nothing else.
+/// The accepting side's handshake (the transfer endpoint, the bench's receiver): the client's
+/// version (2, encrypted, always accepted; 1 only when `key` does not require encryption). On an
+/// error the caller closes the connection: a peer without the key gets the challenge (so it
+/// learns that a llumlet listens here) and nothing else.
 pub fn server(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session, AuthError> {
-    let mut hello = [0u8; HELLO];
-    s.read_exact(&mut hello)?;
-    if &hello[..4] != MAGIC || hello[4] != VERSION {
-        return Err(AuthError::NotALlumlet);
-    }
-    let nc = &hello[5..];
+    let version = read_version(s)?;
     let ns = nonce()?;
-    let mut ch = [0u8; CHALLENGE];
+    if version == VERSION {
+        if key.encrypt {
+            // Tells the client why (it learns nothing else), then closes.
+            let mut refuse = [0u8; 5];
+            refuse[..4].copy_from_slice(MAGIC);
+            refuse[4] = VERSION_SEALED;
+            s.write_all(&refuse)?;
+            return Err(AuthError::PlainPeer);
+        }
+        let mut nc = [0u8; NONCE];
+        s.read_exact(&mut nc)?;
+        let mut ch = [0u8; CHALLENGE];
+        ch[..4].copy_from_slice(MAGIC);
+        ch[4] = VERSION;
+        ch[5..5 + NONCE].copy_from_slice(&ns);
+        ch[5 + NONCE..].copy_from_slice(&key.proof(SERVER, &nc, &ns).finalize().into_bytes());
+        s.write_all(&ch)?;
+        let mut theirs = [0u8; MAC];
+        s.read_exact(&mut theirs)?;
+        key.proof(CLIENT, &nc, &ns)
+            .verify_slice(&theirs)
+            .map_err(|_| AuthError::WrongKey)?;
+        s.write_all(&[1])?;
+        return Ok(Session::derive(key, &nc, &ns, false));
+    }
+    let mut hello = [0u8; NONCE + PUBLIC];
+    s.read_exact(&mut hello)?;
+    let (nc, pc) = hello.split_at(NONCE);
+    let (private, ps) = ephemeral()?;
+    let transcript = [nc, &ns[..], pc, &ps[..]].concat();
+    let mut ch = [0u8; 5 + NONCE + PUBLIC + MAC];
     ch[..4].copy_from_slice(MAGIC);
-    ch[4] = VERSION;
+    ch[4] = VERSION_SEALED;
     ch[5..5 + NONCE].copy_from_slice(&ns);
-    ch[5 + NONCE..].copy_from_slice(&key.proof(SERVER, nc, &ns).finalize().into_bytes());
+    ch[5 + NONCE..5 + NONCE + PUBLIC].copy_from_slice(&ps);
+    ch[5 + NONCE + PUBLIC..]
+        .copy_from_slice(&key.proof(SERVER2, &transcript, &[]).finalize().into_bytes());
     s.write_all(&ch)?;
     let mut theirs = [0u8; MAC];
     s.read_exact(&mut theirs)?;
-    key.proof(CLIENT, nc, &ns)
+    key.proof(CLIENT2, &transcript, &[])
         .verify_slice(&theirs)
         .map_err(|_| AuthError::WrongKey)?;
+    let session = sealed_session(key, private, pc, &transcript, false)?;
     s.write_all(&[1])?;
-    Ok(Session::derive(key, nc, &ns, false))
+    Ok(session)
 }
 
 #[cfg(test)]
@@ -407,28 +629,78 @@ mod tests {
         (t.join().unwrap(), r)
     }
 
+    fn sealed(s: &mut Session, m: &[u8]) -> Vec<u8> {
+        let mut v = m.to_vec();
+        s.seal(&mut v).unwrap();
+        v
+    }
+
+    fn opened(s: &mut Session, frame: &[u8]) -> Option<Vec<u8>> {
+        let mut f = frame.to_vec();
+        s.open(&mut f).map(<[u8]>::to_vec)
+    }
+
     #[test]
     fn the_same_key_passes_both_ways_and_a_different_one_fails_both_ways() {
-        let a = TransferKey::from_bytes(b"0123456789abcdef0123");
-        let b = TransferKey::from_bytes(b"0123456789abcdef0124");
-        let (s, c) = pair(a.clone(), a.clone());
+        for encrypt in [false, true] {
+            let a = TransferKey::from_bytes(b"0123456789abcdef0123").encrypting(encrypt);
+            let b = TransferKey::from_bytes(b"0123456789abcdef0124").encrypting(encrypt);
+            let (s, c) = pair(a.clone(), a.clone());
+            let (mut s, mut c) = (s.unwrap(), c.unwrap());
+            assert_eq!((s.encrypted(), c.encrypted()), (encrypt, encrypt));
+            // The sessions agree: each side opens what the other sealed, in order, and nothing
+            // else (a replay, a changed byte, another session's or direction's message).
+            let f1 = sealed(&mut c, b"Begin");
+            let f2 = sealed(&mut c, b"Commit");
+            assert_eq!(f1.len(), 5 + TAG);
+            assert_eq!(
+                f1.starts_with(b"Begin"),
+                !encrypt,
+                "encrypted connections hide their messages"
+            );
+            assert_eq!(opened(&mut s, &f1).as_deref(), Some(&b"Begin"[..]));
+            assert_eq!(opened(&mut s, &f1), None, "a replay");
+            let mut c2 = pair_again(&a);
+            let f = sealed(&mut c2, b"Commit");
+            assert_eq!(opened(&mut s, &f), None, "another session's message");
+            let _ = f2;
+            let mut back = sealed(&mut s, b"Committed");
+            back[0] ^= 1;
+            assert_eq!(opened(&mut c, &back), None, "a changed byte");
+            assert_eq!(opened(&mut c, &f1[..3]), None, "shorter than a tag");
+            // The client checks the server's proof first, and says which side is wrong.
+            let (s, c) = pair(a.clone(), b.clone());
+            assert!(matches!(c, Err(AuthError::WrongKey)), "{c:?}");
+            assert!(s.is_err());
+        }
+    }
+
+    /// A client that encrypts is served by any server (encrypted); a server that requires
+    /// encryption refuses a client that does not, and the client is told why. Data frames get
+    /// keys of their own, one per direction, on encrypted connections only.
+    #[test]
+    fn encryption_is_what_the_client_asks_and_what_the_server_requires() {
+        let plain = TransferKey::from_bytes(b"0123456789abcdef0123");
+        let sealing = plain.clone().encrypting(true);
+        let (s, c) = pair(plain.clone(), sealing.clone());
         let (mut s, mut c) = (s.unwrap(), c.unwrap());
-        // The sessions agree: each side opens what the other sealed, in order, and nothing
-        // else (a replay, a changed byte, another direction's tag).
-        let t1 = c.seal(b"Begin");
-        let t2 = c.seal(b"Commit");
-        assert!(s.open(b"Begin", &t1));
-        assert!(!s.open(b"Begin", &t1), "a replay");
-        let mut c2 = pair_again(&a);
-        let t = c2.seal(b"Commit");
-        assert!(!s.open(b"Commit", &t), "another session's tag");
-        let _ = t2;
-        let back = s.seal(b"Committed");
-        assert!(!c.open(b"Committed!", &back));
-        // The client checks the server's proof first, and says which side is wrong.
-        let (s, c) = pair(a.clone(), b.clone());
-        assert!(matches!(c, Err(AuthError::WrongKey)), "{c:?}");
-        assert!(s.is_err());
+        assert!(s.encrypted() && c.encrypted());
+        let mut sealer = c.take_data_sealer().expect("a data key");
+        assert!(c.take_data_sealer().is_none(), "given once");
+        let mut block = vec![9u8; 64];
+        let tag = sealer.seal(b"head", &mut block).unwrap();
+        assert_ne!(block, vec![9u8; 64]);
+        s.data_opener()
+            .unwrap()
+            .open(b"head", &mut block, &tag)
+            .unwrap();
+        assert_eq!(block, vec![9u8; 64]);
+        let (s, c) = pair(sealing.clone(), plain.clone());
+        assert!(matches!(c, Err(AuthError::EncryptionRequired)), "{c:?}");
+        assert!(matches!(s, Err(AuthError::PlainPeer)), "{s:?}");
+        let (s, c) = pair(plain.clone(), plain);
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        assert!(c.take_data_sealer().is_none() && s.data_opener().is_none());
     }
 
     fn pair_again(k: &TransferKey) -> Session {

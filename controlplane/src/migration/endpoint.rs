@@ -18,7 +18,9 @@ use llumlet_dataplane::kv::{KvRegion, MappedRegion, MemoryKind};
 use llumlet_dataplane::mailbox::{self, Mail};
 use llumlet_dataplane::request_table::{read_request, RequestState, MAX_REQUESTS};
 use llumlet_dataplane::segment::ControlSegment;
-use llumlet_dataplane::transport::{check_layouts, receive_frame, DataSink, Frame, ReservedBlocks};
+use llumlet_dataplane::transport::{
+    check_layouts, receive_frame_keyed, DataSink, Frame, ReservedBlocks,
+};
 use llumlet_proto::migration::{
     envelope::Msg, resolution::Outcome as Res, Begin, Resolution, Resolve, Retired, UcxRegion,
 };
@@ -589,10 +591,15 @@ impl Inbound<'_> {
     /// Waits for the source: data frames land in the reservation (no event), a control message
     /// is an event (a `Commit` after a `Resolve` fenced the migration comes after `Fenced`).
     fn await_source(&mut self) -> Vec<DestEvent> {
-        let event = match receive_frame(&mut self.stream, &mut self.buf, &self.sink) {
+        let event = match receive_frame_keyed(
+            &mut self.stream,
+            &mut self.buf,
+            &self.sink,
+            self.session.data_opener(),
+        ) {
             Ok(Frame::Data(Ok(_))) => return Vec::new(),
             Ok(Frame::Data(Err(e))) => DestEvent::SinkError(e.to_string()),
-            Ok(Frame::Control) => match wire::open_control(&mut self.session, &self.buf) {
+            Ok(Frame::Control) => match wire::open_control(&mut self.session, &mut self.buf) {
                 Ok(Msg::Commit(c)) if self.server.get(&self.key) == Some(Known::Fenced) => {
                     return vec![DestEvent::Fenced, DestEvent::Peer(Msg::Commit(c))];
                 }

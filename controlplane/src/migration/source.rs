@@ -336,9 +336,11 @@ impl SourceRun<'_> {
     /// A reply from the destination: `Reserved` sets the transport up, `Committed` ends the
     /// downtime.
     fn on_reply(&mut self, reply: Msg) -> SourceEvent {
-        if let (Msg::Reserved(r), Some(s)) = (&reply, self.stream.as_ref()) {
+        if let (Msg::Reserved(r), Some(s), Some(session)) =
+            (&reply, self.stream.as_ref(), self.session.as_mut())
+        {
             if r.ok {
-                match setup_transport(&mut self.transport, r, s, &self.regions, self.ucx) {
+                match setup_transport(&mut self.transport, r, s, session, &self.regions, self.ucx) {
                     Ok(t) => self.used = Some(t),
                     Err(e) => return SourceEvent::Copied(Err(e)),
                 }
@@ -433,11 +435,13 @@ impl SourceRun<'_> {
 }
 
 /// The transport a source copies with, from the destination's `Reserved` (built at the first
-/// reservation, given each later one); returns which it is.
+/// reservation, given each later one); returns which it is. `tcp` writes data frames on `s`,
+/// encrypted with `session`'s data key when the connection is encrypted.
 pub fn setup_transport(
     t: &mut Option<Box<dyn KvTransport>>,
     r: &Reserved,
     s: &TcpStream,
+    session: &mut Session,
     regions: &[KvRegion],
     ucx: Option<&Arc<UcxSide>>,
 ) -> Result<Transport, String> {
@@ -472,7 +476,10 @@ pub fn setup_transport(
             }
             Transport::Tcp => {
                 let clone = s.try_clone().map_err(|e| e.to_string())?;
-                Box::new(TcpTransport::new(clone))
+                Box::new(match session.take_data_sealer() {
+                    Some(key) => TcpTransport::encrypted(clone, key),
+                    None => TcpTransport::new(clone),
+                })
             }
         });
     }

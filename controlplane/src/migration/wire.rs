@@ -43,20 +43,18 @@ pub fn send(stream: &mut TcpStream, session: &mut Session, m: Msg) -> std::io::R
     let mut bytes = Vec::with_capacity(env.encoded_len() + auth::TAG);
     env.encode(&mut bytes)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tag = session.seal(&bytes);
-    bytes.extend_from_slice(&tag);
+    session
+        .seal(&mut bytes)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     write_frame(stream, FRAME_CONTROL, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-/// The control message in a received control frame's bytes, if its tag is the session's next.
-pub fn open_control(session: &mut Session, frame: &[u8]) -> Result<Msg, String> {
-    let Some(split) = frame.len().checked_sub(auth::TAG) else {
-        return Err("control message without its tag".into());
-    };
-    let (bytes, tag) = frame.split_at(split);
-    if !session.open(bytes, tag) {
+/// The control message in a received control frame's bytes, if its tag is the session's next
+/// (decrypted in place on an encrypted connection).
+pub fn open_control(session: &mut Session, frame: &mut [u8]) -> Result<Msg, String> {
+    let Some(bytes) = session.open(frame) else {
         return Err("control message with a wrong tag".into());
-    }
+    };
     Envelope::decode(bytes)
         .ok()
         .and_then(|e| e.msg)

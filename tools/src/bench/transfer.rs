@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use llumlet_dataplane::kv::{HostKvCache, KvRegion, MappedRegion};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
-use llumlet_dataplane::transport::{receive_frame, DataSink, Frame, ReservedBlocks, Transport};
+use llumlet_dataplane::transport::{receive_frame_keyed, DataSink, Frame, ReservedBlocks, Transport};
 use llumlet_proto::migration::{
     envelope::Msg, Begin, Commit, Committed, Reserved, StageAck, StageDone,
 };
@@ -223,11 +223,19 @@ fn refuse(stream: &mut TcpStream, sess: &mut Session, error: String) -> Result<(
     Err(error)
 }
 
-/// The key a llumlet would use (`LLUMLET_TRANSFER_SECRET_FILE`, else this host's key): the
-/// sender and the receiver authenticate each other as a migration's two llumlets do.
+/// The key a llumlet would use (`LLUMLET_TRANSFER_SECRET_FILE`, else this host's key, and
+/// `LLUMLET_TRANSFER_ENCRYPT`): the sender and the receiver authenticate each other (and
+/// encrypt) as a migration's two llumlets do.
 fn transfer_key() -> Result<TransferKey, String> {
     let file = std::env::var_os("LLUMLET_TRANSFER_SECRET_FILE").filter(|v| !v.is_empty());
+    let encrypt = match std::env::var("LLUMLET_TRANSFER_ENCRYPT") {
+        Ok(v) if !v.trim().is_empty() => llumlet::config::parse_bool(v.trim()).ok_or_else(|| {
+            format!("LLUMLET_TRANSFER_ENCRYPT={v:?} must be a boolean: 1/0 or True/False")
+        })?,
+        _ => false,
+    };
     TransferKey::load(file.as_deref().map(std::path::Path::new))
+        .map(|k| k.encrypting(encrypt))
         .map_err(|e| format!("LLUMLET_TRANSFER_SECRET_FILE: {e}"))
 }
 
@@ -353,11 +361,12 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
     send(&mut stream, &mut sess, Msg::Reserved(reserved)).map_err(|e| e.to_string())?;
     let sink = DataSink::new(maps, ReservedBlocks::new(&blocks));
     loop {
-        match receive_frame(&mut stream, &mut buf, &sink).map_err(|e| e.to_string())? {
+        let opener = sess.data_opener();
+        match receive_frame_keyed(&mut stream, &mut buf, &sink, opener).map_err(|e| e.to_string())? {
             Frame::Data(r) => {
                 r.map_err(|e| e.to_string())?;
             }
-            Frame::Control => match open_control(&mut sess, &buf).ok() {
+            Frame::Control => match open_control(&mut sess, &mut buf).ok() {
                 Some(Msg::StageDone(s)) => {
                     // Every sender has mapped what it needs by its first stage: the name can go,
                     // so a receiver killed mid-transfer leaves nothing in /dev/shm.
@@ -483,7 +492,7 @@ pub fn send_to(
         None
     };
     let mut t: Option<Box<dyn Transport>> = None;
-    setup_transport(&mut t, &r, &stream, &regions, ucx.as_ref())?;
+    setup_transport(&mut t, &r, &stream, &mut sess, &regions, ucx.as_ref())?;
     let mut t = t.ok_or("no transport")?;
     let mut runs: Vec<BlockRun> = Vec::new();
     coalesce(&blocks, &r.blocks, 0..blocks.len(), &mut runs);
