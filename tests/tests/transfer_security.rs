@@ -298,3 +298,157 @@ fn a_connection_flood_keeps_threads_bounded_and_the_endpoint_serving() {
     assert!(ok, "{msg}\n{}", src.logs());
     check_exactly_once(&redis, &mut [&mut src, &mut dst], Duration::from_secs(40));
 }
+
+/// What a man in the middle of transfer connections saw: each connection's bytes from the
+/// connecting side, in order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A man in the middle on the transfer path: passes every connection on to `to_port` both ways,
+/// keeps what the connecting side sent, and (with `tamper`) flips one ciphertext byte of the
+/// first data frame of the first connection.
+fn man_in_the_middle(to_port: i32, tamper: bool) -> (u16, Seen) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let kept = seen.clone();
+    std::thread::spawn(move || {
+        for (n, from) in listener.incoming().enumerate() {
+            let Ok(from) = from else { return };
+            let to = connect(to_port);
+            to.set_read_timeout(None).unwrap();
+            let (mut a, mut b) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b, &mut a);
+                let _ = a.shutdown(std::net::Shutdown::Both);
+            });
+            let kept = kept.clone();
+            kept.lock().unwrap().push(Vec::new());
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (from, to);
+                // The handshake (version 2: hello 69, proof 32), then frames.
+                let (mut frame_at, mut flip_at) = (69 + 32, None::<usize>);
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    let got = match from.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(g) => g,
+                    };
+                    let start = {
+                        let mut k = kept.lock().unwrap();
+                        let rec = &mut k[n];
+                        let start = rec.len();
+                        rec.extend_from_slice(&chunk[..got]);
+                        while frame_at + 5 <= rec.len() {
+                            let len =
+                                u32::from_le_bytes(rec[frame_at..frame_at + 4].try_into().unwrap());
+                            if rec[frame_at + 4] == 2 && flip_at.is_none() {
+                                // The first byte after the data header: KV ciphertext.
+                                flip_at = Some(frame_at + 5 + 16);
+                            }
+                            frame_at += 5 + len as usize;
+                        }
+                        start
+                    };
+                    if let Some(at) =
+                        flip_at.filter(|at| tamper && n == 0 && (start..start + got).contains(at))
+                    {
+                        chunk[at - start] ^= 0x01;
+                    }
+                    if to.write_all(&chunk[..got]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// `LLUMLET_TRANSFER_ENCRYPT=1` on a `tcp` migration, through a man in the middle: it sees
+/// neither the request's id nor its state in what the source sent; one KV byte it flips makes
+/// the destination drop the migration (the request goes on at the source, its KV intact), where
+/// an unencrypted connection would have taken the changed byte; and a llumlet that does not
+/// encrypt is refused, and told why.
+#[test]
+fn an_encrypted_connection_hides_the_request_and_refuses_a_changed_byte() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let enc = [
+        ("LLUMLET_TRANSFER_ENCRYPT", "1"),
+        ("LLUMLET_TRANSPORT", "tcp"),
+    ];
+    let mut src = Instance::start(&redis, "enc-src", long_running(31), &enc);
+    let mut dst = Instance::start(&redis, "enc-dst", SimOpts::new(32, 0), &enc[..1]);
+    let mut plain = Instance::start(
+        &redis,
+        "plain-src",
+        long_running(33),
+        &[("LLUMLET_TRANSPORT", "tcp")],
+    );
+    dst.wait_attached(&redis);
+    let port = kvt_port(&redis, "enc-dst");
+    status(&redis, "enc-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 2
+    });
+
+    // Recorded on the way.
+    let (mitm, seen) = man_in_the_middle(port, false);
+    let (ok, msg) = migrate(&rt, &src, "enc-dst", i32::from(mitm));
+    assert!(ok, "{msg}\n{}", src.logs());
+    let moved = dst.events("migrated-in ");
+    assert_eq!(moved.len(), 1, "{}", dst.logs());
+    let sent = seen.lock().unwrap()[0].clone();
+    assert!(sent.len() > 16 << 10, "{} bytes: KV crossed", sent.len());
+    assert!(
+        !sent
+            .windows(moved[0].len())
+            .any(|w| w == moved[0].as_bytes()),
+        "the request id crossed in the clear"
+    );
+    assert!(
+        src.logs().contains("encrypted"),
+        "the llumlet says it encrypts\n{}",
+        src.logs()
+    );
+
+    // Tampered with on the way: refused, the request stays at the source.
+    let (mitm, _) = man_in_the_middle(port, true);
+    let (ok, msg) = migrate(&rt, &src, "enc-dst", i32::from(mitm));
+    assert!(!ok, "a migration with a changed KV byte succeeded: {msg}");
+    until(
+        Duration::from_secs(10),
+        "the destination names the forged frame",
+        || dst.logs().contains("failed its authentication"),
+        || dst.logs(),
+    );
+    assert_eq!(dst.events("migrated-in ").len(), 1, "{}", dst.logs());
+    assert!(
+        dst.ids_in_state(RequestState::MigratingIn).is_empty(),
+        "{}",
+        dst.logs()
+    );
+
+    // A llumlet that does not encrypt.
+    status(&redis, "plain-src", Duration::from_secs(15), |s| {
+        s.num_running_requests >= 1
+    });
+    let (ok, msg) = migrate(&rt, &plain, "enc-dst", port);
+    assert!(!ok);
+    until(
+        Duration::from_secs(10),
+        "the plain source is told why",
+        || {
+            plain
+                .logs()
+                .contains("accepts only encrypted transfer connections")
+        },
+        || plain.logs(),
+    );
+    let _ = msg;
+    check_exactly_once(
+        &redis,
+        &mut [&mut src, &mut dst, &mut plain],
+        Duration::from_secs(60),
+    );
+}

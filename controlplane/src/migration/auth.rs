@@ -330,7 +330,11 @@ impl Session {
     /// unreadable to whoever later learns the secret).
     fn derive_sealed(key: &TransferKey, transcript: &[u8], shared: &[u8], client: bool) -> Session {
         let keyed = |label: &[u8]| {
-            let k: [u8; aead::KEY] = key.proof(label, transcript, shared).finalize().into_bytes().into();
+            let k: [u8; aead::KEY] = key
+                .proof(label, transcript, shared)
+                .finalize()
+                .into_bytes()
+                .into();
             FrameKey::new(&k)
         };
         let (c2s, s2c) = (keyed(C2S_CONTROL), keyed(S2C_CONTROL));
@@ -439,9 +443,11 @@ fn sealed_session(
     transcript: &[u8],
     client: bool,
 ) -> Result<Session, AuthError> {
-    agreement::agree_ephemeral(private, &UnparsedPublicKey::new(&X25519, theirs), |shared| {
-        Session::derive_sealed(key, transcript, shared, client)
-    })
+    agreement::agree_ephemeral(
+        private,
+        &UnparsedPublicKey::new(&X25519, theirs),
+        |shared| Session::derive_sealed(key, transcript, shared, client),
+    )
     // A public key that is not a curve point: only a forger sends one.
     .map_err(|_| AuthError::WrongKey)
 }
@@ -460,8 +466,16 @@ fn read_version(s: &mut impl Read) -> Result<u8, AuthError> {
 /// (encrypted) when `key` encrypts, else version 1.
 pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session, AuthError> {
     let nc = nonce()?;
-    let eph = if key.encrypt { Some(ephemeral()?) } else { None };
-    let version = if eph.is_some() { VERSION_SEALED } else { VERSION };
+    let eph = if key.encrypt {
+        Some(ephemeral()?)
+    } else {
+        None
+    };
+    let version = if eph.is_some() {
+        VERSION_SEALED
+    } else {
+        VERSION
+    };
     let mut hello = [0u8; HELLO + PUBLIC];
     hello[..4].copy_from_slice(MAGIC);
     hello[4] = version;

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use llumlet_dataplane::kv::{HostKvCache, KvRegion, MappedRegion};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{coalesce, BlockRun};
-use llumlet_dataplane::transport::{receive_frame_keyed, DataSink, Frame, ReservedBlocks, Transport};
+use llumlet_dataplane::transport::{
+    receive_frame_keyed, DataSink, Frame, ReservedBlocks, Transport,
+};
 use llumlet_proto::migration::{
     envelope::Msg, Begin, Commit, Committed, Reserved, StageAck, StageDone,
 };
@@ -229,9 +231,11 @@ fn refuse(stream: &mut TcpStream, sess: &mut Session, error: String) -> Result<(
 fn transfer_key() -> Result<TransferKey, String> {
     let file = std::env::var_os("LLUMLET_TRANSFER_SECRET_FILE").filter(|v| !v.is_empty());
     let encrypt = match std::env::var("LLUMLET_TRANSFER_ENCRYPT") {
-        Ok(v) if !v.trim().is_empty() => llumlet::config::parse_bool(v.trim()).ok_or_else(|| {
-            format!("LLUMLET_TRANSFER_ENCRYPT={v:?} must be a boolean: 1/0 or True/False")
-        })?,
+        Ok(v) if !v.trim().is_empty() => {
+            llumlet::config::parse_bool(v.trim()).ok_or_else(|| {
+                format!("LLUMLET_TRANSFER_ENCRYPT={v:?} must be a boolean: 1/0 or True/False")
+            })?
+        }
         _ => false,
     };
     TransferKey::load(file.as_deref().map(std::path::Path::new))
@@ -362,7 +366,9 @@ fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
     let sink = DataSink::new(maps, ReservedBlocks::new(&blocks));
     loop {
         let opener = sess.data_opener();
-        match receive_frame_keyed(&mut stream, &mut buf, &sink, opener).map_err(|e| e.to_string())? {
+        match receive_frame_keyed(&mut stream, &mut buf, &sink, opener)
+            .map_err(|e| e.to_string())?
+        {
             Frame::Data(r) => {
                 r.map_err(|e| e.to_string())?;
             }
