@@ -11,6 +11,7 @@ L=./target/release/llumlet
 sizes=${SIZES:-1M,16M,64M,256M,1G}
 $L bench transfer --transport shm --size "$sizes" --with-baseline
 $L bench transfer --transport tcp --size "$sizes" --with-baseline
+LLUMLET_TRANSFER_ENCRYPT=1 $L bench transfer --transport tcp --size "$sizes" --with-baseline
 UCX_TLS=tcp $L bench transfer --transport ucx --size 1M,16M,64M,256M --with-baseline
 UCX_TLS=posix,cma $L bench transfer --transport ucx --size 1M,16M,64M,256M --with-baseline
 $L bench migration --tokens 1024,4096,16384,65536 --step-ms 5

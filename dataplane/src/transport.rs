@@ -28,7 +28,9 @@ pub const FRAME_CONTROL: u8 = 1;
 /// A data frame (KV bytes for consecutive blocks of one region).
 pub const FRAME_DATA: u8 = 2;
 /// The largest data payload a sender puts in one frame (whole blocks; at least one block).
-pub const MAX_DATA_FRAME: usize = 4 << 20;
+/// 1 MiB: on loopback, writes and reads of 256 KiB-1 MiB move 30-50% more than 4 MiB ones
+/// (docs/BENCHMARKS.md), and an encrypted frame's buffer stays in the cache.
+pub const MAX_DATA_FRAME: usize = 1 << 20;
 /// The largest frame a receiver accepts (a data frame carries at least one whole block).
 pub const MAX_FRAME: usize = 256 << 20;
 /// The largest control frame a receiver accepts: a `Commit` carries the request's serialized

@@ -489,7 +489,7 @@ async fn throughput(
         let bytes = per_migration_bytes as u64;
         let src = super::ShmBuf::new("from", bytes)?;
         let b = if a.transport == "tcp" {
-            super::tcp_loopback(&src, 20)?
+            super::tcp_loopback(&src, 20, super::transfer::encrypting()?)?
         } else {
             super::memcpy(&src, 20)?
         };

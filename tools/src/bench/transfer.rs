@@ -230,17 +230,20 @@ fn refuse(stream: &mut TcpStream, sess: &mut Session, error: String) -> Result<(
 /// encrypt) as a migration's two llumlets do.
 fn transfer_key() -> Result<TransferKey, String> {
     let file = std::env::var_os("LLUMLET_TRANSFER_SECRET_FILE").filter(|v| !v.is_empty());
-    let encrypt = match std::env::var("LLUMLET_TRANSFER_ENCRYPT") {
-        Ok(v) if !v.trim().is_empty() => {
-            llumlet::config::parse_bool(v.trim()).ok_or_else(|| {
-                format!("LLUMLET_TRANSFER_ENCRYPT={v:?} must be a boolean: 1/0 or True/False")
-            })?
-        }
-        _ => false,
-    };
+    let encrypt = encrypting()?;
     TransferKey::load(file.as_deref().map(std::path::Path::new))
         .map(|k| k.encrypting(encrypt))
         .map_err(|e| format!("LLUMLET_TRANSFER_SECRET_FILE: {e}"))
+}
+
+/// Whether `LLUMLET_TRANSFER_ENCRYPT` asks for encrypted connections, as a llumlet reads it.
+pub fn encrypting() -> Result<bool, String> {
+    match std::env::var("LLUMLET_TRANSFER_ENCRYPT") {
+        Ok(v) if !v.trim().is_empty() => llumlet::config::parse_bool(v.trim()).ok_or_else(|| {
+            format!("LLUMLET_TRANSFER_ENCRYPT={v:?} must be a boolean: 1/0 or True/False")
+        }),
+        _ => Ok(false),
+    }
 }
 
 fn serve(mut stream: TcpStream, key: &TransferKey) -> Result<(), String> {
@@ -545,6 +548,7 @@ pub fn send_to(
     m.extra.push(("layers", shape.layers.into()));
     m.extra.push(("runs", (runs.len() * regions.len()).into()));
     m.extra.push(("verified", true.into()));
+    m.extra.push(("encrypted", sess.encrypted().into()));
     if transport == "cuda" {
         // Names the driver, and says so when it is the test double (no GPU figure).
         let gpu = llumlet::migration::cuda_side::available().unwrap_or_default();
