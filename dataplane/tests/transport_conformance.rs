@@ -9,8 +9,8 @@ use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
 use llumlet_dataplane::rng::SplitMix64;
 use llumlet_dataplane::runs::{blocks, coalesce, BlockRun};
 use llumlet_dataplane::transport::{
-    read_frame, receive_frame, receive_frame_keyed, write_frame, DataSink, Frame, ReservedBlocks,
-    ShmTransport, TcpTransport, Transport, TransportError, FRAME_CONTROL,
+    read_frame, receive_frame_keyed, write_frame, DataSink, Frame, ReservedBlocks, ShmTransport,
+    TcpTransport, Transport, TransportError, FRAME_CONTROL,
 };
 
 const LAYERS: u32 = 3;

@@ -279,6 +279,8 @@ pub struct Session {
     mode: Mode,
 }
 
+// One per connection, made once: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Mode {
     Tagged {
         send: Hmac<Sha256>,
@@ -286,12 +288,15 @@ enum Mode {
         send_seq: u64,
         recv_seq: u64,
     },
-    Sealed {
-        send: FrameKey,
-        recv: FrameKey,
-        data_send: Option<FrameKey>,
-        data_recv: FrameKey,
-    },
+    Sealed(Box<Sealed>),
+}
+
+/// An encrypted connection's keys.
+struct Sealed {
+    send: FrameKey,
+    recv: FrameKey,
+    data_send: Option<FrameKey>,
+    data_recv: FrameKey,
 }
 
 impl std::fmt::Debug for Session {
@@ -300,9 +305,11 @@ impl std::fmt::Debug for Session {
             Mode::Tagged {
                 send_seq, recv_seq, ..
             } => write!(f, "Session(tagged, sent {send_seq}, received {recv_seq})"),
-            Mode::Sealed { send, recv, .. } => {
-                write!(f, "Session(encrypted, {send:?} sent, {recv:?} received)")
-            }
+            Mode::Sealed(k) => write!(
+                f,
+                "Session(encrypted, {:?} sent, {:?} received)",
+                k.send, k.recv
+            ),
         }
     }
 }
@@ -345,12 +352,12 @@ impl Session {
             (s2c, c2s, s2c_data, c2s_data)
         };
         Session {
-            mode: Mode::Sealed {
+            mode: Mode::Sealed(Box::new(Sealed {
                 send,
                 recv,
                 data_send: Some(data_send),
                 data_recv,
-            },
+            })),
         }
     }
 
@@ -363,7 +370,7 @@ impl Session {
 
     /// Whether this connection is encrypted.
     pub fn encrypted(&self) -> bool {
-        matches!(self.mode, Mode::Sealed { .. })
+        matches!(self.mode, Mode::Sealed(_))
     }
 
     /// Seals the next message this side sends: appends its tag to `bytes` (encrypted first,
@@ -377,7 +384,7 @@ impl Session {
                 t.copy_from_slice(&full[..TAG]);
                 t
             }
-            Mode::Sealed { send, .. } => send.seal(&[], bytes)?,
+            Mode::Sealed(k) => k.send.seal(&[], bytes)?,
         };
         bytes.extend_from_slice(&tag);
         Ok(())
@@ -396,7 +403,7 @@ impl Session {
                 *recv_seq += 1;
                 ok.then_some(&*bytes)
             }
-            Mode::Sealed { recv, .. } => recv.open(&[], bytes, tag).ok().map(|_| &*bytes),
+            Mode::Sealed(k) => k.recv.open(&[], bytes, tag).ok().map(|_| &*bytes),
         }
     }
 
@@ -404,7 +411,7 @@ impl Session {
     /// a connection that is not encrypted.
     pub fn take_data_sealer(&mut self) -> Option<FrameKey> {
         match &mut self.mode {
-            Mode::Sealed { data_send, .. } => data_send.take(),
+            Mode::Sealed(k) => k.data_send.take(),
             Mode::Tagged { .. } => None,
         }
     }
@@ -413,7 +420,7 @@ impl Session {
     /// encrypted.
     pub fn data_opener(&mut self) -> Option<&mut FrameKey> {
         match &mut self.mode {
-            Mode::Sealed { data_recv, .. } => Some(data_recv),
+            Mode::Sealed(k) => Some(&mut k.data_recv),
             Mode::Tagged { .. } => None,
         }
     }
