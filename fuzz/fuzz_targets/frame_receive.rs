@@ -1,14 +1,17 @@
 //! Any bytes arriving on a transfer connection are read as frames by the destination: each is a
 //! control frame, a data frame written inside the reservation, a refused data frame (nothing
 //! written), or a typed error — never a panic, and never a byte written outside the reserved
-//! blocks (checked against a copy of the cache taken before).
+//! blocks (checked against a copy of the cache taken before). The first input byte chooses an
+//! unencrypted connection or an encrypted one (data frames then need a tag that opens: the
+//! header checks and the refusal paths run either way).
 #![no_main]
 
 use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use llumlet_dataplane::kv::{HostKvCache, MappedRegion};
-use llumlet_dataplane::transport::{receive_frame, DataSink, Frame, ReservedBlocks};
+use llumlet_dataplane::aead::FrameKey;
+use llumlet_dataplane::transport::{receive_frame_keyed, DataSink, Frame, ReservedBlocks};
 
 const BLOCKS: u64 = 8;
 const BLOCK_BYTES: u64 = 64;
@@ -37,9 +40,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let before = snapshot(cache);
     let sink = DataSink::new(maps, ReservedBlocks::new(&RESERVED));
-    let mut input = data;
+    let Some((&mode, mut input)) = data.split_first() else {
+        return;
+    };
+    let mut key = (mode & 1 == 1).then(|| FrameKey::new(&[7u8; 32]));
     let mut buf = Vec::new();
-    while let Ok(f) = receive_frame(&mut input, &mut buf, &sink) {
+    while let Ok(f) = receive_frame_keyed(&mut input, &mut buf, &sink, key.as_mut()) {
         if let Frame::Data(Ok(n)) = f {
             assert!(n <= BLOCKS * BLOCK_BYTES);
         }
