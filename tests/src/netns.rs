@@ -14,19 +14,26 @@
 //!
 //! Faults are nftables rules in each host: random loss (`numgen random`, on every link) and a
 //! silent partition of the data link (every packet dropped, as a switch that lost the link would: no reset, no
-//! error, only silence), or the link deleted. Latency needs `tc netem`, which not every kernel
-//! has: [`TwoHosts::delay`] says when it does not. Building all this needs root; [`TwoHosts::setup`]
-//! says why it cannot instead of failing, and the tests then skip with that message.
+//! error, only silence), or the link deleted. Latency: [`TwoHosts::setup_delayed`] makes the data
+//! link a pair of TUN devices joined by the test process, which holds every packet for the delay
+//! before passing it on (the kernel here has no `tc netem`, and no `fq` for timed departures).
+//! Building all this needs root; [`TwoHosts::setup`] says why it cannot instead of failing, and
+//! the tests then skip with that message.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Two hosts (see the module docs). Everything is removed on drop.
 pub struct TwoHosts {
     k: u32,
     anchors: Vec<Child>,
+    /// The delaying data link, when the data link is one.
+    delayed: Option<DelayedLink>,
     /// Each host's address on the management bridge (gRPC, metrics).
     pub mgmt: [String; 2],
     /// Each host's address on the data link (transfer connections).
@@ -57,6 +64,16 @@ impl TwoHosts {
     /// Builds the two hosts, or says why this machine cannot (not root, no `ip`, no `nft`, no
     /// network namespaces).
     pub fn setup() -> Result<TwoHosts, String> {
+        TwoHosts::setup_with(None)
+    }
+
+    /// [`TwoHosts::setup`] with a data link that holds every packet `ms` milliseconds each way
+    /// (TUN devices joined by this process; see the module docs).
+    pub fn setup_delayed(ms: u32) -> Result<TwoHosts, String> {
+        TwoHosts::setup_with(Some(ms))
+    }
+
+    fn setup_with(delay_ms: Option<u32>) -> Result<TwoHosts, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("needs root (network and mount namespaces)".into());
@@ -70,11 +87,12 @@ impl TwoHosts {
         let mut hosts = TwoHosts {
             k,
             anchors: Vec::new(),
+            delayed: None,
             mgmt: [format!("10.201.{k}.1"), format!("10.201.{k}.2")],
             data: [format!("10.202.{k}.1"), format!("10.202.{k}.2")],
             bridge_ip: format!("10.201.{k}.254"),
         };
-        hosts.build()?;
+        hosts.build(delay_ms)?;
         Ok(hosts)
     }
 
@@ -82,11 +100,12 @@ impl TwoHosts {
         format!("lh{}{}", self.k, ["a", "b"][h])
     }
 
-    fn data_dev(&self, h: usize) -> String {
+    /// Host `h`'s data-link device.
+    pub fn data_dev(&self, h: usize) -> String {
         format!("ld{}{}", self.k, ["a", "b"][h])
     }
 
-    fn build(&mut self) -> Result<(), String> {
+    fn build(&mut self, delay_ms: Option<u32>) -> Result<(), String> {
         let k = self.k;
         let br = format!("lb{k}");
         self.teardown_links();
@@ -113,12 +132,22 @@ impl TwoHosts {
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
         let (da, db) = (self.data_dev(0), self.data_dev(1));
-        run(&[
-            "ip", "link", "add", &da, "type", "veth", "peer", "name", &db,
-        ])?;
+        match delay_ms {
+            None => run(&[
+                "ip", "link", "add", &da, "type", "veth", "peer", "name", &db,
+            ])?,
+            Some(ms) => {
+                let ends = [tun_in(&self.ns(0), &da)?, tun_in(&self.ns(1), &db)?];
+                self.delayed = Some(DelayedLink::start(ends, ms)?);
+            }
+        }
         for h in 0..2 {
             let (ns, dev) = (self.ns(h), self.data_dev(h));
-            run(&["ip", "link", "set", &dev, "netns", &ns])?;
+            if delay_ms.is_none() {
+                run(&["ip", "link", "set", &dev, "netns", &ns])?;
+            } else {
+                run(&["ip", "-n", &ns, "link", "set", &dev, "mtu", "9000"])?;
+            }
             let addr = format!("{}/24", self.data[h]);
             run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", &dev])?;
             run(&["ip", "-n", &ns, "link", "set", &dev, "up"])?;
@@ -212,17 +241,11 @@ impl TwoHosts {
             .unwrap();
     }
 
-    /// Adds `ms` of delay each way on the data link with `tc netem`, or says why it cannot.
-    pub fn delay(&self, ms: u32) -> Result<(), String> {
-        for h in 0..2 {
-            let (ns, dev) = (self.ns(h), self.data_dev(h));
-            let d = format!("{ms}ms");
-            run(&[
-                "ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", &dev, "root", "netem",
-                "delay", &d,
-            ])?;
+    /// Sets the delay of a delayed data link ([`TwoHosts::setup_delayed`]), each way.
+    pub fn set_delay(&self, ms: u32) {
+        if let Some(d) = &self.delayed {
+            d.delay_us.store(u64::from(ms) * 1000, Ordering::Relaxed);
         }
-        Ok(())
     }
 
     fn teardown_links(&self) {
@@ -238,10 +261,118 @@ impl TwoHosts {
 
 impl Drop for TwoHosts {
     fn drop(&mut self) {
+        self.delayed.take();
         for a in &mut self.anchors {
             let _ = a.kill();
             let _ = a.wait();
         }
         self.teardown_links();
+    }
+}
+
+/// A TUN device named `dev` in network namespace `ns` (its packets are read and written through
+/// the returned descriptor; the device goes when the descriptor closes).
+fn tun_in(ns: &str, dev: &str) -> Result<OwnedFd, String> {
+    let (ns, dev) = (ns.to_string(), dev.to_string());
+    // setns changes the calling thread's namespace only: a thread of its own, which ends.
+    std::thread::spawn(move || -> Result<OwnedFd, String> {
+        let nsf = std::fs::File::open(format!("/var/run/netns/{ns}"))
+            .map_err(|e| format!("netns {ns}: {e}"))?;
+        // SAFETY: a valid namespace descriptor; only this thread's namespace changes.
+        if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
+        }
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| format!("/dev/net/tun: {e}"))?;
+        // struct ifreq: the name, then the flags (IFF_TUN | IFF_NO_PI), padded to 40 bytes.
+        let mut ifr = [0u8; 40];
+        ifr[..dev.len()].copy_from_slice(dev.as_bytes());
+        ifr[16..18].copy_from_slice(&(0x0001u16 | 0x1000).to_ne_bytes());
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        // SAFETY: TUNSETIFF reads and writes one struct ifreq, which `ifr` is (40 bytes).
+        if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } != 0 {
+            return Err(format!(
+                "TUNSETIFF {dev}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(OwnedFd::from(tun))
+    })
+    .join()
+    .map_err(|_| "the TUN thread panicked".to_string())?
+}
+
+/// Two TUN devices joined by this process: every packet read from one is written to the other
+/// once it has waited the delay (in order: the delay is the same for every packet).
+struct DelayedLink {
+    stop: Arc<AtomicBool>,
+    delay_us: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DelayedLink {
+    fn start(ends: [OwnedFd; 2], ms: u32) -> Result<DelayedLink, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let delay_us = Arc::new(AtomicU64::new(u64::from(ms) * 1000));
+        let files = ends.map(|fd| Arc::new(std::fs::File::from(fd)));
+        let mut threads = Vec::new();
+        for (from, to) in [(0, 1), (1, 0)] {
+            let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+            let (input, output) = (Arc::clone(&files[from]), Arc::clone(&files[to]));
+            let (stop_r, delay) = (Arc::clone(&stop), Arc::clone(&delay_us));
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop_r.load(Ordering::Relaxed) {
+                    let mut pfd = libc::pollfd {
+                        fd: input.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, for the duration of the call.
+                    let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                    if ready <= 0 {
+                        continue;
+                    }
+                    match (&*input).read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            let at = Instant::now()
+                                + Duration::from_micros(delay.load(Ordering::Relaxed));
+                            if tx.send((at, buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            }));
+            let stop_w = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                while !stop_w.load(Ordering::Relaxed) {
+                    let Ok((at, packet)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    // A packet the other end cannot take is lost, as on a wire.
+                    let _ = (&*output).write(&packet);
+                }
+            }));
+        }
+        Ok(DelayedLink {
+            stop,
+            delay_us,
+            threads,
+        })
+    }
+}
+
+impl Drop for DelayedLink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }

@@ -63,6 +63,8 @@ struct Pair {
     b: Instance,
 }
 
+/// Two instances, one per host, started with `env`; `ucx_on_data_link`: UCX may use the data
+/// link only (`UCX_NET_DEVICES`: a delay there is not bypassed over the management link).
 fn pair(
     hosts: &TwoHosts,
     redis: &RedisServer,
@@ -70,6 +72,7 @@ fn pair(
     secret: &str,
     env: &[(&str, &str)],
     b_requests: u32,
+    ucx_on_data_link: bool,
 ) -> Pair {
     let mut all: Vec<(&str, &str)> = vec![
         ("LLUMLET_TRANSFER_SECRET_FILE", secret),
@@ -77,18 +80,26 @@ fn pair(
     ];
     all.extend_from_slice(env);
     let seed = u64::from(std::process::id()) * 100 + tag.len() as u64;
+    let devs = [hosts.data_dev(0), hosts.data_dev(1)];
+    let on = |h: usize| {
+        let mut v = all.clone();
+        if ucx_on_data_link {
+            v.push(("UCX_NET_DEVICES", devs[h].as_str()));
+        }
+        v
+    };
     let a = Instance::start_on(
         redis,
         &format!("{tag}-a"),
         opts(seed, 6),
-        &all,
+        &on(0),
         Some(Placement::on(hosts, 0)),
     );
     let b = Instance::start_on(
         redis,
         &format!("{tag}-b"),
         opts(seed + 1, b_requests),
-        &all,
+        &on(1),
         Some(Placement::on(hosts, 1)),
     );
     a.wait_attached(redis);
@@ -114,27 +125,66 @@ fn transports(logs: &str) -> Vec<String> {
         .collect()
 }
 
-/// Migrations both ways between the hosts, with 2 % of the data link's packets lost each way
-/// (and 20 ms of delay where the kernel has `tc netem`): `auto` picks UCX (over its TCP
-/// transport, as between two hosts without RDMA), `tcp` picks tcp, never `shm`; every Migrate
-/// succeeds and every request ends exactly once.
+/// Migrations both ways between the hosts over a data link with 10 ms of delay each way and 2 %
+/// of every link's packets lost each way: `auto` picks UCX (over its TCP transport, as between
+/// two hosts without RDMA), `tcp` picks tcp, and `auto` with encryption picks encrypted tcp
+/// (UCX would carry KV bytes in the clear), never `shm`; every Migrate succeeds and every request
+/// ends exactly once.
 #[test]
-fn migrations_between_hosts_pick_the_network_and_survive_loss() {
-    let Some(hosts) = hosts_or_skip("loss") else {
-        return;
+fn migrations_between_hosts_pick_the_network_and_survive_delay_and_loss() {
+    let hosts = match TwoHosts::setup_delayed(10) {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("delay and loss: skipped: the two-host tests {why}");
+            return;
+        }
     };
     let dir = TempDir::new("two-hosts");
     let secret = secret(&dir);
     let redis = redis_on(&hosts);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    match hosts.delay(20) {
-        Ok(()) => eprintln!("20 ms of delay each way on the data link"),
-        Err(why) => eprintln!("no delay added (this kernel has no tc netem): {why}"),
+    // The delay is there: a round trip on the data link takes at least twice 10 ms.
+    let t = Instant::now();
+    let ping = std::process::Command::new(&hosts.wrap(0)[0])
+        .args(&hosts.wrap(0)[1..])
+        .args(["ping", "-c", "1", "-W", "2", &hosts.data[1]])
+        .output();
+    if matches!(&ping, Ok(o) if o.status.success()) {
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
+    } else {
+        // No ping here: a TCP connect is one round trip too.
+        let t = Instant::now();
+        let _ = std::process::Command::new(&hosts.wrap(0)[0])
+            .args(&hosts.wrap(0)[1..])
+            .args([
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{}/9 || true", hosts.data[1]),
+            ])
+            .output();
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
     }
     hosts.loss(2);
-    for (tag, transport, want) in [("nl-auto", "auto", "ucx"), ("nl-tcp", "tcp", "tcp")] {
-        let env = [("LLUMLET_TRANSPORT", transport), ("UCX_TLS", "tcp")];
-        let Pair { mut a, mut b } = pair(&hosts, &redis, tag, &secret, &env, 6);
+    let cases = [
+        ("nl-auto", "auto", "0", "ucx"),
+        ("nl-tcp", "tcp", "0", "tcp"),
+        ("nl-enc", "auto", "1", "tcp"),
+    ];
+    for (tag, transport, encrypt, want) in cases {
+        let env = [
+            ("LLUMLET_TRANSPORT", transport),
+            ("UCX_TLS", "tcp"),
+            ("LLUMLET_TRANSFER_ENCRYPT", encrypt),
+        ];
+        let Pair { mut a, mut b } = pair(&hosts, &redis, tag, &secret, &env, 6, true);
         status(&redis, &b.id, Duration::from_secs(15), |s| {
             s.num_running_requests >= 2
         });
@@ -147,6 +197,9 @@ fn migrations_between_hosts_pick_the_network_and_survive_loss() {
         let used = transports(&format!("{}{}", a.logs(), b.logs()));
         assert_eq!(used.len(), 4, "{used:?}");
         assert!(used.iter().all(|t| t == want), "{tag}: {used:?}");
+        if encrypt == "1" {
+            assert!(a.logs().contains("UCX not used"), "{}", a.logs());
+        }
     }
 }
 
@@ -184,7 +237,7 @@ fn a_partition_at_each_protocol_step_ends_in_bounded_time() {
         eprintln!("partition at {point} over {want}");
         let tag = format!("pt{n}");
         let env = [("LLUMLET_TRANSPORT", transport), ("UCX_TLS", "tcp")];
-        let Pair { mut a, mut b } = pair(&hosts, &redis, &tag, &secret, &env, 0);
+        let Pair { mut a, mut b } = pair(&hosts, &redis, &tag, &secret, &env, 0, false);
         let fault = format!("{point}=pause");
         if side == "src" {
             a.restart_llumlet_with(Some(&fault));
@@ -263,7 +316,7 @@ fn a_peer_host_that_disappears_for_good() {
     let secret = secret(&dir);
     let redis = redis_on(&hosts);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let Pair { mut a, mut b } = pair(&hosts, &redis, "gone", &secret, &[], 0);
+    let Pair { mut a, mut b } = pair(&hosts, &redis, "gone", &secret, &[], 0, false);
     b.restart_llumlet_with(Some("dst-after-reserve=pause"));
     b.wait_attached(&redis);
     let (bid, bip, bport) = (b.id.clone(), b.transfer_ip.clone(), b.transfer_port());
