@@ -42,6 +42,9 @@ struct State {
     last_liveness: Option<Instant>,
     /// Whether the attached segment's locator was seen gone or changed (logged once).
     locator_lost: bool,
+    /// The file found at the path in place of the attached segment's locator, once examined
+    /// (attached to, and found not to be a new engine's): not examined again until it changes.
+    examined: Option<Option<(u64, u64)>>,
     /// Whether a record the status ring gave was refused (logged once until a good one).
     refused: bool,
 }
@@ -81,6 +84,7 @@ impl RingSource {
                 next_request: 1,
                 last_liveness: None,
                 locator_lost: false,
+                examined: None,
                 refused: false,
             }),
         }
@@ -125,6 +129,23 @@ impl RingSource {
         }
     }
 
+    /// Takes `seg` (attached, its writer alive) as the engine's segment.
+    fn adopt(&self, st: &mut State, seg: ControlSegment) {
+        let (generation, pid) = (seg.generation(), seg.writer_pid());
+        self.note(st, Seen::Attached, || {
+            tracing::info!(path = %self.path.display(), generation = format!("{generation:#x}"), engine_pid = pid, "attached to the engine's status ring")
+        });
+        map_kv_regions(&seg);
+        st.last_seq = 0;
+        st.pending = None;
+        st.locator_lost = false;
+        st.examined = None;
+        st.last_new = Instant::now();
+        let seg = Arc::new(seg);
+        self.link.set_segment(Some(Arc::clone(&seg)));
+        st.segment = Some(seg);
+    }
+
     fn try_attach(&self, st: &mut State) {
         match ControlSegment::attach(&self.path) {
             Ok(Attach::Ready(seg)) if !seg.writer_alive() => {
@@ -134,20 +155,7 @@ impl RingSource {
                     tracing::warn!(engine_pid = pid, path = %self.path.display(), "the engine process is gone; waiting for a new engine")
                 });
             }
-            Ok(Attach::Ready(seg)) => {
-                let (generation, pid) = (seg.generation(), seg.writer_pid());
-                self.note(st, Seen::Attached, || {
-                    tracing::info!(path = %self.path.display(), generation = format!("{generation:#x}"), engine_pid = pid, "attached to the engine's status ring")
-                });
-                map_kv_regions(&seg);
-                st.last_seq = 0;
-                st.pending = None;
-                st.locator_lost = false;
-                st.last_new = Instant::now();
-                let seg = Arc::new(seg);
-                self.link.set_segment(Some(Arc::clone(&seg)));
-                st.segment = Some(seg);
-            }
+            Ok(Attach::Ready(seg)) => self.adopt(st, seg),
             Ok(Attach::Stale { pid }) => self.note(st, Seen::WriterGone, || {
                 tracing::warn!(engine_pid = pid, path = %self.path.display(), "the engine that created the control segment is gone; waiting for a new engine")
             }),
@@ -226,20 +234,25 @@ impl StatusSource for RingSource {
             return None;
         }
         st.last_liveness = Some(now);
-        if seg.replaced() {
+        let found = seg.locator_now();
+        if seg.replaced() && st.examined != Some(found) {
             // A new locator at the path: a restarted engine's segment takes over; anything else
             // (the locator removed, truncated or overwritten) leaves the engine's own segment in
-            // use, since nothing done to the locator can reach the sealed memory.
-            if let Ok(Attach::Ready(new)) = ControlSegment::attach(&self.path) {
-                if new.writer_alive() && new.generation() != seg.generation() {
+            // use, since nothing done to the locator can reach the sealed memory. What was found
+            // is examined once, until another file takes its place.
+            match ControlSegment::attach(&self.path) {
+                Ok(Attach::Ready(new))
+                    if new.writer_alive() && new.generation() != seg.generation() =>
+                {
                     tracing::info!("the engine's control segment was replaced (engine restarted); re-attaching");
-                    drop(new);
                     drop(seg);
-                    self.link.set_segment(None);
                     st.seen = Seen::Nothing;
-                    self.try_attach(st);
+                    self.adopt(st, new);
                     return None;
                 }
+                // Not ready yet: looked at again at the next check.
+                Ok(Attach::NotReady) => {}
+                _ => st.examined = Some(found),
             }
             if !st.locator_lost {
                 st.locator_lost = true;

@@ -515,7 +515,15 @@ impl ControlSegment {
     /// Whether the locator at the segment's path is no longer this segment's (the engine
     /// restarted and created a new one, or someone removed or replaced it).
     pub fn replaced(&self) -> bool {
-        std::fs::metadata(&self.path).map_or(true, |m| (m.dev(), m.ino()) != self.locator_id)
+        self.locator_now() != Some(self.locator_id)
+    }
+
+    /// The identity (device, inode) of whatever file is at the segment's path now, if any: a
+    /// caller that examined one replacement need not examine it again.
+    pub fn locator_now(&self) -> Option<(u64, u64)> {
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
     }
 
     /// Where the segment's locator lives.
