@@ -14,14 +14,38 @@ use llumlet_tests::mig::*;
 use llumlet_tests::netns::TwoHosts;
 use llumlet_tests::*;
 
-fn hosts_or_skip(test: &str) -> Option<TwoHosts> {
-    match TwoHosts::setup() {
-        Ok(h) => Some(h),
+/// What every case runs on: the two hosts, the cluster secret they share (and the directory
+/// holding it), a Redis both reach, and a runtime for the gRPC calls.
+struct Setup {
+    hosts: TwoHosts,
+    secret: String,
+    redis: RedisServer,
+    rt: tokio::runtime::Runtime,
+    _dir: TempDir,
+}
+
+/// The setup on two hosts (`delay_ms`: with a delayed data link), or `None` after saying why
+/// this machine cannot build them (the test then passes as skipped).
+fn setup_or_skip(test: &str, delay_ms: Option<u32>) -> Option<Setup> {
+    let built = match delay_ms {
+        Some(ms) => TwoHosts::setup_delayed(ms),
+        None => TwoHosts::setup(),
+    };
+    let hosts = match built {
+        Ok(h) => h,
         Err(why) => {
             eprintln!("{test}: skipped: the two-host tests {why}");
-            None
+            return None;
         }
-    }
+    };
+    let dir = TempDir::new("two-hosts");
+    Some(Setup {
+        secret: secret(&dir),
+        redis: redis_on(&hosts),
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        hosts,
+        _dir: dir,
+    })
 }
 
 /// The cluster's transfer secret, shared by both hosts (their host keys differ: each host has
@@ -132,17 +156,16 @@ fn transports(logs: &str) -> Vec<String> {
 /// ends exactly once.
 #[test]
 fn migrations_between_hosts_pick_the_network_and_survive_delay_and_loss() {
-    let hosts = match TwoHosts::setup_delayed(10) {
-        Ok(h) => h,
-        Err(why) => {
-            eprintln!("delay and loss: skipped: the two-host tests {why}");
-            return;
-        }
+    let Some(Setup {
+        hosts,
+        secret,
+        redis,
+        rt,
+        _dir,
+    }) = setup_or_skip("delay and loss", Some(10))
+    else {
+        return;
     };
-    let dir = TempDir::new("two-hosts");
-    let secret = secret(&dir);
-    let redis = redis_on(&hosts);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     // The delay is there: a round trip on the data link takes at least twice 10 ms.
     let t = Instant::now();
     let ping = std::process::Command::new(&hosts.wrap(0)[0])
@@ -210,13 +233,16 @@ fn migrations_between_hosts_pick_the_network_and_survive_delay_and_loss() {
 /// outcome (`Resolve`) and the request runs at exactly one place.
 #[test]
 fn a_partition_at_each_protocol_step_ends_in_bounded_time() {
-    let Some(hosts) = hosts_or_skip("partition") else {
+    let Some(Setup {
+        hosts,
+        secret,
+        redis,
+        rt,
+        _dir,
+    }) = setup_or_skip("partition", None)
+    else {
         return;
     };
-    let dir = TempDir::new("two-hosts");
-    let secret = secret(&dir);
-    let redis = redis_on(&hosts);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let cases = [
         ("src", "src-after-stage0", false),
         ("src", "src-after-suspend", false),
@@ -309,13 +335,16 @@ fn a_partition_at_each_protocol_step_ends_in_bounded_time() {
 /// finishes at the source, nothing left suspended or reserved there.
 #[test]
 fn a_peer_host_that_disappears_for_good() {
-    let Some(hosts) = hosts_or_skip("gone") else {
+    let Some(Setup {
+        hosts,
+        secret,
+        redis,
+        rt,
+        _dir,
+    }) = setup_or_skip("gone", None)
+    else {
         return;
     };
-    let dir = TempDir::new("two-hosts");
-    let secret = secret(&dir);
-    let redis = redis_on(&hosts);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let Pair { mut a, mut b } = pair(&hosts, &redis, "gone", &secret, &[], 0, false);
     b.restart_llumlet_with(Some("dst-after-reserve=pause"));
     b.wait_attached(&redis);
