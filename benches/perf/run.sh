@@ -12,6 +12,12 @@ sizes=${SIZES:-1M,16M,64M,256M,1G}
 $L bench transfer --transport shm --size "$sizes" --with-baseline
 $L bench transfer --transport tcp --size "$sizes" --with-baseline
 LLUMLET_TRANSFER_ENCRYPT=1 $L bench transfer --transport tcp --size "$sizes" --with-baseline
+# The loopback TCP copy in C (two processes, as two llumlets; and two threads), beside the tool's
+# own baseline.
+cc -O2 -pthread -o target/tcp_pair benches/perf/tcp_pair.c >&2
+for mode in processes threads; do
+  for chunk in 256 1024; do ./target/tcp_pair 256 8 $chunk $mode; done
+done
 UCX_TLS=tcp $L bench transfer --transport ucx --size 1M,16M,64M,256M --with-baseline
 UCX_TLS=posix,cma $L bench transfer --transport ucx --size 1M,16M,64M,256M --with-baseline
 $L bench migration --tokens 1024,4096,16384,65536 --step-ms 5
