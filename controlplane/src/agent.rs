@@ -214,7 +214,11 @@ impl Agent {
                 .map_err(|e| StartError::Tls(e.to_string()))?;
         }
         let server = tokio::spawn(builder.add_service(svc).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::rpc_incoming::limited(
+                listener,
+                config.rpc_max_connections,
+                crate::rpc_incoming::FIRST_BYTE_WITHIN,
+            ),
             async {
                 let _ = stop_rx.await;
             },

@@ -153,6 +153,8 @@ pub struct Config {
     pub rpc_port: PortChoice,
     /// The address the gRPC service binds (`None`: every address).
     pub rpc_bind: Option<IpAddr>,
+    /// `LLUMLET_RPC_MAX_CONNECTIONS`: gRPC connections served at once.
+    pub rpc_max_connections: usize,
     /// TLS of the gRPC service (`None`: plain gRPC).
     pub rpc_tls: Option<RpcTls>,
     /// The parsed `LLUMLET_KV_TRANSFER_CONFIG`, if given.
@@ -661,8 +663,10 @@ impl Config {
         let transfer_idle_timeout =
             Duration::from_secs(r.int_in(env::TRANSFER_IDLE_TIMEOUT, 1, 3600)? as u64);
         let transfer_max_connections = r.int_in(env::TRANSFER_MAX_CONNECTIONS, 1, 4096)? as usize;
+        let rpc_max_connections = r.int_in(env::RPC_MAX_CONNECTIONS, 1, 65536)? as usize;
         Ok(Config {
             rpc_bind,
+            rpc_max_connections,
             rpc_tls,
             transfer_secret_file,
             transfer_encrypt,

@@ -30,6 +30,7 @@ pub mod migration;
 mod net;
 mod pyrepr;
 mod ring_source;
+mod rpc_incoming;
 mod selection;
 mod service;
 pub mod start;

@@ -328,6 +328,58 @@ async fn the_grpc_service_listens_only_where_it_is_told() {
     assert_eq!(listening, vec![format!("0100007F:{port:04X}")]);
 }
 
+/// `LLUMLET_RPC_MAX_CONNECTIONS`: with its connections held open by a peer that says nothing,
+/// one more is closed at once; the silent ones are closed after their first 5 s, and the service
+/// then answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_grpc_connections_cannot_hold_the_service() {
+    use std::io::Read;
+    let redis = RedisServer::start();
+    let port = free_port();
+    let mut env = base_env(&redis, "inst-conns", port);
+    env.insert("LLUMLET_RPC_MAX_CONNECTIONS".into(), "4".into());
+    let p = LlumletProcess::spawn(&env);
+    let mut client = grpc_client(port, Duration::from_secs(10)).await;
+    client.push_instance_status(engine_status(1)).await.unwrap();
+    // The client holds one; three silent sockets take the rest.
+    let silent: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // Closed by the llumlet: the end of the stream (or a reset), not the read timeout. A
+    // served connection would get the server's HTTP/2 settings at once and stay open.
+    let closed = |s: &mut std::net::TcpStream| {
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Ok(_) => true,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    };
+    assert!(closed(&mut extra), "a connection beyond the limit was served");
+    assert!(
+        p.stderr().contains("LLUMLET_RPC_MAX_CONNECTIONS"),
+        "{}",
+        p.stderr()
+    );
+    // The silent ones go after their first 5 s.
+    let t = std::time::Instant::now();
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(closed(&mut s), "a silent connection stayed open");
+    }
+    assert!(t.elapsed() < Duration::from_secs(9), "{:?}", t.elapsed());
+    let mut fresh = grpc_client(port, Duration::from_secs(10)).await;
+    fresh.push_instance_status(engine_status(2)).await.unwrap();
+    client.push_instance_status(engine_status(3)).await.unwrap();
+}
+
 #[test]
 fn invalid_configuration_never_registers() {
     let redis = RedisServer::start();

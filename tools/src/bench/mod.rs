@@ -433,6 +433,9 @@ fn run_transfer(a: &TransferArgs) -> Result<(), String> {
                 _ => memcpy(&ShmBuf::new("from", shape.bytes())?, iters)?,
             };
             m.extra.push(("baseline", b.transport.clone().into()));
+            if let Some((_, piece)) = b.extra.iter().find(|(k, _)| *k == "piece_bytes") {
+                m.extra.push(("baseline_piece_bytes", piece.clone()));
+            }
             m.extra
                 .push(("baseline_gb_per_s", round(b.gb_per_s(), 3).into()));
             m.extra
@@ -587,14 +590,14 @@ fn tcp_loopback_in(
         .join()
         .map_err(|_| "the loopback reader panicked".to_string())?
         .map_err(|e| format!("loopback reader: {e}"))?;
-    let name = match (sealed, chunk >= 1 << 20) {
-        (false, false) => "tcp-loopback-256k",
-        (false, true) => "tcp-loopback-1m",
-        (true, false) => "tcp-loopback-aes256gcm-256k",
-        (true, true) => "tcp-loopback-aes256gcm-1m",
+    let name = if sealed {
+        "tcp-loopback-aes256gcm"
+    } else {
+        "tcp-loopback"
     };
     let mut m = Measure::new(name, bytes as u64, &times);
     m.bench = "baseline";
+    m.extra.push(("piece_bytes", (chunk as u64).into()));
     Ok(m)
 }
 
