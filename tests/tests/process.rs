@@ -362,7 +362,10 @@ async fn idle_grpc_connections_cannot_hold_the_service() {
             ),
         }
     };
-    assert!(closed(&mut extra), "a connection beyond the limit was served");
+    assert!(
+        closed(&mut extra),
+        "a connection beyond the limit was served"
+    );
     assert!(
         p.stderr().contains("LLUMLET_RPC_MAX_CONNECTIONS"),
         "{}",
