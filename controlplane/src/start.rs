@@ -106,7 +106,11 @@ pub fn run() -> ExitCode {
         } else if cfg!(feature = "ucx") {
             match crate::migration::ucx_side::UcxSide::start() {
                 Ok(side) => {
-                    tracing::info!(ucx = %side.describe(), "UCX transport ready");
+                    if side.rdma() {
+                        tracing::info!(ucx = %side.describe(), "UCX transport ready");
+                    } else {
+                        tracing::info!(ucx = %side.describe(), "UCX transport ready; no RDMA device here, so `auto` moves KV between hosts over tcp (LLUMLET_TRANSPORT=ucx still uses UCX)");
+                    }
                     transfer_server.set_ucx(Arc::clone(&side));
                     Some(side)
                 }

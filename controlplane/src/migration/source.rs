@@ -129,7 +129,9 @@ pub fn run_source(
             return SourceReport::refused(Reason::SourceCache(e));
         }
     };
-    let ask = negotiate::ask(choice, on_gpu, ucx.is_some());
+    // `auto` takes UCX only where it has RDMA (`ucx_side::host_has_rdma`); `ucx` takes it anyway.
+    let have_ucx = ucx.is_some_and(|u| u.rdma() || choice == TransportChoice::Ucx);
+    let ask = negotiate::ask(choice, on_gpu, have_ucx);
     let begin = Begin {
         migration_id,
         src_instance_id: src_instance.to_string(),

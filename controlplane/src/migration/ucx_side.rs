@@ -17,6 +17,7 @@ mod imp {
     pub struct UcxSide {
         node: Node,
         registry: Registry,
+        rdma: bool,
     }
 
     impl UcxSide {
@@ -27,7 +28,14 @@ mod imp {
             Ok(Arc::new(UcxSide {
                 node,
                 registry: Registry::new(ctx),
+                rdma: super::host_has_rdma(),
             }))
+        }
+
+        /// Whether this host has an RDMA device, for UCX's verbs transports: without one UCX
+        /// emulates its puts over TCP, and `auto` leaves it out (see [`super::host_has_rdma`]).
+        pub fn rdma(&self) -> bool {
+            self.rdma
         }
 
         /// "UCX 1.13.1, UCX_TLS=all" for the start-up log.
@@ -116,6 +124,11 @@ impl UcxSide {
     }
 
     /// Unreachable.
+    pub fn rdma(&self) -> bool {
+        match *self {}
+    }
+
+    /// Unreachable.
     pub fn offer(
         &self,
         _regions: &[llumlet_dataplane::kv::KvRegion],
@@ -133,4 +146,13 @@ impl UcxSide {
     ) -> Result<Box<dyn llumlet_dataplane::transport::Transport>, String> {
         match *self {}
     }
+}
+
+/// Whether this host has an RDMA device (an entry in /sys/class/infiniband: InfiniBand or
+/// RoCE). Without one UCX moves puts over its TCP transport by software emulation: about a
+/// third of the `tcp` transport's throughput on the same link (docs/BENCHMARKS.md), and UCX
+/// 1.13 aborts the process when such a put arrives for an endpoint that timed out during a
+/// network partition (docs/RELIABILITY.md). So `auto` asks for UCX only where there is RDMA.
+pub fn host_has_rdma() -> bool {
+    std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
 }
