@@ -42,6 +42,8 @@ vllm_python=$(scripts/vllm-env.sh)
 (cd tests/vllm && LLUMLET_FFI_LIB="$PWD/../../target/debug/libllumlet_ffi.so" "$vllm_python" -m pytest -q -p no:cacheprovider -p no:warnings .)
 echo "== the migration fault suite again over the tcp transport (one host picks shm by default)"
 LLUMLET_TEST_TRANSPORT=tcp cargo test -p llumlet-tests --locked --test migration_faults
+echo "== ... and over encrypted tcp (LLUMLET_TRANSFER_ENCRYPT=1 on every llumlet)"
+LLUMLET_TEST_TRANSPORT=tcp LLUMLET_TEST_ENCRYPT=1 cargo test -p llumlet-tests --locked --test migration_faults
 echo "== the migration fault suite again, over UCX: its TCP transport (software RMA), then its shared memory"
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=tcp cargo test -p llumlet-tests --locked --test migration_faults
 LLUMLET_TEST_TRANSPORT=ucx UCX_TLS=posix,cma cargo test -p llumlet-tests --locked --test migration_faults

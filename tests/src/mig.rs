@@ -192,6 +192,10 @@ impl Instance {
         if let Ok(t) = std::env::var("LLUMLET_TEST_TRANSPORT") {
             env.insert("LLUMLET_TRANSPORT".into(), t);
         }
+        // ... and with every transfer connection encrypted: LLUMLET_TEST_ENCRYPT=1.
+        if let Ok(v) = std::env::var("LLUMLET_TEST_ENCRYPT") {
+            env.entry("LLUMLET_TRANSFER_ENCRYPT".into()).or_insert(v);
+        }
         for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("UCX_")) {
             env.entry(k).or_insert(v);
         }
@@ -481,6 +485,17 @@ pub fn check_exactly_once(redis: &RedisServer, instances: &mut [&mut Instance], 
             .filter(|l| l.contains("migration out finished") && l.contains("outcome=Migrated"))
         {
             assert!(l.contains(&want), "not over {t}: {l}");
+        }
+    }
+    // Run encrypted (LLUMLET_TEST_ENCRYPT=1), every llumlet said so.
+    if std::env::var("LLUMLET_TEST_ENCRYPT").is_ok_and(|v| v == "1") {
+        for i in instances.iter() {
+            assert!(
+                i.logs().contains("authenticated and encrypted"),
+                "{} does not encrypt\n{}",
+                i.id,
+                i.logs()
+            );
         }
     }
     let mut seen = HashMap::new();
