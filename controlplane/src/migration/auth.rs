@@ -496,9 +496,7 @@ pub fn client(s: &mut (impl Read + Write), key: &TransferKey) -> Result<Session,
         // A server that accepts only encrypted connections answers a plain hello this way.
         Ok(VERSION_SEALED) => return Err(AuthError::EncryptionRequired),
         Ok(_) => return Err(AuthError::NotALlumlet),
-        Err(AuthError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(AuthError::NotALlumlet)
-        }
+        // Closed before a word (a destination at its connection limit, say): an I/O error.
         Err(e) => return Err(e),
     }
     let Some((private, pc)) = eph else {
