@@ -43,6 +43,9 @@ pub enum Phase {
     Committing,
     /// The live migration gave up resolving.
     InDoubt,
+    /// Committed and settled here; the destination's record of it still to retire (a `Retire`
+    /// that could not reach the destination is tried again).
+    Retiring,
 }
 
 impl Phase {
@@ -51,6 +54,7 @@ impl Phase {
             Phase::Open => "open",
             Phase::Committing => "committing",
             Phase::InDoubt => "in-doubt",
+            Phase::Retiring => "retiring",
         }
     }
 }
@@ -103,6 +107,7 @@ impl Entry {
             "open" => Phase::Open,
             "committing" => Phase::Committing,
             "in-doubt" => Phase::InDoubt,
+            "retiring" => Phase::Retiring,
             other => return Err(format!("unknown phase {other:?}")),
         };
         let migration = next("migration")?.parse().map_err(|_| "bad migration id")?;
@@ -249,6 +254,7 @@ fn files(segment: &Path, suffix: &str) -> Vec<PathBuf> {
 fn settle(link: &Arc<EngineLink>, key: &TransferKey, e: &Entry) -> Option<bool> {
     let verdict = match e.phase {
         Phase::Open => false,
+        Phase::Retiring => return Some(true),
         Phase::Committing | Phase::InDoubt => {
             let answer = super::wire::resolve(e.dst, key, e.migration, &e.request_id)
                 .ok()
@@ -321,16 +327,48 @@ pub fn recover_once(link: &Arc<EngineLink>, key: &TransferKey, open_only: bool) 
             }
         };
         let owner_alive = e.owner == me || llumlet_dataplane::sys::pid_alive(e.owner);
-        if (e.phase != Phase::InDoubt && owner_alive) || (open_only && e.phase != Phase::Open) {
+        let settled_here = matches!(e.phase, Phase::InDoubt | Phase::Retiring);
+        if (!settled_here && owner_alive) || (open_only && e.phase != Phase::Open) {
             continue;
         }
         if let Some(committed) = settle(link, key, &e) {
-            let _ = std::fs::remove_file(&p);
             if committed && e.phase != Phase::Open {
                 // Nothing will ask the destination about it again: its record of the commit
-                // can go now (it expires by age otherwise).
-                if let Err(err) = super::wire::retire(e.dst, key, e.migration, &e.request_id) {
-                    tracing::debug!(migration = e.migration, error = %err, "cannot retire the destination's record");
+                // can go now. A destination that cannot be reached (restarting, say) is asked
+                // again at the next pass, until its record would have expired by age anyway.
+                retire_or_keep(&p, &e, key);
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+/// Retires the destination's record of committed migration `e` and removes its journal `p`; if
+/// the destination cannot be reached, keeps the journal as [`Phase::Retiring`] for the next
+/// recovery pass, unless the record has expired by now.
+pub fn retire_or_keep(p: &Path, e: &Entry, key: &TransferKey) {
+    match super::wire::retire(e.dst, key, e.migration, &e.request_id) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(p);
+        }
+        Err(err) => {
+            let age = std::fs::metadata(p)
+                .and_then(|m| m.created().or_else(|_| m.modified()))
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age >= IN_RECORD_EXPIRY {
+                let _ = std::fs::remove_file(p);
+                return;
+            }
+            tracing::debug!(migration = e.migration, error = %err, "cannot retire the destination's record yet; will retry");
+            if e.phase != Phase::Retiring {
+                let mut again = e.clone();
+                again.phase = Phase::Retiring;
+                if let Err(err) = again.write(p) {
+                    tracing::warn!(path = %p.display(), error = %err, "cannot write the migration journal");
+                    let _ = std::fs::remove_file(p);
                 }
             }
         }
@@ -358,6 +396,7 @@ pub fn spawn_recovery(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llumlet_proto::migration::envelope::Msg;
 
     #[test]
     fn entries_round_trip_and_bad_files_are_errors() {
@@ -376,10 +415,64 @@ mod tests {
         e.write(&p).unwrap();
         assert_eq!(Entry::read(&p).unwrap(), e);
         assert_eq!(list(&seg), vec![p.clone()]);
+        for phase in [Phase::Open, Phase::InDoubt, Phase::Retiring] {
+            let other = Entry { phase, ..e.clone() };
+            other.write(&p).unwrap();
+            assert_eq!(Entry::read(&p).unwrap(), other);
+        }
         std::fs::write(&p, "sideways\n1\n2\n").unwrap();
         assert!(Entry::read(&p).unwrap_err().contains("unknown phase"));
         std::fs::write(&p, "open\n1\n").unwrap();
         assert!(Entry::read(&p).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `Retire` that cannot reach the destination keeps the journal, as `retiring`; once the
+    /// destination answers, the journal goes.
+    #[test]
+    fn a_retire_that_cannot_reach_the_destination_is_kept_for_the_next_pass() {
+        use crate::migration::wire;
+        let dir = std::env::temp_dir().join(format!("llumlet-retire-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = path(&dir.join("llumlet-ctl-x"), 5);
+        // A port nothing listens on (bound, then closed).
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = dead.local_addr().unwrap();
+        drop(dead);
+        let e = Entry {
+            phase: Phase::Committing,
+            migration: 5,
+            slot: 1,
+            request_id: "r".into(),
+            dst,
+            owner: 1,
+        };
+        e.write(&p).unwrap();
+        let key = TransferKey::from_bytes(b"0123456789abcdef0123456789abcdef");
+        retire_or_keep(&p, &e, &key);
+        let kept = Entry::read(&p).unwrap();
+        assert_eq!(kept.phase, Phase::Retiring);
+        // The destination is back: it answers `Retired`, and the journal goes.
+        let listener = std::net::TcpListener::bind(dst).unwrap();
+        let server_key = key.clone();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut session = crate::migration::auth::server(&mut s, &server_key).unwrap();
+            let mut buf = Vec::new();
+            let Ok(Msg::Retire(r)) = wire::recv_control(&mut s, &mut session, &mut buf) else {
+                panic!("expected Retire")
+            };
+            let retired = Msg::Retired(llumlet_proto::migration::Retired {
+                migration_id: r.migration_id,
+            });
+            wire::send(&mut s, &mut session, retired).unwrap();
+        });
+        retire_or_keep(&p, &kept, &key);
+        t.join().unwrap();
+        assert!(
+            !p.exists(),
+            "the journal stayed after the destination retired its record"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -400,7 +400,9 @@ impl SourceRun<'_> {
         // came back (the destination had stopped waiting): on a connection of its own.
         let r = sent.or_else(|_| wire::retire(self.dst, self.key, self.migration_id, &self.req.id));
         if let Err(e) = r {
-            tracing::debug!(error = %e, "cannot retire the destination's record");
+            // The journal's recovery tries again (a destination restarting, say).
+            tracing::debug!(error = %e, "cannot retire the destination's record yet; will retry");
+            self.journal(Phase::Retiring);
         }
     }
 
