@@ -55,7 +55,7 @@ vars! {
     RPC_PORT = "LLUMNIX_RPC_PORT", Some("-1"), Llumlet,
         "gRPC port of the `llumlet.Llumlet` service: 1024-65535, or -1 to pick a free port.";
     RPC_MAX_CONNECTIONS = "LLUMLET_RPC_MAX_CONNECTIONS", Some("1024"), Llumlet,
-        "gRPC connections served at once (the Llumnix scheduler keeps one or two); one more is closed at once, and a connection that sends nothing in its first 5 s is closed: 1-65536.";
+        "gRPC connections served at once (the Llumnix scheduler keeps one or two); one more is closed at once, and a connection that has not sent its HTTP/2 preface in its first 5 s is closed: 1-65536.";
     RPC_BIND_ADDRESS = "LLUMLET_RPC_BIND_ADDRESS", None, Llumlet,
         "Address the gRPC service listens on (an IPv4 or IPv6 address); unset: every address (`[::]`, else `0.0.0.0`), as upstream.";
     RPC_TLS_CERT = "LLUMLET_RPC_TLS_CERT", None, Llumlet,

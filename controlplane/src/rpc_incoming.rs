@@ -1,7 +1,7 @@
 //! The gRPC service's connections, bounded: at most `LLUMLET_RPC_MAX_CONNECTIONS` are served at
-//! once (one more is closed at once, before anything is read), and a connection that sends
-//! nothing within its first [`FIRST_BYTE_WITHIN`] is closed, so idle sockets cannot hold the
-//! slots for ever. The Llumnix scheduler keeps one or two connections to a llumlet.
+//! once (one more is closed at once, before anything is read), and a connection that has not
+//! sent its first [`OPENING_BYTES`] (an HTTP/2 preface, or a TLS hello) within
+//! [`FIRST_BYTE_WITHIN`] is closed, so idle or trickling sockets cannot hold the slots for ever. The Llumnix scheduler keeps one or two connections to a llumlet.
 
 use std::future::Future;
 use std::io;
@@ -21,6 +21,10 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// How long a new connection may stay silent before it is closed (a gRPC client sends its
 /// HTTP/2 preface at once; TLS clients their hello).
 pub const FIRST_BYTE_WITHIN: Duration = Duration::from_secs(5);
+
+/// The bytes every client sends first: the HTTP/2 connection preface is 24 bytes (a TLS
+/// client hello is longer).
+pub const OPENING_BYTES: usize = 24;
 
 /// The connections `listener` accepts, at most `max` at once: each holds a permit until it
 /// closes; one beyond is dropped (closed) as it is accepted. A connection whose peer sends
@@ -42,6 +46,7 @@ pub fn limited(
                 stream,
                 _permit: permit,
                 first_byte: Some(Box::pin(tokio::time::sleep(first_byte))),
+                opened: 0,
             })),
             Err(_) => {
                 // At most one line a second, however fast connections come.
@@ -62,8 +67,10 @@ pub fn limited(
 pub struct Limited {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
-    /// Until the peer's first byte: when it must have arrived.
+    /// Until the peer's opening bytes: when they must have arrived.
     first_byte: Option<Pin<Box<Sleep>>>,
+    /// Bytes read so far, up to [`OPENING_BYTES`].
+    opened: usize,
 }
 
 impl Connected for Limited {
@@ -84,7 +91,8 @@ impl AsyncRead for Limited {
         let this = &mut *self;
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                if buf.filled().len() > before {
+                this.opened += buf.filled().len() - before;
+                if this.opened >= OPENING_BYTES {
                     this.first_byte = None;
                 }
                 Poll::Ready(r)

@@ -28,15 +28,20 @@ pub enum AeadError {
     Exhausted,
 }
 
-/// The key of one direction and kind of frame, with its frame counter.
+/// The key of one direction and kind of frame, with its frame counter (which the keys of one
+/// direction share: [`FrameKey::sharing_counter`]).
 pub struct FrameKey {
     key: LessSafeKey,
-    seq: u64,
+    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for FrameKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FrameKey(frame {})", self.seq)
+        write!(
+            f,
+            "FrameKey(frame {})",
+            self.seq.load(std::sync::atomic::Ordering::Relaxed)
+        )
     }
 }
 
@@ -47,13 +52,27 @@ impl FrameKey {
             key: LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, key).expect("AES-256-GCM takes a 32-byte key"),
             ),
-            seq: 0,
+            seq: Default::default(),
+        }
+    }
+
+    /// A key from 32 bytes that counts its frames with `other`'s counter: the control and data
+    /// frames of one direction are one sequence, so a frame of either kind dropped, held back or
+    /// moved past one of the other kind fails to open (a `StageDone` cannot overtake its data).
+    pub fn sharing_counter(key: &[u8; KEY], other: &FrameKey) -> FrameKey {
+        FrameKey {
+            seq: std::sync::Arc::clone(&other.seq),
+            ..FrameKey::new(key)
         }
     }
 
     fn next_nonce(&mut self) -> Result<Nonce, AeadError> {
-        let seq = self.seq;
-        self.seq = seq.checked_add(1).ok_or(AeadError::Exhausted)?;
+        use std::sync::atomic::Ordering;
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(
+            seq.checked_add(1).ok_or(AeadError::Exhausted)?,
+            Ordering::Relaxed,
+        );
         let mut n = [0u8; NONCE_LEN];
         n[NONCE_LEN - 8..].copy_from_slice(&seq.to_be_bytes());
         Ok(Nonce::assume_unique_for_key(n))
@@ -62,7 +81,9 @@ impl FrameKey {
     /// Counts a frame that was dropped unread (refused before its bytes were used): the next
     /// frame opens with the next nonce, as its sealer used it.
     pub fn skip(&mut self) {
-        self.seq = self.seq.saturating_add(1);
+        use std::sync::atomic::Ordering;
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.saturating_add(1), Ordering::Relaxed);
     }
 
     /// Encrypts the next frame's payload `buf` in place, bound to `aad` (its header); returns
@@ -72,7 +93,7 @@ impl FrameKey {
         let tag = self
             .key
             .seal_in_place_separate_tag(nonce, Aad::from(aad), buf)
-            .map_err(|_| AeadError::Exhausted)?;
+            .map_err(|_| AeadError::Forged)?;
         let mut t = [0u8; TAG];
         t.copy_from_slice(tag.as_ref());
         Ok(t)

@@ -336,16 +336,20 @@ impl Session {
     /// public keys) and the ephemeral exchange's shared secret (so recorded traffic stays
     /// unreadable to whoever later learns the secret).
     fn derive_sealed(key: &TransferKey, transcript: &[u8], shared: &[u8], client: bool) -> Session {
-        let keyed = |label: &[u8]| {
-            let k: [u8; aead::KEY] = key
-                .proof(label, transcript, shared)
+        let bytes = |label: &[u8]| -> [u8; aead::KEY] {
+            key.proof(label, transcript, shared)
                 .finalize()
                 .into_bytes()
-                .into();
-            FrameKey::new(&k)
+                .into()
         };
-        let (c2s, s2c) = (keyed(C2S_CONTROL), keyed(S2C_CONTROL));
-        let (c2s_data, s2c_data) = (keyed(C2S_DATA), keyed(S2C_DATA));
+        // One frame counter per direction, shared by its control and data keys: a data frame
+        // dropped or held back makes the next control frame fail to open.
+        let (c2s, s2c) = (
+            FrameKey::new(&bytes(C2S_CONTROL)),
+            FrameKey::new(&bytes(S2C_CONTROL)),
+        );
+        let c2s_data = FrameKey::sharing_counter(&bytes(C2S_DATA), &c2s);
+        let s2c_data = FrameKey::sharing_counter(&bytes(S2C_DATA), &s2c);
         let (send, recv, data_send, data_recv) = if client {
             (c2s, s2c, c2s_data, s2c_data)
         } else {
@@ -714,6 +718,19 @@ mod tests {
             .open(b"head", &mut block, &tag)
             .unwrap();
         assert_eq!(block, vec![9u8; 64]);
+        // Control and data frames of a direction are one sequence: a data frame dropped (or
+        // held back) on the way makes the control frame after it fail to open.
+        let (s2, c2) = pair(plain.clone(), sealing.clone());
+        let (mut s2, mut c2) = (s2.unwrap(), c2.unwrap());
+        let mut data = c2.take_data_sealer().unwrap();
+        let mut block = vec![1u8; 64];
+        let _dropped = data.seal(b"head", &mut block).unwrap();
+        let stage_done = sealed(&mut c2, b"StageDone");
+        assert_eq!(
+            opened(&mut s2, &stage_done),
+            None,
+            "a dropped data frame went unnoticed"
+        );
         let (s, c) = pair(sealing.clone(), plain.clone());
         assert!(matches!(c, Err(AuthError::EncryptionRequired)), "{c:?}");
         assert!(matches!(s, Err(AuthError::PlainPeer)), "{s:?}");

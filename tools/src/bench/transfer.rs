@@ -549,6 +549,11 @@ pub fn send_to(
     m.extra.push(("runs", (runs.len() * regions.len()).into()));
     m.extra.push(("verified", true.into()));
     m.extra.push(("encrypted", sess.encrypted().into()));
+    // Only tcp's KV bytes cross the connection; shm, ucx and cuda move them beside it.
+    m.extra.push((
+        "kv_encrypted",
+        (sess.encrypted() && t.name() == "tcp").into(),
+    ));
     if transport == "cuda" {
         // Names the driver, and says so when it is the test double (no GPU figure).
         let gpu = llumlet::migration::cuda_side::available().unwrap_or_default();
